@@ -1,0 +1,38 @@
+"""Flags shared by the verbs that compress (compress, export, sweep)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import BUDGETS, GRANULARITIES, METHODS, CompressionConfig, parse_ranks
+
+MODEL_HELP = ("model: catalogue alias (default: smollm2-135m), local Hugging Face directory, .gguf file, "
+              "or hub id org/name (needs network)")
+
+
+def add_compression_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("compression")
+    group.add_argument("--method", choices=METHODS, default="lestd",
+                       help="lestd (default): Tucker basis + pruned core; tensorllm: Tucker basis, dense core; "
+                            "svd: per-matrix truncated SVD")
+    group.add_argument("--size-fraction", type=float, default=None, metavar="F",
+                       help="stored attention parameters (factors + core values + int32 indices) as a fraction "
+                            "of the dense ones, in (0, 1]; default 0.7 when the planner has something to choose")
+    group.add_argument("--ranks", type=parse_ranks, default=None, metavar="R1,R2",
+                       help="explicit Tucker ranks, integers or 'full' (svd: one rank for every matrix)")
+    group.add_argument("--core-density", type=float, default=None, metavar="D",
+                       help="fraction of core entries to keep (overrides the planner; without --ranks: full ranks)")
+    group.add_argument("--granularity", choices=GRANULARITIES, default="row",
+                       help="prune whole core rows (row, default: the unit that runs fast) or single entries "
+                            "(element, the paper)")
+    group.add_argument("--budget", choices=BUDGETS, default="layer",
+                       help="share the budget per layer (default) or globally by normalised importance")
+    group.add_argument("--hooi-tol", type=float, default=1e-6, help="HOOI stop: relative change of ||G||^2")
+    group.add_argument("--hooi-max-iter", type=int, default=10, help="HOOI stop: maximum sweeps")
+
+
+def config_from_args(args: argparse.Namespace) -> CompressionConfig:
+    """A validated config from the compression flags (raises InvalidConfigError)."""
+    return CompressionConfig(method=args.method, size_fraction=args.size_fraction, ranks=args.ranks,
+                             core_density=args.core_density, granularity=args.granularity, budget=args.budget,
+                             hooi_tol=args.hooi_tol, hooi_max_iter=args.hooi_max_iter)

@@ -1,0 +1,235 @@
+"""The ``compress`` verb: ``compress_model(model, config)`` rewrites a model in place, like torchao's
+``quantize_``; ``save_compressed``/``load_compressed`` write and reload a checkpoint without
+recomputing anything.
+
+Checkpoint layout: ``model.safetensors`` (shared factors stored once), ``config.json`` with a
+``lestd_compression`` section (method, settings and the per-layer layout needed to rebuild the
+modules), ``generation_config.json``, tokenizer files, and ``compression_report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import CompressionConfig
+from .errors import CheckpointError, InvalidConfigError
+from .io import atomic_output_dir, write_json
+from .loading import COMPRESSION_KEY, LoadedModel
+from .registry import attention_shape, decoder_layers, spec_for
+
+FORMAT_VERSION = 1
+REPORT_FILE = "compression_report.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _check_ranks(config: CompressionConfig, hidden: int, head_dim: int) -> None:
+    if config.ranks is None:
+        return
+    r1, r2 = config.ranks
+    if config.method == "svd":
+        if r1 is not None and r1 > hidden:
+            raise InvalidConfigError(f"svd rank {r1} exceeds the hidden size {hidden}")
+        return
+    if r1 is not None and r1 > hidden:
+        raise InvalidConfigError(f"R1={r1} exceeds the hidden size d={hidden}: use at most {hidden} or 'full'")
+    if r2 is not None and r2 > head_dim:
+        raise InvalidConfigError(f"R2={r2} exceeds the head dim d_h={head_dim}: use at most {head_dim} or 'full'")
+
+
+def compress_model(model, config: CompressionConfig, *, progress: bool = True, source: str | None = None) -> dict:
+    """Compress every attention layer of ``model`` in place; return the compression report.
+
+    Raises typed errors (unsupported architecture, NaN/Inf weights, impossible ranks or budget)
+    before the model is modified.
+    """
+    from tqdm.auto import tqdm
+
+    from .numerics.lowrank import svd_layers
+    from .numerics.planner import TuckerRequest, compress_layers
+    from .surgery import install_core_attention, install_low_rank, read_attention, slice_groups
+
+    started = time.perf_counter()
+    spec = spec_for(model.config)
+    shape = attention_shape(model.config)
+    _check_ranks(config, shape.hidden, shape.head_dim)
+    layers = decoder_layers(model, spec)
+    weights = [read_attention(getattr(layer, spec.attention), spec, shape, i) for i, layer in enumerate(layers)]
+    dtype = next(model.parameters()).dtype
+    dense_per_layer = shape.num_slices * shape.hidden * shape.head_dim
+
+    with tqdm(total=len(layers), desc=f"{config.method}: decomposing layers", unit="layer",
+              disable=not progress) as bar:
+        try:
+            if config.method == "svd":
+                r1 = config.ranks[0] if config.ranks else None
+                low_rank = svd_layers([[w.matrices[n] for n in ("q", "k", "v", "o")] for w in weights],
+                                      config.size_fraction or 1.0, config.budget,
+                                      rank=(r1 or shape.hidden) if config.ranks else None)
+                bar.update(len(layers))
+            else:
+                groups = slice_groups(shape)
+                request = TuckerRequest(method=config.method, size_fraction=config.size_fraction,
+                                        ranks=config.ranks, core_density=config.core_density,
+                                        granularity=config.granularity, budget=config.budget,
+                                        tol=config.hooi_tol, max_iter=config.hooi_max_iter)
+                cores = compress_layers([w.slice_tensor(shape) for w in weights], groups, request, bar.update)
+        except ValueError as error:
+            raise InvalidConfigError(f"cannot meet the request: {error}") from None
+
+    entries = []
+    if config.method == "svd":
+        for layer, w, factors in zip(layers, weights, low_rank):
+            named = dict(zip(("q", "k", "v", "o"), factors))
+            stored = sum(f.entries for f in factors)
+            energy = sum(f.energy for f in factors)
+            error = sum(f.energy - f.kept_energy for f in factors)
+            entries.append({"ranks": {n: f.rank for n, f in named.items()}, "density": 1.0,
+                            "values": stored, "indices": 0, "factors": stored, "dense": dense_per_layer,
+                            "energy": energy, "squared_error": max(error, 0.0)})
+            install_low_rank(layer, spec, named, w.biases, dtype)
+    else:
+        for layer, w, core in zip(layers, weights, cores):
+            entry = {"ranks": list(core.ranks), "density": core.density(shape.num_slices),
+                     "rows": {n: (None if g.rows is None else int(g.rows.shape[1])) for n, g in core.groups.items()},
+                     "values": core.value_entries, "indices": core.index_entries, "factors": core.factor_entries,
+                     "dense": dense_per_layer, "energy": core.energy, "squared_error": core.squared_error}
+            entries.append(entry)
+            summary = {"ranks": entry["ranks"], "density": entry["density"],
+                       "stored": entry["values"] + entry["indices"], "dense": dense_per_layer}
+            install_core_attention(layer, spec, core, w.biases, dtype, summary)
+
+    report = _report(config, entries, spec.model_type, source, time.perf_counter() - started)
+    setattr(model.config, COMPRESSION_KEY, {
+        "format_version": FORMAT_VERSION, "method": config.method, "config": config.to_dict(),
+        "index_dtype": "int32", "layers": [_layout(e) for e in entries],
+        "size_fraction": report["size_fraction"],
+    })
+    return report
+
+
+def _layout(entry: dict) -> dict:
+    """What reloading needs to rebuild one layer's modules (shapes) and its summary."""
+    keys = ("ranks", "rows", "density", "values", "indices", "dense")
+    return {k: entry[k] for k in keys if k in entry}
+
+
+def _report(config: CompressionConfig, entries: list[dict], model_type: str, source: str | None,
+            seconds: float) -> dict:
+    dense = sum(e["dense"] for e in entries)
+    values = sum(e["values"] for e in entries)
+    indices = sum(e["indices"] for e in entries)
+    factors = sum(e["factors"] for e in entries)
+    energy = sum(e["energy"] for e in entries)
+    error = sum(e["squared_error"] for e in entries)
+    return {
+        "method": config.method,
+        "model": source,
+        "model_type": model_type,
+        "config": config.to_dict(),
+        "size_fraction": {"requested": config.size_fraction, "values_only": values / dense,
+                          "with_indices": (values + indices) / dense},
+        "index_dtype": "int32",
+        "params": {"dense_attention": dense, "stored": values + indices, "factors": factors,
+                   "core_values": values - factors, "indices": indices},
+        "ranks": [e["ranks"] for e in entries],
+        "density": [e["density"] for e in entries],
+        "relative_weight_error": {
+            "overall": float(np.sqrt(error / energy)),
+            "per_layer": [float(np.sqrt(e["squared_error"] / e["energy"])) for e in entries],
+        },
+        "layers": [{"layer": i, **{k: v for k, v in e.items() if k not in ("energy", "squared_error")}}
+                   for i, e in enumerate(entries)],
+        "seconds": seconds,
+    }
+
+
+def save_compressed(loaded: LoadedModel, report: dict, out_dir: Path, *, overwrite: bool = False) -> Path:
+    """Write a reloadable checkpoint atomically (staging directory, then rename)."""
+    from safetensors.torch import save_model
+
+    model = loaded.model
+    if getattr(model.config, COMPRESSION_KEY, None) is None:
+        raise CheckpointError("the model is not compressed: call compress_model first")
+    with atomic_output_dir(Path(out_dir), overwrite) as staging:
+        save_model(model, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        model.config.save_pretrained(staging)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(staging)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(staging)
+        write_json(staging / REPORT_FILE, report)
+    return Path(out_dir)
+
+
+def apply_layout(model, compression: dict) -> None:
+    """Swap in empty compressed modules of the recorded shapes (weights are loaded afterwards)."""
+    from .numerics.lowrank import LowRankMatrix
+    from .numerics.pruning import CoreGroup, LayerCore
+    from .surgery import install_core_attention, install_low_rank, read_attention, slice_groups
+
+    spec = spec_for(model.config)
+    shape = attention_shape(model.config)
+    groups = slice_groups(shape)
+    dtype = next(model.parameters()).dtype
+    layers = decoder_layers(model, spec)
+    if len(layers) != len(compression["layers"]):
+        raise CheckpointError(f"config records {len(compression['layers'])} compressed layers, model has {len(layers)}")
+    for i, (layer, entry) in enumerate(zip(layers, compression["layers"])):
+        biases = read_attention(getattr(layer, spec.attention), spec, shape, i).biases
+        if compression["method"] == "svd":
+            sizes = {"q": (shape.hidden, shape.heads * shape.head_dim),
+                     "k": (shape.hidden, shape.kv_heads * shape.head_dim),
+                     "v": (shape.hidden, shape.kv_heads * shape.head_dim),
+                     "o": (shape.heads * shape.head_dim, shape.hidden)}
+            factors = {n: LowRankMatrix(np.zeros((a, entry["ranks"][n])), np.zeros((entry["ranks"][n], b)), 0.0, 0.0)
+                       for n, (a, b) in sizes.items()}
+            install_low_rank(layer, spec, factors, biases, dtype)
+            continue
+        r1, r2 = entry["ranks"]
+        kept = {}
+        for name, size in zip(groups.names, groups.sizes):
+            k = entry["rows"][name]
+            kept[name] = CoreGroup(rows=None if k is None else np.zeros((size, k), dtype=np.int32),
+                                   block=np.zeros((size, r1 if k is None else k, r2)))
+        core = LayerCore(np.zeros((shape.hidden, r1)), np.zeros((shape.head_dim, r2)), kept, 0.0, 0.0)
+        summary = {"ranks": entry["ranks"], "density": entry["density"],
+                   "stored": entry["values"] + entry["indices"], "dense": entry["dense"]}
+        install_core_attention(layer, spec, core, biases, dtype, summary)
+
+
+def load_compressed(path: Path) -> LoadedModel:
+    """Rebuild a compressed model from a checkpoint directory; nothing is recomputed."""
+    import torch
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    path = Path(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{path} has no {WEIGHTS_FILE}: it is not a complete compressed checkpoint")
+    config = AutoConfig.from_pretrained(path)
+    compression = getattr(config, COMPRESSION_KEY, None)
+    if not compression or compression.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}/config.json has no {COMPRESSION_KEY} section of format {FORMAT_VERSION}")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    apply_layout(model, compression)
+    missing, unexpected = load_model(model, str(weights), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match its config: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
+    model.eval()
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return LoadedModel(model=model, tokenizer=tokenizer, source=str(path), compressed=True)
+
+
+def read_report(path: Path) -> dict:
+    return json.loads((Path(path) / REPORT_FILE).read_text())

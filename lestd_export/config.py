@@ -1,0 +1,112 @@
+"""Typed, validated, JSON-serialisable compression settings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from .errors import InvalidConfigError
+
+METHODS = ("lestd", "tensorllm", "svd")
+GRANULARITIES = ("row", "element")
+BUDGETS = ("layer", "global")
+DEFAULT_SIZE_FRACTION = 0.7
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How to compress the attention of a model.
+
+    ``size_fraction``: stored attention parameters (factors + core values + int32 indices) as a
+    fraction of the dense attention weights; the planner picks ranks and kept core rows to meet it
+    (default 0.7 when something is left to plan). ``ranks``: explicit ``(R1, R2)``, ``None`` inside
+    meaning full rank (for ``svd``: one rank for every matrix in ``R1``). ``core_density``: fraction
+    of core entries to keep (with no ranks: full ranks). Explicit settings override the planner; a
+    size fraction given where nothing is left to plan is an error.
+    """
+
+    method: str = "lestd"
+    size_fraction: float | None = None
+    ranks: tuple[int | None, int | None] | None = None
+    core_density: float | None = None
+    granularity: str = "row"
+    budget: str = "layer"
+    hooi_tol: float = 1e-6
+    hooi_max_iter: int = 10
+
+    def __post_init__(self):
+        def bad(message: str):
+            raise InvalidConfigError(message)
+
+        if self.method not in METHODS:
+            bad(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.granularity not in GRANULARITIES:
+            bad(f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+        if self.budget not in BUDGETS:
+            bad(f"unknown budget scope {self.budget!r}; choose one of {', '.join(BUDGETS)}")
+        f = self.size_fraction
+        if f is not None and not (isinstance(f, (int, float)) and math.isfinite(f) and 0 < f <= 1):
+            bad(f"size fraction must lie in (0, 1], got {f!r}")
+        d = self.core_density
+        if d is not None and not (isinstance(d, (int, float)) and math.isfinite(d) and 0 < d <= 1):
+            bad(f"core density must lie in (0, 1], got {d!r}")
+        if self.ranks is not None:
+            if len(self.ranks) != 2:
+                bad(f"ranks must be two values R1,R2 (integers or 'full'), got {self.ranks!r}")
+            for r in self.ranks:
+                if r is not None and (not isinstance(r, int) or r < 1):
+                    bad(f"ranks must be positive integers or 'full', got {self.ranks!r}")
+        if self.method == "tensorllm" and self.core_density not in (None, 1.0):
+            bad("tensorllm keeps the whole core: --core-density does not apply (use --method lestd)")
+        if self.method == "svd" and (self.core_density is not None or self.granularity != "row"):
+            bad("svd has no core: --core-density and --granularity do not apply")
+        if self.needs_size_fraction:
+            if self.size_fraction is None:
+                object.__setattr__(self, "size_fraction", DEFAULT_SIZE_FRACTION)
+        elif self.size_fraction is not None:
+            bad("--size-fraction conflicts with the explicit ranks/density given: drop one of them")
+        if self.hooi_max_iter < 0 or not (self.hooi_tol > 0):
+            bad("hooi_max_iter must be >= 0 and hooi_tol > 0")
+
+    @property
+    def needs_size_fraction(self) -> bool:
+        """Whether the planner has anything left to choose from a size budget."""
+        if self.method == "lestd":
+            return self.core_density is None
+        return self.ranks is None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["ranks"] = None if self.ranks is None else ["full" if r is None else r for r in self.ranks]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompressionConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise InvalidConfigError(f"unknown compression settings: {', '.join(sorted(unknown))}")
+        data = dict(data)
+        if data.get("ranks") is not None:
+            data["ranks"] = parse_ranks(data["ranks"])
+        return cls(**data)
+
+
+def parse_ranks(value) -> tuple[int | None, int | None]:
+    """``"R1,R2"``, ``"full,48"``, ``"full"`` or a sequence of those -> ``(R1, R2)`` with None = full."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    if len(items) == 1:
+        items = items * 2
+    if len(items) != 2:
+        raise InvalidConfigError(f"ranks must be 'R1,R2' (integers or 'full'), got {value!r}")
+    parsed = []
+    for item in items:
+        text = str(item).strip().lower()
+        if text == "full":
+            parsed.append(None)
+            continue
+        try:
+            parsed.append(int(text))
+        except ValueError:
+            raise InvalidConfigError(f"ranks must be integers or 'full', got {item!r}") from None
+    return parsed[0], parsed[1]

@@ -1,0 +1,182 @@
+"""Budget planner: turn a size fraction into ranks, kept core rows/entries and per-layer shares.
+
+Every candidate's weight error is closed-form, so the planner never runs the model. Ranks are
+chosen on the HOSVD core (whose leading sub-blocks give every truncation for free); HOOI then
+refines the chosen ranks, and the final selection is redone on the HOOI core with the same cost
+model, so the requested budget is met exactly (up to one allocation step).
+
+Cost model per layer (entries, as the ONNX file stores them): ``d R1 + d_h R2`` factor entries,
+plus per group ``n k R2`` values and ``n k`` int32 row indices (none for a dense core).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .pruning import (
+    LayerCore,
+    SliceGroups,
+    allocate,
+    build_dense_layer,
+    build_element_layer,
+    build_row_layer,
+    element_masks_for_budget,
+    element_masks_for_density,
+    row_gains,
+)
+from .tucker import hooi, hosvd_basis, project_core
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class TuckerRequest:
+    """What to compute for the Tucker methods (``lestd`` and its Stage-I-only ``tensorllm``)."""
+
+    method: str = "lestd"  # "lestd" | "tensorllm"
+    size_fraction: float | None = 0.5
+    ranks: tuple[int | None, int | None] | None = None  # None inside = full rank of that mode
+    core_density: float | None = None
+    granularity: str = "row"  # "row" | "element"
+    budget: str = "layer"  # "layer" | "global"
+    tol: float = 1e-6
+    max_iter: int = 10
+
+
+def rank_grid(full: int, steps: int) -> np.ndarray:
+    """Candidate ranks ``full/steps, 2 full/steps, ..., full`` (unique, at least 1)."""
+    return np.unique(np.clip(np.round(np.linspace(full / steps, full, steps)).astype(int), 1, full))
+
+
+def _row_kept(row_energy: list[np.ndarray], scales: list[float], groups: SliceGroups, rank2: int,
+              budget: float, index_cost: int) -> tuple[float, list[dict[str, int]]]:
+    """Allocate core rows of several layers (equal ranks) under one budget of stored entries.
+
+    Returns the kept energy (sum over layers of kept / scale) and the per-layer row counts.
+    """
+    gains, costs = [], []
+    for energy, scale in zip(row_energy, scales):
+        for size, gain in zip(groups.sizes, row_gains(energy, groups)):
+            gains.append(gain / scale)
+            costs.append(size * (rank2 + index_cost))
+    counts = allocate(gains, costs, budget)
+    kept = float(sum(g[:c].sum() for g, c in zip(gains, counts)))
+    per_layer = [dict(zip(groups.names, counts[i * len(groups.names):(i + 1) * len(groups.names)].tolist()))
+                 for i in range(len(row_energy))]
+    return kept, per_layer
+
+
+def _best_ranks_row(cumulative: list[np.ndarray], scales: list[float], groups: SliceGroups, budget: float,
+                    candidates: list[tuple[int, int]]) -> tuple[int, int]:
+    """Ranks (shared by the given layers) whose best row allocation keeps the most scaled energy."""
+    d, dh = cumulative[0].shape[1:]
+    best, best_kept = None, -1.0
+    for r1, r2 in candidates:
+        core_budget = budget - len(cumulative) * (d * r1 + dh * r2)
+        if core_budget <= 0:
+            continue
+        kept, _ = _row_kept([c[:, :r1, r2 - 1] for c in cumulative], scales, groups, r2, core_budget, 1)
+        if kept > best_kept:
+            best, best_kept = (r1, r2), kept
+    if best is None:
+        raise ValueError("size fraction too small: even the smallest ranks do not fit")
+    return best
+
+
+def _best_ranks_dense(cumulative: np.ndarray, budget: float, candidates: list[tuple[int, int]]) -> tuple[int, int]:
+    """TensorLLM: ranks of the largest-energy truncation whose dense core plus factors fit."""
+    s, d, dh = cumulative.shape
+    best, best_kept = None, -1.0
+    for r1, r2 in candidates:
+        if d * r1 + dh * r2 + s * r1 * r2 > budget:
+            continue
+        kept = float(cumulative[:, :r1, r2 - 1].sum())
+        if kept > best_kept:
+            best, best_kept = (r1, r2), kept
+    if best is None:
+        raise ValueError("size fraction too small: even the smallest ranks do not fit")
+    return best
+
+
+def compress_layers(tensors: Sequence[np.ndarray], groups: SliceGroups, request: TuckerRequest,
+                    progress: Progress | None = None) -> list[LayerCore]:
+    """Stage I + Stage II for every layer tensor ``[S, d, d_h]`` (float64).
+
+    ``progress(n)`` is called after each layer's HOOI. Raises ``ValueError`` for impossible budgets.
+    """
+    s, d, dh = tensors[0].shape
+    energies = [float(np.sum(w**2)) for w in tensors]
+    dense_entries = s * d * dh
+    bases = [hosvd_basis(w) for w in tensors]
+
+    if request.ranks is not None:
+        r1 = request.ranks[0] or d
+        r2 = request.ranks[1] or dh
+        ranks = [(r1, r2)] * len(tensors)
+    elif request.core_density is not None or request.size_fraction is None:
+        ranks = [(d, dh)] * len(tensors)
+    else:
+        candidates = [(int(a), int(b)) for a in rank_grid(d, 32) for b in rank_grid(dh, 8)]
+        cumulative = [np.cumsum(project_core(w, *b) ** 2, axis=2) for w, b in zip(tensors, bases)]
+        layer_budget = request.size_fraction * dense_entries
+        if request.method == "tensorllm":
+            ranks = [_best_ranks_dense(c, layer_budget, candidates) for c in cumulative]
+        elif request.budget == "global":
+            shared = _best_ranks_row(cumulative, energies, groups, layer_budget * len(tensors), candidates)
+            ranks = [shared] * len(tensors)
+        else:
+            ranks = [_best_ranks_row([c], [1.0], groups, layer_budget, candidates) for c in cumulative]
+
+    factors = []
+    for w, basis, (r1, r2) in zip(tensors, bases, ranks):
+        factors.append(hooi(w, r1, r2, tol=request.tol, max_iter=request.max_iter, init=basis))
+        if progress is not None:
+            progress(1)
+
+    if request.method == "tensorllm":
+        return [build_dense_layer(f.u1, f.u2, f.core, e, groups) for f, e in zip(factors, energies)]
+    return _select(factors, energies, groups, request, dense_entries)
+
+
+def _core_budget(size_fraction: float, dense_entries: int, factors) -> float:
+    """Entries left for one layer's core once its factors are paid for."""
+    left = size_fraction * dense_entries - factors.u1.size - factors.u2.size
+    if left <= 0:
+        r1, r2 = factors.ranks
+        raise ValueError(f"ranks ({r1}, {r2}) alone exceed size fraction {size_fraction}: lower the ranks")
+    return left
+
+
+def _select(factors, energies, groups, request, dense_entries) -> list[LayerCore]:
+    """Stage II on the HOOI cores: one-shot top-k under the budget or the explicit density."""
+    scopes = [list(range(len(factors)))] if request.budget == "global" else [[i] for i in range(len(factors))]
+    layers: list[LayerCore | None] = [None] * len(factors)
+    for scope in scopes:
+        cores = [factors[i].core for i in scope]
+        # a per-layer budget ranks by g^2; a global one by g^2 / E_layer (the paper's normalised score)
+        scales = [energies[i] for i in scope] if request.budget == "global" else [1.0] * len(scope)
+        r1, r2 = factors[scope[0]].ranks
+        if request.granularity == "row":
+            row_energy = [np.sum(c**2, axis=2) for c in cores]
+            if request.core_density is not None:
+                budget = request.core_density * len(scope) * groups.total * r1 * r2
+                _, counts = _row_kept(row_energy, scales, groups, r2, budget, index_cost=0)
+            else:
+                budget = len(scope) * _core_budget(request.size_fraction, dense_entries, factors[scope[0]])
+                _, counts = _row_kept(row_energy, scales, groups, r2, budget, index_cost=1)
+            for i, count in zip(scope, counts):
+                f = factors[i]
+                layers[i] = build_row_layer(f.u1, f.u2, f.core, energies[i], groups, count)
+        else:
+            if request.core_density is not None:
+                masks = element_masks_for_density(cores, scales, request.core_density)
+            else:
+                budget = len(scope) * _core_budget(request.size_fraction, dense_entries, factors[scope[0]])
+                masks = element_masks_for_budget(cores, scales, groups, budget)
+            for i, mask in zip(scope, masks):
+                f = factors[i]
+                layers[i] = build_element_layer(f.u1, f.u2, f.core, energies[i], groups, mask)
+    return layers  # type: ignore[return-value]

@@ -1,0 +1,219 @@
+"""Stage II: closed-form importance, one-shot pruning and the stored-format accounting.
+
+The rank-one basis tensors ``u1_a o u2_b o e_s`` are orthonormal, so pruning a set of core entries
+adds exactly the sum of their squares to ``||W - What||^2``. Importance is therefore ``g^2``
+(``element`` granularity, the paper) or the row's sum of squares (``row`` granularity), divided by
+the layer energy ``E = ||W||^2`` when layers compete for one global budget.
+
+Stored format (DESIGN.md 3): each *group* of slices (the query heads, key heads, value heads or
+output heads of one layer) keeps the same number ``k`` of core rows per slice, stored as row
+indices ``[n, k]`` plus a dense block ``[n, k, R2]``; element pruning leaves zeros inside kept rows.
+A uniform ``k`` per group is what lets ONNX Runtime run one batched MatMul per group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+INDEX_BYTES = 4  # indices are stored as int32; an index entry costs as much as an fp32 value
+
+
+@dataclass(frozen=True)
+class SliceGroups:
+    """Names and sizes of the consecutive slice groups of a layer tensor, e.g. q=9, k=3, v=3, o=9."""
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+
+    def span(self, name: str) -> slice:
+        start = 0
+        for group, size in zip(self.names, self.sizes):
+            if group == name:
+                return slice(start, start + size)
+            start += size
+        raise KeyError(name)
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+
+@dataclass
+class CoreGroup:
+    """Kept core rows of one slice group. ``rows is None`` means all ``R1`` rows (a dense core)."""
+
+    rows: np.ndarray | None  # [n, k] int, ascending per slice
+    block: np.ndarray  # [n, k, R2]; zeros where element pruning removed entries
+
+    @property
+    def values(self) -> int:
+        return int(self.block.size)
+
+    @property
+    def index_entries(self) -> int:
+        return 0 if self.rows is None else int(self.rows.size)
+
+
+@dataclass
+class LayerCore:
+    """Compressed representation of one layer: shared factors and per-group core blocks."""
+
+    u1: np.ndarray  # [d, R1]
+    u2: np.ndarray  # [d_h, R2]
+    groups: dict[str, CoreGroup]
+    energy: float  # ||W||_F^2 of the dense slices
+    kept_energy: float  # ||G_kept||_F^2
+    nnz: int = field(default=0)  # nonzero kept core entries
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        return self.u1.shape[1], self.u2.shape[1]
+
+    @property
+    def factor_entries(self) -> int:
+        return int(self.u1.size + self.u2.size)
+
+    @property
+    def value_entries(self) -> int:
+        """Factor entries plus stored core values (zeros inside kept rows included)."""
+        return self.factor_entries + sum(g.values for g in self.groups.values())
+
+    @property
+    def index_entries(self) -> int:
+        return sum(g.index_entries for g in self.groups.values())
+
+    @property
+    def squared_error(self) -> float:
+        """Closed form ``||W - What||^2 = ||W||^2 - ||G_kept||^2``."""
+        return max(self.energy - self.kept_energy, 0.0)
+
+    def density(self, num_slices: int) -> float:
+        r1, r2 = self.ranks
+        return self.nnz / float(num_slices * r1 * r2)
+
+
+def allocate(gains: list[np.ndarray], costs: list[float], budget: float) -> np.ndarray:
+    """Greedy knapsack over groups with non-increasing marginal gains.
+
+    ``gains[g][j]`` is what the ``j``-th step of group ``g`` adds; each step of ``g`` costs
+    ``costs[g]``. Steps are taken in order of gain per cost while the running cost fits
+    ``budget``; returns the number of steps per group. Exact for concave gains up to one step.
+    """
+    ratios = np.concatenate([np.asarray(g, dtype=np.float64) / c for g, c in zip(gains, costs)])
+    owner = np.concatenate([np.full(len(g), i) for i, g in enumerate(gains)])
+    step_cost = np.asarray(costs, dtype=np.float64)[owner]
+    order = np.argsort(-ratios, kind="stable")
+    taken = np.cumsum(step_cost[order]) <= budget + 1e-9
+    return np.bincount(owner[order][taken], minlength=len(gains))
+
+
+def row_gains(row_energy: np.ndarray, groups: SliceGroups) -> list[np.ndarray]:
+    """Marginal kept energy of adding a ``k``-th row to every slice of each group, shape ``[R1]`` each.
+
+    ``row_energy [S, R1]`` holds each core row's sum of squares.
+    """
+    ranked = -np.sort(-row_energy, axis=1)  # per slice, descending
+    return [ranked[groups.span(name)].sum(axis=0) for name in groups.names]
+
+
+def _top_rows(row_score: np.ndarray, k: int) -> np.ndarray:
+    """Indices ``[n, k]`` of each slice's ``k`` best rows, ascending (for memory locality)."""
+    best = np.argsort(-row_score, axis=1, kind="stable")[:, :k]
+    return np.sort(best, axis=1)
+
+
+def gather_rows(core: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Block ``[n, k, R2]`` of the given rows ``[n, k]`` of ``core [n, R1, R2]``."""
+    return np.take_along_axis(core, rows[:, :, None], axis=1)
+
+
+def build_row_layer(
+    u1: np.ndarray, u2: np.ndarray, core: np.ndarray, energy: float, groups: SliceGroups, counts: dict[str, int]
+) -> LayerCore:
+    """Keep the ``counts[g]`` highest-energy rows of every slice of each group."""
+    kept = {}
+    kept_energy, nnz = 0.0, 0
+    for name in groups.names:
+        sub = core[groups.span(name)]  # [n, R1, R2]
+        rows = _top_rows(np.sum(sub**2, axis=2), counts[name])
+        block = gather_rows(sub, rows)
+        kept[name] = CoreGroup(rows=rows, block=block)
+        kept_energy += float(np.sum(block**2))
+        nnz += int(np.count_nonzero(block))
+    return LayerCore(u1, u2, kept, energy, kept_energy, nnz)
+
+
+def build_dense_layer(u1: np.ndarray, u2: np.ndarray, core: np.ndarray, energy: float, groups: SliceGroups) -> LayerCore:
+    """Stage I only (TensorLLM): every core entry kept, no indices stored."""
+    kept = {name: CoreGroup(rows=None, block=core[groups.span(name)].copy()) for name in groups.names}
+    return LayerCore(u1, u2, kept, energy, float(np.sum(core**2)), int(np.count_nonzero(core)))
+
+
+def build_element_layer(
+    u1: np.ndarray, u2: np.ndarray, core: np.ndarray, energy: float, groups: SliceGroups, keep: np.ndarray
+) -> LayerCore:
+    """Keep the entries where ``keep [S, R1, R2]`` is true, in the gathered-row layout.
+
+    Each slice stores its touched rows; a group stores ``k = max touched rows`` per slice, and
+    slices that touch fewer rows are padded with further (all-zero) rows.
+    """
+    pruned = np.where(keep, core, 0.0)
+    touched = keep.any(axis=2)  # [S, R1]
+    kept = {}
+    for name in groups.names:
+        span = groups.span(name)
+        k = max(int(touched[span].sum(axis=1).max()), 1)
+        # touched rows first (score 1), then untouched ones: the padding is all zeros anyway
+        rows = _top_rows(touched[span].astype(np.float64), k)
+        kept[name] = CoreGroup(rows=rows, block=gather_rows(pruned[span], rows))
+    return LayerCore(u1, u2, kept, energy, float(np.sum(pruned**2)), int(np.count_nonzero(pruned)))
+
+
+def element_format_cost(keep: np.ndarray, groups: SliceGroups, rank2: int, index_cost: int = 1) -> int:
+    """Stored core entries (values + indices) of an element mask ``[S, R1, R2]`` in the row layout."""
+    touched = keep.any(axis=2).sum(axis=1)  # [S]
+    return sum(
+        size * max(int(touched[groups.span(name)].max()), 1) * (rank2 + index_cost)
+        for name, size in zip(groups.names, groups.sizes)
+    )
+
+
+def element_masks_for_budget(
+    cores: list[np.ndarray], scales: list[float], groups: SliceGroups, budget: float, index_cost: int = 1
+) -> list[np.ndarray]:
+    """Largest top-score element masks (one threshold over all given layers) whose stored cost fits.
+
+    ``scales[l]`` divides layer ``l``'s scores ``g^2`` (1 for a per-layer budget, the layer energy
+    for a global one). Binary search over the sorted scores; cost is monotone in the threshold.
+    """
+    scores = [c**2 / s for c, s in zip(cores, scales)]
+    flat = np.sort(np.concatenate([x.ravel() for x in scores]))[::-1]
+
+    def masks_at(position: int) -> list[np.ndarray]:
+        threshold = flat[position]
+        return [x >= threshold for x in scores]
+
+    def cost(masks: list[np.ndarray]) -> int:
+        return sum(element_format_cost(m, groups, c.shape[2], index_cost) for m, c in zip(masks, cores))
+
+    lo, hi = 0, len(flat) - 1
+    if cost(masks_at(lo)) > budget:
+        raise ValueError("budget too small to keep a single core entry")
+    while lo < hi:  # largest position whose masks fit
+        mid = (lo + hi + 1) // 2
+        if cost(masks_at(mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return masks_at(lo)
+
+
+def element_masks_for_density(cores: list[np.ndarray], scales: list[float], density: float) -> list[np.ndarray]:
+    """Masks keeping the ``density`` fraction of entries with the highest (scaled) ``g^2``."""
+    scores = [c**2 / s for c, s in zip(cores, scales)]
+    flat = np.concatenate([x.ravel() for x in scores])
+    keep = max(1, int(round(density * flat.size)))
+    threshold = np.partition(flat, flat.size - keep)[flat.size - keep]
+    return [x >= threshold for x in scores]

@@ -1,0 +1,129 @@
+"""Model surgery: read attention weights out of a Hugging Face model and swap in compressed modules.
+
+This is the only place that knows both the registry (where weights live) and the replacement
+modules. The numerics it calls see plain float64 arrays; the modules it builds see tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import NonFiniteWeightsError
+from .modules import CoreOutput, CoreProjection, LatentAttention, LowRankProjection
+from .numerics.pruning import LayerCore, SliceGroups
+from .registry import ArchSpec, AttentionShape
+
+GROUPS = ("q", "k", "v", "o")
+
+
+@dataclass
+class AttentionWeights:
+    """One layer's projections in row-vector convention ``y = x W`` (float64) and their biases."""
+
+    matrices: dict[str, np.ndarray]  # q [d, h d_h], k/v [d, h_kv d_h], o [h d_h, d]
+    biases: dict[str, torch.Tensor | None]
+
+    def slice_tensor(self, shape: AttentionShape) -> np.ndarray:
+        """The per-head slice tensor ``[S, d, d_h]``: Q_i, K_j, V_j, then O_i^T (DESIGN.md 2.1)."""
+        dh = shape.head_dim
+        slices = []
+        for name in ("q", "k", "v"):
+            w = self.matrices[name]
+            slices += [w[:, i * dh:(i + 1) * dh] for i in range(w.shape[1] // dh)]
+        w_o = self.matrices["o"]
+        slices += [w_o[i * dh:(i + 1) * dh, :].T for i in range(w_o.shape[0] // dh)]
+        return np.stack(slices)
+
+
+def slice_groups(shape: AttentionShape) -> SliceGroups:
+    return SliceGroups(GROUPS, (shape.heads, shape.kv_heads, shape.kv_heads, shape.heads))
+
+
+def _as_in_out(module: nn.Module, spec: ArchSpec) -> np.ndarray:
+    weight = module.weight.detach().to(torch.float64).cpu().numpy()
+    return weight if spec.weight_in_out else weight.T
+
+
+def _bias(module: nn.Module, start: int | None = None, stop: int | None = None) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return None if bias is None else bias.detach()[start:stop].clone()
+
+
+def read_attention(attention: nn.Module, spec: ArchSpec, shape: AttentionShape, layer: int) -> AttentionWeights:
+    """Extract Q, K, V, O from an original attention module; refuses NaN/Inf weights."""
+    if spec.fused_qkv:
+        fused = getattr(attention, spec.fused_qkv)
+        w = _as_in_out(fused, spec)
+        q_out, kv_out = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+        bounds = {"q": (0, q_out), "k": (q_out, q_out + kv_out), "v": (q_out + kv_out, q_out + 2 * kv_out)}
+        matrices = {name: w[:, a:b] for name, (a, b) in bounds.items()}
+        biases = {name: _bias(fused, a, b) for name, (a, b) in bounds.items()}
+    else:
+        modules = {name: getattr(attention, getattr(spec, name)) for name in ("q", "k", "v")}
+        matrices = {name: _as_in_out(m, spec) for name, m in modules.items()}
+        biases = {name: _bias(m) for name, m in modules.items()}
+    out = getattr(attention, spec.o)
+    matrices["o"] = _as_in_out(out, spec)
+    biases["o"] = _bias(out)
+    for name, w in matrices.items():
+        if not np.isfinite(w).all():
+            raise NonFiniteWeightsError(
+                f"layer {layer} {name}-projection has NaN/Inf weights; the model file is corrupt or was saved "
+                "after a diverged training step: fix the weights before compressing")
+    return AttentionWeights(matrices, biases)
+
+
+def _tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+
+
+def _cat_bias(biases: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if all(b is None for b in biases) else torch.cat([b for b in biases if b is not None])
+
+
+def install_core_attention(layer_module: nn.Module, spec: ArchSpec, core: LayerCore, biases: dict,
+                           dtype: torch.dtype, summary: dict) -> None:
+    """Replace the attention of one decoder layer by a :class:`LatentAttention` over ``core``."""
+    attention = getattr(layer_module, spec.attention)
+    u1 = nn.Parameter(_tensor(core.u1, dtype), requires_grad=False)
+    u2 = nn.Parameter(_tensor(core.u2, dtype), requires_grad=False)
+
+    def blocks_and_rows(names):
+        blocks = [_tensor(core.groups[n].block.transpose(0, 2, 1), dtype) for n in names]  # [n, R2, k]
+        rows = [None if core.groups[n].rows is None else torch.from_numpy(core.groups[n].rows.reshape(-1))
+                for n in names]
+        return blocks, rows
+
+    if spec.fused_qkv:
+        blocks, rows = blocks_and_rows(("q", "k", "v"))
+        bias = _cat_bias([biases[n] for n in ("q", "k", "v")])
+        setattr(attention, spec.fused_qkv, CoreProjection(u2, blocks, rows, bias))
+    else:
+        for name in ("q", "k", "v"):
+            blocks, rows = blocks_and_rows((name,))
+            setattr(attention, getattr(spec, name), CoreProjection(u2, blocks, rows, biases[name]))
+    o = core.groups["o"]
+    rows = None if o.rows is None else torch.from_numpy(o.rows.reshape(-1))
+    setattr(attention, spec.o, CoreOutput(u1, u2, _tensor(o.block, dtype), rows, biases["o"]))
+    setattr(layer_module, spec.attention, LatentAttention(attention, u1, summary))
+
+
+def install_low_rank(layer_module: nn.Module, spec: ArchSpec, factors: dict, biases: dict,
+                     dtype: torch.dtype) -> None:
+    """Replace the projections of one layer by per-matrix low-rank products (SVD baseline)."""
+    attention = getattr(layer_module, spec.attention)
+
+    def pair(name):
+        return _tensor(factors[name].a, dtype), _tensor(factors[name].b, dtype)
+
+    if spec.fused_qkv:
+        bias = _cat_bias([biases[n] for n in ("q", "k", "v")])
+        setattr(attention, spec.fused_qkv, LowRankProjection([pair(n) for n in ("q", "k", "v")], bias))
+    else:
+        for name in ("q", "k", "v"):
+            setattr(attention, getattr(spec, name), LowRankProjection([pair(name)], biases[name]))
+    setattr(attention, spec.o, LowRankProjection([pair("o")], biases["o"]))
