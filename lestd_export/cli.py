@@ -1,19 +1,25 @@
 """``lestd-export`` command line: a thin shell over the library verbs.
 
-Each verb lives in ``lestd_export/commands/<verb>.py`` with ``register(subparsers)``; parsers are
-built without importing torch, so ``--help`` is instant.
+Each verb lives in ``lestd_export/commands/<verb>.py`` with ``register(subparsers)`` and is found
+there automatically; parsers are built without importing torch, so ``--help`` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import pkgutil
 import sys
 from importlib import import_module
 
 from . import __version__
 from .errors import LestdError
 
-COMMANDS = ("compress", "models")
+from . import commands
+
+
+def command_modules() -> list[str]:
+    """Verb modules in ``lestd_export/commands`` (every module except the shared helpers)."""
+    return sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if m.name != "common")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
+    for name in command_modules():
         import_module(f".commands.{name}", __package__).register(subparsers)
     return parser
 

@@ -18,7 +18,7 @@ import numpy as np
 from .config import CompressionConfig
 from .errors import CheckpointError, InvalidConfigError
 from .io import atomic_output_dir, write_json
-from .loading import COMPRESSION_KEY, LoadedModel
+from .loading import COMPRESSION_KEY, LoadedModel, load_tokenizer
 from .registry import attention_shape, decoder_layers, spec_for
 
 FORMAT_VERSION = 1
@@ -205,7 +205,7 @@ def load_compressed(path: Path) -> LoadedModel:
     """Rebuild a compressed model from a checkpoint directory; nothing is recomputed."""
     import torch
     from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
     weights = path / WEIGHTS_FILE
@@ -224,11 +224,7 @@ def load_compressed(path: Path) -> LoadedModel:
     model.eval()
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return LoadedModel(model=model, tokenizer=tokenizer, source=str(path), compressed=True)
+    return LoadedModel(model=model, tokenizer=load_tokenizer(path), source=str(path), compressed=True)
 
 
 def read_report(path: Path) -> dict:

@@ -23,6 +23,7 @@ from .errors import CheckpointError, ModelNotFoundError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 COMPRESSION_KEY = "lestd_compression"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass
@@ -96,15 +97,21 @@ def _load_alias(alias: str) -> LoadedModel:
 
 def _load_hf(location: str, source: str, **kwargs) -> LoadedModel:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
     model.eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
+    return LoadedModel(model=model, tokenizer=load_tokenizer(location, **kwargs), source=source)
+
+
+def load_tokenizer(location: str | Path, **kwargs):
+    """The tokenizer saved at ``location``, or None when a local directory holds no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    folder = Path(location)
+    if folder.is_dir() and not kwargs and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(str(location), **kwargs)
 
 
 def _load_hub(repo: str, source: str | None = None) -> LoadedModel:

@@ -1,8 +1,9 @@
 """Per-matrix truncated SVD baseline: ``W ~ A B`` for each of Q, K, V, O separately.
 
 Storage per matrix of shape ``[in, out]`` at rank ``r`` is ``r (in + out)`` entries. Ranks are
-shared out by the same greedy allocator as the Tucker planner: each singular value is a step
-whose gain is ``sigma^2`` (divided by the layer energy for a global budget).
+shared out (per layer, or over all layers for a global budget) by the same greedy allocator as the
+Tucker planner: each singular value is a step whose gain is ``sigma^2 / ||W||^2`` of its own
+matrix, so that a low-energy matrix (GPT-2 initialises ``c_proj`` small) is not starved.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ def svd_layers(layers: Sequence[Sequence[np.ndarray]], size_fraction: float, bud
     """
     decomposed = [[np.linalg.svd(np.asarray(w, dtype=np.float64), full_matrices=False) for w in mats]
                   for mats in layers]
-    energies = [float(sum(np.sum(w.astype(np.float64) ** 2) for w in mats)) for mats in layers]
     shapes = [[w.shape for w in mats] for mats in layers]
 
     if rank is not None:
@@ -52,9 +52,8 @@ def svd_layers(layers: Sequence[Sequence[np.ndarray]], size_fraction: float, bud
         for scope in scopes:
             gains, costs, owners = [], [], []
             for i in scope:
-                scale = energies[i] if budget == "global" else 1.0
                 for j, (_, sigma, _) in enumerate(decomposed[i]):
-                    gains.append(sigma**2 / scale)
+                    gains.append(sigma**2 / np.sum(sigma**2))  # relative error: no matrix is starved
                     costs.append(sum(shapes[i][j]))
                     owners.append((i, j))
             total = size_fraction * sum(a * b for i in scope for a, b in shapes[i])

@@ -30,6 +30,7 @@ from .pruning import (
 from .tucker import hooi, hosvd_basis, project_core
 
 Progress = Callable[[int], None]
+MIN_FILL = 0.995  # a plan must store at least this fraction of the requested budget
 
 
 @dataclass(frozen=True)
@@ -69,36 +70,55 @@ def _row_kept(row_energy: list[np.ndarray], scales: list[float], groups: SliceGr
     return kept, per_layer
 
 
+def _dense_core_fits(num_layers: int, num_slices: int, rank1: int, rank2: int, core_budget: float) -> bool:
+    """Whether whole cores (no pruning, hence no indices) fit: then pruning has nothing to gain."""
+    return num_layers * num_slices * rank1 * rank2 <= core_budget
+
+
 def _best_ranks_row(cumulative: list[np.ndarray], scales: list[float], groups: SliceGroups, budget: float,
                     candidates: list[tuple[int, int]]) -> tuple[int, int]:
     """Ranks (shared by the given layers) whose best row allocation keeps the most scaled energy."""
     d, dh = cumulative[0].shape[1:]
-    best, best_kept = None, -1.0
-    for r1, r2 in candidates:
-        core_budget = budget - len(cumulative) * (d * r1 + dh * r2)
+    # for each R2, the largest R1 whose whole cores fit (no indices), and the two just above it
+    # (pruned), so that some candidate fills the budget to within one allocation step
+    fill = []
+    for r2 in range(1, dh + 1):
+        r1 = int((budget / len(cumulative) - dh * r2) // (d + groups.total * r2))
+        fill += [(r1 + j, r2) for j in range(3) if 1 <= r1 + j <= d]
+    best, best_kept, fallback = None, -1.0, None
+    for r1, r2 in list(candidates) + fill:
+        factors = len(cumulative) * (d * r1 + dh * r2)
+        core_budget = budget - factors
         if core_budget <= 0:
             continue
-        kept, _ = _row_kept([c[:, :r1, r2 - 1] for c in cumulative], scales, groups, r2, core_budget, 1)
-        if kept > best_kept:
+        if _dense_core_fits(len(cumulative), groups.total, r1, r2, core_budget):
+            kept = sum(float(c[:, :r1, r2 - 1].sum()) / s for c, s in zip(cumulative, scales))
+            stored = factors + len(cumulative) * groups.total * r1 * r2
+        else:
+            kept, counts = _row_kept([c[:, :r1, r2 - 1] for c in cumulative], scales, groups, r2, core_budget, 1)
+            stored = factors + sum(k * size * (r2 + 1) for layer in counts
+                                   for k, size in zip(layer.values(), groups.sizes))
+        fallback = fallback or (r1, r2)
+        if stored >= MIN_FILL * budget and kept > best_kept:  # the size asked for is the size delivered
             best, best_kept = (r1, r2), kept
+    best = best or fallback
     if best is None:
         raise ValueError("size fraction too small: even the smallest ranks do not fit")
     return best
 
 
-def _best_ranks_dense(cumulative: np.ndarray, budget: float, candidates: list[tuple[int, int]]) -> tuple[int, int]:
-    """TensorLLM: ranks of the largest-energy truncation whose dense core plus factors fit."""
+def _best_ranks_dense(cumulative: np.ndarray, budget: float) -> tuple[int, int]:
+    """TensorLLM: for each R2 the largest R1 whose dense core plus factors fit; keep the best energy."""
     s, d, dh = cumulative.shape
-    best, best_kept = None, -1.0
-    for r1, r2 in candidates:
-        if d * r1 + dh * r2 + s * r1 * r2 > budget:
-            continue
-        kept = float(cumulative[:, :r1, r2 - 1].sum())
-        if kept > best_kept:
-            best, best_kept = (r1, r2), kept
-    if best is None:
+    options = []
+    for r2 in range(1, dh + 1):
+        r1 = min(int((budget - dh * r2) // (d + s * r2)), d)
+        if r1 >= 1:
+            stored = d * r1 + dh * r2 + s * r1 * r2
+            options.append((stored >= MIN_FILL * budget, float(cumulative[:, :r1, r2 - 1].sum()), (r1, r2)))
+    if not options:
         raise ValueError("size fraction too small: even the smallest ranks do not fit")
-    return best
+    return max(options)[2]
 
 
 def compress_layers(tensors: Sequence[np.ndarray], groups: SliceGroups, request: TuckerRequest,
@@ -123,7 +143,7 @@ def compress_layers(tensors: Sequence[np.ndarray], groups: SliceGroups, request:
         cumulative = [np.cumsum(project_core(w, *b) ** 2, axis=2) for w, b in zip(tensors, bases)]
         layer_budget = request.size_fraction * dense_entries
         if request.method == "tensorllm":
-            ranks = [_best_ranks_dense(c, layer_budget, candidates) for c in cumulative]
+            ranks = [_best_ranks_dense(c, layer_budget) for c in cumulative]
         elif request.budget == "global":
             shared = _best_ranks_row(cumulative, energies, groups, layer_budget * len(tensors), candidates)
             ranks = [shared] * len(tensors)
@@ -166,6 +186,8 @@ def _select(factors, energies, groups, request, dense_entries) -> list[LayerCore
                 _, counts = _row_kept(row_energy, scales, groups, r2, budget, index_cost=0)
             else:
                 budget = len(scope) * _core_budget(request.size_fraction, dense_entries, factors[scope[0]])
+                if _dense_core_fits(len(scope), groups.total, r1, r2, budget):
+                    budget = np.inf
                 _, counts = _row_kept(row_energy, scales, groups, r2, budget, index_cost=1)
             for i, count in zip(scope, counts):
                 f = factors[i]

@@ -132,13 +132,19 @@ def gather_rows(core: np.ndarray, rows: np.ndarray) -> np.ndarray:
 def build_row_layer(
     u1: np.ndarray, u2: np.ndarray, core: np.ndarray, energy: float, groups: SliceGroups, counts: dict[str, int]
 ) -> LayerCore:
-    """Keep the ``counts[g]`` highest-energy rows of every slice of each group."""
+    """Keep the ``counts[g]`` highest-energy rows of every slice of each group.
+
+    A group that keeps all ``R1`` rows is stored without indices (a dense core block).
+    """
     kept = {}
     kept_energy, nnz = 0.0, 0
     for name in groups.names:
         sub = core[groups.span(name)]  # [n, R1, R2]
-        rows = _top_rows(np.sum(sub**2, axis=2), counts[name])
-        block = gather_rows(sub, rows)
+        if counts[name] >= sub.shape[1]:
+            rows, block = None, sub.copy()
+        else:
+            rows = _top_rows(np.sum(sub**2, axis=2), counts[name])
+            block = gather_rows(sub, rows)
         kept[name] = CoreGroup(rows=rows, block=block)
         kept_energy += float(np.sum(block**2))
         nnz += int(np.count_nonzero(block))

@@ -1,0 +1,58 @@
+"""``lestd-export eval TARGET``: perplexity of a model (PyTorch) or an ONNX export (ONNX Runtime)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import MODEL_HELP
+
+
+def add_text_flags(parser: argparse.ArgumentParser) -> None:
+    """Text source and window flags (shared with ``sweep``)."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text-file", type=Path, default=None, metavar="F", help="evaluate on a UTF-8 text file")
+    source.add_argument("--dataset", choices=("default", "wikitext2"), default=None,
+                        help="default: the Python language reference shipped with Python (offline, the default); "
+                             "wikitext2: WikiText-2 test split (needs the 'datasets' package and network)")
+    parser.add_argument("--seq-len", type=int, default=512, metavar="N",
+                        help="window length in tokens; windows do not overlap (default 512)")
+    parser.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                        help="use at most the first N tokens of the text (default: all)")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="measure perplexity (PyTorch model or ONNX export)",
+        description="Perplexity over non-overlapping windows, with PyTorch (any model argument, compressed "
+                    "checkpoints included) or ONNX Runtime (an export directory holding model.onnx).")
+    parser.add_argument("target", nargs="?", default=None,
+                        help=f"torch backend: {MODEL_HELP}; onnxruntime backend: an export directory")
+    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                        help="torch (default) or onnxruntime")
+    add_text_flags(parser)
+    parser.add_argument("--json", type=Path, default=None, metavar="F", help="also write the result to this file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def check_output_file(path: Path | None) -> None:
+    """Fail before any heavy work when an output file cannot be written."""
+    from ..errors import InvalidConfigError
+
+    if path is not None and not path.expanduser().resolve().parent.is_dir():
+        raise InvalidConfigError(f"cannot write {path}: its directory does not exist (create it first)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluate import evaluate
+    from ..io import write_json
+
+    check_output_file(args.json)
+    result = evaluate(args.target, backend=args.backend, text_file=args.text_file, dataset=args.dataset,
+                      seq_len=args.seq_len, max_tokens=args.max_tokens, progress=not args.quiet)
+    print(json.dumps(result, indent=2))
+    if args.json is not None:
+        write_json(args.json, result)
+    return 0

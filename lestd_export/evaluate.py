@@ -1,0 +1,380 @@
+"""The ``evaluate`` verb: perplexity of a model (PyTorch) or of an ONNX export (ONNX Runtime).
+
+Perplexity is measured over **non-overlapping windows** of ``seq_len`` tokens (DESIGN.md 4): each
+window is scored on its own, predicting tokens ``1 .. L-1`` of the window from its prefix; the last
+partial window counts when it has at least two tokens. ``tokens`` is the number of predicted tokens
+and ``perplexity = exp(sum NLL / tokens)``. Both backends score exactly the same windows, so their
+numbers are directly comparable (torch-dense, torch-compressed, ORT-dense, ORT-compressed).
+
+Text sources: the default text ships with Python (the language reference in ``pydoc_data.topics``)
+and works offline; ``wikitext2`` needs the ``datasets`` package and network; any UTF-8 text file.
+Text is tokenised without special tokens (no BOS), so every window is plain text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import CheckpointError, InvalidConfigError, LestdError
+from .loading import COMPRESSION_KEY
+
+BACKENDS = ("torch", "onnxruntime")
+DATASETS = ("default", "wikitext2")
+DEFAULT_SEQ_LEN = 512
+BATCH_WINDOWS = 4  # windows per forward pass
+REPORT_FILE = "compression_report.json"  # written next to a compressed checkpoint (see compress.py)
+ONNX_FILE = "model.onnx"
+RESULT_KEYS = ("perplexity", "tokens", "seq_len", "backend", "text_source", "model", "size_fraction")
+
+
+class TextSourceError(LestdError):
+    """The evaluation text cannot be read (missing or empty text file, too few tokens)."""
+
+
+class DatasetUnavailableError(TextSourceError):
+    """A named dataset cannot be loaded here (``datasets`` missing or no network)."""
+
+
+# --------------------------------------------------------------------------------------------- text
+
+
+def default_text() -> str:
+    """The Python language reference shipped with Python (``pydoc_data.topics``), keys in sorted order."""
+    from pydoc_data.topics import topics
+
+    return "".join(topics[key] for key in sorted(topics))
+
+
+def _wikitext2() -> str:
+    offline = ("WikiText-2 cannot be loaded here ({why}). Offline, evaluate on the text that ships with "
+               "Python (--dataset default) or on any text file (--text-file F).")
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetUnavailableError(offline.format(why="the 'datasets' package is not installed; "
+                                                         "pip install datasets where the network allows")) from None
+    try:
+        split = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+    except Exception as error:  # network, hub and cache failures come in many exception types
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        raise DatasetUnavailableError(offline.format(why=f"{type(error).__name__}: {first}")) from None
+    return "\n\n".join(split["text"])
+
+
+def load_text(text_file: str | Path | None = None, dataset: str | None = None) -> tuple[str, str]:
+    """The evaluation text and a name for it: a text file, ``wikitext2`` or the default text."""
+    if text_file is not None and dataset is not None:
+        raise InvalidConfigError("give either a text file or a dataset, not both")
+    if text_file is not None:
+        path = Path(text_file).expanduser()
+        if not path.is_file():
+            raise TextSourceError(f"text file {path} does not exist (or is not a file): pass an existing UTF-8 "
+                                  "text file, or leave --text-file out to use the default text")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise TextSourceError(f"text file {path} is empty: pass a file with some text in it")
+        return text, str(path)
+    dataset = dataset or "default"
+    if dataset == "default":
+        return default_text(), "default (Python language reference, pydoc_data.topics)"
+    if dataset == "wikitext2":
+        return _wikitext2(), "wikitext2 (wikitext-2-raw-v1, test split)"
+    raise InvalidConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)} or pass --text-file")
+
+
+def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
+    """Token ids of ``text`` without special tokens, cut to ``max_tokens``.
+
+    With ``max_tokens``, only a prefix of the text is tokenised when that is enough (a generous
+    number of characters per token, with a margin so that the cut never changes a kept token).
+    """
+    if tokenizer is None:
+        raise CheckpointError("the model has no tokenizer files: save the tokenizer next to the model "
+                              "(tokenizer.json / tokenizer_config.json) to evaluate on text")
+
+    def encode(part: str) -> list[int]:
+        return list(tokenizer(part, add_special_tokens=False, return_attention_mask=False,
+                              verbose=False)["input_ids"])
+
+    if max_tokens is not None:
+        margin = 64
+        chars = (max_tokens + margin) * 16
+        if chars < len(text):
+            ids = encode(text[:chars])
+            if len(ids) >= max_tokens + margin:
+                return ids[:max_tokens]
+    ids = encode(text)
+    return ids if max_tokens is None else ids[:max_tokens]
+
+
+def tokens_digest(token_ids: Sequence[int]) -> str:
+    """A short hash of a token sequence (for cache keys and reports)."""
+    data = ",".join(map(str, list(token_ids))).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ windows
+
+
+def _check_lengths(seq_len: int, max_tokens: int | None) -> None:
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise InvalidConfigError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 2):
+        raise InvalidConfigError(f"max_tokens must be an integer >= 2, got {max_tokens!r}")
+
+
+def windows(num_tokens: int, seq_len: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the non-overlapping windows; a last partial window needs >= 2 tokens."""
+    return [(s, min(s + seq_len, num_tokens)) for s in range(0, num_tokens, seq_len)
+            if min(s + seq_len, num_tokens) - s >= 2]
+
+
+def _as_list(token_ids) -> list[int]:
+    if hasattr(token_ids, "tolist"):
+        token_ids = token_ids.tolist()
+    ids = list(token_ids)
+    if ids and isinstance(ids[0], list):
+        raise InvalidConfigError("token_ids must be one sequence (1-D), not a batch")
+    return [int(i) for i in ids]
+
+
+def _batches(ids: list[int], seq_len: int, max_tokens: int | None) -> tuple[list[list[list[int]]], int]:
+    """Equal-length batches of windows (up to ``BATCH_WINDOWS`` each) and the predicted-token count."""
+    _check_lengths(seq_len, max_tokens)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    spans = windows(len(ids), seq_len)
+    if not spans:
+        raise TextSourceError(f"the text has {len(ids)} token(s): at least 2 are needed to measure perplexity")
+    full = [ids[a:b] for a, b in spans if b - a == seq_len]
+    partial = [ids[a:b] for a, b in spans if b - a != seq_len]
+    batches = [full[i:i + BATCH_WINDOWS] for i in range(0, len(full), BATCH_WINDOWS)]
+    batches += [[w] for w in partial]
+    predicted = sum(b - a - 1 for a, b in spans)
+    return batches, predicted
+
+
+def _result(nll: float, tokens: int, seq_len: int, num_windows: int) -> dict:
+    mean = nll / tokens
+    return {"perplexity": math.exp(mean), "tokens": tokens, "nll": nll, "mean_nll": mean,
+            "windows": num_windows, "seq_len": seq_len}
+
+
+def _window_nll(logits, targets) -> float:
+    """Summed NLL of ``targets [B, L-1]`` under ``logits [B, L-1, V]`` (torch tensors), in float64."""
+    import torch.nn.functional as F
+
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                 reduction="sum").double())
+
+
+# -------------------------------------------------------------------------------------------- torch
+
+
+def torch_perplexity(model, token_ids, seq_len: int = DEFAULT_SEQ_LEN, max_tokens: int | None = None,
+                     progress: bool = True) -> dict:
+    """Perplexity of a PyTorch causal LM over non-overlapping windows (see module doc).
+
+    Returns ``{"perplexity", "tokens", "nll", "mean_nll", "windows", "seq_len"}``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    batches, predicted = _batches(_as_list(token_ids), seq_len, max_tokens)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, num_windows = 0.0, 0
+    try:
+        with torch.inference_mode(), tqdm(total=predicted, desc="perplexity (torch)", unit="tok",
+                                          disable=not progress, leave=False) as bar:
+            for batch in batches:
+                ids = torch.tensor(batch, dtype=torch.long, device=device)
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+                nll += _window_nll(logits[:, :-1], ids[:, 1:])
+                num_windows += len(batch)
+                bar.update(ids.shape[0] * (ids.shape[1] - 1))
+    finally:
+        model.train(was_training)
+    return _result(nll, predicted, seq_len, num_windows)
+
+
+# -------------------------------------------------------------------------------------- onnxruntime
+
+
+class _OrtCausalLM:
+    """Minimal ONNX Runtime runner for an Optimum-style text-generation-with-past graph, empty past."""
+
+    def __init__(self, export_dir: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.dir = Path(export_dir)
+        path = self.dir / ONNX_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{self.dir} has no {ONNX_FILE}: pass an export directory "
+                                  "(written by `lestd-export export`) or use --backend torch for a model")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        if "input_ids" not in self.inputs or "logits" not in outputs:
+            raise CheckpointError(f"{path} does not follow the text-generation convention "
+                                  "(inputs input_ids/attention_mask/past_key_values.*, output logits)")
+        self.past = sorted((n for n in self.inputs if n.startswith("past_key_values.")), key=self._past_order)
+        self._config = None
+
+    @staticmethod
+    def _past_order(name: str):
+        _, layer, kind = name.split(".", 2)
+        return int(layer), kind
+
+    def _config_value(self, *names: str):
+        if self._config is None:
+            file = self.dir / "config.json"
+            self._config = json.loads(file.read_text()) if file.is_file() else {}
+        for name in names:
+            if self._config.get(name) is not None:
+                return self._config[name]
+        return None
+
+    def _past_shape(self, name: str, batch: int) -> list[int]:
+        shape = list(self.inputs[name].shape)
+        if len(shape) != 4:
+            raise CheckpointError(f"past input {name} has shape {shape}: expected [batch, kv_heads, past, head_dim]")
+        kv, dh = shape[1], shape[3]
+        if not isinstance(kv, int):
+            heads = self._config_value("num_attention_heads", "n_head")
+            kv = self._config_value("num_key_value_heads") or heads
+        if not isinstance(dh, int):
+            heads = self._config_value("num_attention_heads", "n_head")
+            hidden = self._config_value("hidden_size", "n_embd")
+            dh = self._config_value("head_dim") or (hidden // heads if hidden and heads else None)
+        if not isinstance(kv, int) or not isinstance(dh, int):
+            raise CheckpointError(f"cannot tell the shape of {name} from the graph or config.json")
+        return [batch, kv, 0, dh]
+
+    def logits(self, ids):
+        """``ids [B, L]`` (int64 numpy) -> logits ``[B, L, V]`` (numpy)."""
+        import numpy as np
+
+        batch, length = ids.shape
+        feeds = {"input_ids": ids.astype(_numpy_type(self.inputs["input_ids"].type))}
+        if "attention_mask" in self.inputs:
+            feeds["attention_mask"] = np.ones((batch, length), dtype=_numpy_type(self.inputs["attention_mask"].type))
+        if "position_ids" in self.inputs:
+            positions = np.broadcast_to(np.arange(length), (batch, length))
+            feeds["position_ids"] = np.ascontiguousarray(positions, dtype=_numpy_type(self.inputs["position_ids"].type))
+        for name in self.past:
+            feeds[name] = np.zeros(self._past_shape(name, batch), dtype=_numpy_type(self.inputs[name].type))
+        return self.session.run(["logits"], feeds)[0]
+
+
+def _numpy_type(onnx_type: str):
+    import numpy as np
+
+    types = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+             "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(bool)": np.bool_}
+    if onnx_type not in types:
+        raise CheckpointError(f"unsupported ONNX input type {onnx_type}")
+    return types[onnx_type]
+
+
+def ort_perplexity(export_dir: str | Path, token_ids, seq_len: int = DEFAULT_SEQ_LEN, max_tokens: int | None = None,
+                   progress: bool = True, threads: int | None = None) -> dict:
+    """Perplexity of an ONNX export (``DIR/model.onnx``) through ONNX Runtime, same windows as torch."""
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    batches, predicted = _batches(_as_list(token_ids), seq_len, max_tokens)
+    runner = _OrtCausalLM(Path(export_dir), threads)
+    nll, num_windows = 0.0, 0
+    with tqdm(total=predicted, desc="perplexity (onnxruntime)", unit="tok", disable=not progress,
+              leave=False) as bar:
+        for batch in batches:
+            ids = np.asarray(batch, dtype=np.int64)
+            logits = torch.from_numpy(np.ascontiguousarray(runner.logits(ids)))
+            nll += _window_nll(logits[:, :-1], torch.from_numpy(ids[:, 1:]))
+            num_windows += len(batch)
+            bar.update(ids.shape[0] * (ids.shape[1] - 1))
+    return _result(nll, predicted, seq_len, num_windows)
+
+
+# ---------------------------------------------------------------------------------------- the verb
+
+
+def _fraction_from(compression: dict | None) -> float | None:
+    if not compression:
+        return None
+    fraction = compression.get("size_fraction")
+    if isinstance(fraction, dict):
+        fraction = fraction.get("with_indices")
+    return None if fraction is None else float(fraction)
+
+
+def size_fraction_of_dir(path: Path) -> float | None:
+    """``with_indices`` from ``config.json``'s compression section or ``compression_report.json``."""
+    path = Path(path)
+    config = path / "config.json"
+    if config.is_file():
+        fraction = _fraction_from(json.loads(config.read_text()).get(COMPRESSION_KEY))
+        if fraction is not None:
+            return fraction
+    report = path / REPORT_FILE
+    if report.is_file():
+        return _fraction_from(json.loads(report.read_text()))
+    return None
+
+
+def size_fraction_of_model(model) -> float:
+    """Achieved size fraction (with indices) of a loaded model: 1.0 for a dense one."""
+    fraction = _fraction_from(getattr(model.config, COMPRESSION_KEY, None))
+    return 1.0 if fraction is None else fraction
+
+
+def evaluate(target: str | Path | None, backend: str = "torch", text_file: str | Path | None = None,
+             dataset: str | None = None, seq_len: int = DEFAULT_SEQ_LEN, max_tokens: int | None = None,
+             progress: bool = True) -> dict:
+    """Perplexity of ``target`` on a text; returns exactly the fields in :data:`RESULT_KEYS`.
+
+    ``torch``: ``target`` is any model argument of :func:`lestd_export.loading.load_model` (alias,
+    Hugging Face dir, .gguf, compressed checkpoint; None = the default model). ``onnxruntime``:
+    ``target`` is an export directory holding ``model.onnx``, ``config.json`` and tokenizer files.
+    """
+    if backend not in BACKENDS:
+        raise InvalidConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    _check_lengths(seq_len, max_tokens)
+    text, source = load_text(text_file, dataset)  # fail on a bad text source before loading a model
+    if backend == "torch":
+        from .loading import load_model
+
+        loaded = load_model(None if target is None else str(target))
+        ids = tokenize(loaded.tokenizer, text, max_tokens)
+        result = torch_perplexity(loaded.model, ids, seq_len, max_tokens, progress)
+        model_name, fraction = loaded.source, size_fraction_of_model(loaded.model)
+    else:
+        if target is None:
+            raise InvalidConfigError("--backend onnxruntime needs an export directory as TARGET")
+        export_dir = Path(target).expanduser()
+        if not (export_dir / ONNX_FILE).is_file():
+            raise CheckpointError(f"{export_dir} holds no {ONNX_FILE}: pass an export directory "
+                                  "(lestd-export export ...), or use --backend torch for a model")
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(export_dir)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None
+        ids = tokenize(tokenizer, text, max_tokens)
+        result = ort_perplexity(export_dir, ids, seq_len, max_tokens, progress)
+        model_name = str(export_dir)
+        fraction = size_fraction_of_dir(export_dir)
+        fraction = 1.0 if fraction is None else fraction
+    return {"perplexity": result["perplexity"], "tokens": result["tokens"], "seq_len": seq_len,
+            "backend": backend, "text_source": source, "model": model_name, "size_fraction": fraction}

@@ -1,0 +1,38 @@
+"""Tiny randomly initialised models, one per registered architecture (and GQA / explicit head_dim variants)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (AutoModelForCausalLM, GPT2Config, GPTJConfig, LlamaConfig, MistralConfig, OPTConfig,
+                          Qwen2Config, Qwen3Config)
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=128, initializer_range=0.2, tie_word_embeddings=False)
+
+# name -> config; every model_type in the registry must appear at least once (tests/test_architectures.py)
+TINY_CONFIGS = {
+    "llama-mha": lambda: LlamaConfig(**COMMON, num_key_value_heads=4),
+    "llama-gqa": lambda: LlamaConfig(**COMMON, num_key_value_heads=2, head_dim=24),
+    "mistral": lambda: MistralConfig(**COMMON, num_key_value_heads=2, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**COMMON, num_key_value_heads=2, use_sliding_window=False),
+    "qwen3": lambda: Qwen3Config(**COMMON, num_key_value_heads=2, head_dim=20, use_sliding_window=False),
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                               initializer_range=0.2),
+    "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                             word_embed_proj_dim=64, max_position_embeddings=128, init_std=0.2),
+    "gptj": lambda: GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128,
+                               initializer_range=0.2, tie_word_embeddings=False),
+}
+
+
+def tiny_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[name]()
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config).eval().to(dtype)
+    with torch.no_grad():  # OPT/GPT-2 initialise biases to zero: give them values so bias handling is tested
+        for name_, param in model.named_parameters():
+            if name_.endswith("bias"):
+                param.normal_(0, 0.1)
+    return model
