@@ -36,3 +36,10 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
     return CompressionConfig(method=args.method, size_fraction=args.size_fraction, ranks=args.ranks,
                              core_density=args.core_density, granularity=args.granularity, budget=args.budget,
                              hooi_tol=args.hooi_tol, hooi_max_iter=args.hooi_max_iter)
+
+
+def compression_flags_given(args: argparse.Namespace) -> bool:
+    """Whether any compression flag differs from its default (exporting a checkpoint takes none)."""
+    defaults = {"method": "lestd", "size_fraction": None, "ranks": None, "core_density": None,
+                "granularity": "row", "budget": "layer", "hooi_tol": 1e-6, "hooi_max_iter": 10}
+    return any(getattr(args, key) != value for key, value in defaults.items())

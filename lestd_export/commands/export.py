@@ -1,0 +1,49 @@
+"""``lestd-export export [MODEL_OR_CHECKPOINT] -o DIR``: ONNX with KV cache, validated against PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import MODEL_HELP, add_compression_flags, compression_flags_given, config_from_args
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="export to ONNX (compressing first unless given a checkpoint or --dense)",
+        description="Export to DIR/model.onnx in Optimum's text-generation-with-past format (input_ids, "
+                    "attention_mask, position_ids, past_key_values.* -> logits, present.*) with config.json, "
+                    "generation_config.json and tokenizer files, then validate ONNX Runtime against PyTorch.")
+    parser.add_argument("model", nargs="?", default=None, help=MODEL_HELP + ", or a compressed checkpoint")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="output directory (must not exist)")
+    parser.add_argument("--dense", action="store_true", help="export the uncompressed model (the baseline)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (16..20, default 18)")
+    parser.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    parser.add_argument("--optimize", action="store_true",
+                        help="apply onnxscript's ONNX Runtime fusions (use it for dense and compressed alike)")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest relative logit error accepted")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_compression_flags(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import check_opset, export_model, load_for_export
+    from ..io import check_output_dir
+
+    check_opset(args.opset)
+    check_output_dir(args.output, args.overwrite)
+    config = config_from_args(args) if (compression_flags_given(args) or not args.dense) else None
+    if args.model is not None and Path(args.model).is_dir() and not compression_flags_given(args):
+        from ..loading import is_compressed_checkpoint
+
+        if is_compressed_checkpoint(Path(args.model)):
+            config = None
+    loaded, _ = load_for_export(args.model, config, args.dense)
+    report = export_model(loaded, args.output, opset=args.opset, validate=not args.no_validate,
+                          optimize=args.optimize, overwrite=args.overwrite, tolerance=args.tolerance)
+    keys = ("method", "size_fraction", "model_bytes", "largest_initializer", "parity", "fusions")
+    print(json.dumps({k: report.get(k) for k in keys}, indent=2))
+    print(f"wrote {args.output}")
+    return 0
