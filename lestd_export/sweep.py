@@ -152,6 +152,8 @@ def sweep(model_arg: str | None = None, fractions: Sequence[float] | str = (0.9,
     text, text_source = load_text(text_file, dataset)
     if not isinstance(seq_len, int) or seq_len < 2:
         raise InvalidConfigError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 2):
+        raise InvalidConfigError(f"max_tokens must be an integer >= 2, got {max_tokens!r}")
 
     loaded = load_model(model_arg)
     ids = tokenize(loaded.tokenizer, text, max_tokens)

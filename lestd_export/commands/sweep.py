@@ -1,0 +1,60 @@
+"""``lestd-export sweep [MODEL]``: perplexity versus size fraction for LeSTD and the baselines."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import MODEL_HELP
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sweep", help="perplexity vs size fraction for lestd, tensorllm and svd",
+        description="Load the model once, measure the dense perplexity, then compress a fresh copy for every "
+                    "method/setting/fraction and measure it on the same tokens. Finished runs are cached "
+                    "(--cache-dir), so an interrupted sweep resumes where it stopped.")
+    parser.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    parser.add_argument("--fractions", default="0.9,0.8,0.7,0.6,0.5", metavar="F,F,...",
+                        help="requested size fractions, each in (0, 1] (default 0.9,0.8,0.7,0.6,0.5)")
+    parser.add_argument("--methods", default="lestd,tensorllm,svd", metavar="M,M,...",
+                        help="methods among lestd, tensorllm, svd (default: all three)")
+    parser.add_argument("--granularity", default="row", metavar="G,G,...",
+                        help="LeSTD pruning granularities among row, element (default row)")
+    parser.add_argument("--budget", default="layer", metavar="B,B,...",
+                        help="LeSTD budget scopes among layer, global (default layer)")
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument("--text-file", type=Path, default=None, metavar="F", help="evaluate on a UTF-8 text file")
+    text.add_argument("--dataset", choices=("default", "wikitext2"), default=None,
+                      help="default: the Python language reference (offline, the default); wikitext2: needs "
+                           "'datasets' and network")
+    parser.add_argument("--seq-len", type=int, default=512, metavar="N", help="window length (default 512)")
+    parser.add_argument("--max-tokens", type=int, default=8192, metavar="N",
+                        help="use the first N tokens of the text (default 8192)")
+    parser.add_argument("--json", type=Path, default=None, metavar="F", help="write the result as JSON")
+    parser.add_argument("--markdown", type=Path, default=None, metavar="F", help="write a markdown table")
+    parser.add_argument("--plot", type=Path, default=None, metavar="F", help="write a Pareto plot (PNG)")
+    parser.add_argument("--cache-dir", type=Path, default=None, metavar="D",
+                        help="where finished runs are cached (default: $LESTD_CACHE_DIR/sweep)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import BUDGETS, GRANULARITIES, METHODS
+    from ..sweep import check_outputs, parse_choices, parse_fractions, sweep, to_markdown, write_outputs
+
+    fractions = parse_fractions(args.fractions)
+    methods = parse_choices(args.methods, METHODS, "method(s)")
+    granularities = parse_choices(args.granularity, GRANULARITIES, "granularity(ies)")
+    budgets = parse_choices(args.budget, BUDGETS, "budget scope(s)")
+    check_outputs(args.json, args.markdown, args.plot)
+    result = sweep(args.model, fractions, methods, granularities, budgets, max_tokens=args.max_tokens,
+                   seq_len=args.seq_len, cache_dir=args.cache_dir, progress=not args.quiet,
+                   text_file=args.text_file, dataset=args.dataset)
+    write_outputs(result, args.json, args.markdown, args.plot)
+    print(to_markdown(result))
+    for path in (args.json, args.markdown, args.plot):
+        if path is not None:
+            print(f"wrote {path}")
+    return 0
