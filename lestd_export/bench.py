@@ -1,0 +1,373 @@
+"""Speed / memory benchmark harness over exported model directories (DESIGN.md section 4).
+
+Every (variant, repeat) runs in its own fresh process (:mod:`lestd_export.bench_worker`), repeats are
+interleaved A/B/A/B across variants, every variant gets the same provider, threads and ORT_ENABLE_ALL.
+Quantised variants are made with ONNX Runtime's own tools and cached beside the model:
+``DIR/model.int8.onnx`` (``quantize_dynamic``) and ``DIR/model.int4.onnx`` (``MatMulNBitsQuantizer``,
+block 32, symmetric, accuracy_level 4), each with a ``.json`` sidecar saying which nodes were quantised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError, InvalidConfigError, LestdError
+
+QUANT_MODES = ("none", "int8", "int4")
+ONNX_FILE = "model.onnx"
+
+
+class BenchmarkError(LestdError):
+    """A benchmark worker process failed."""
+
+
+@dataclass
+class Variant:
+    name: str
+    export_dir: Path
+    model_file: Path
+    quantization: str = "none"
+    is_baseline: bool = False
+    quantized_nodes: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------- variants
+
+def check_export_dir(path: Path) -> Path:
+    path = Path(path)
+    if not (path / ONNX_FILE).is_file():
+        raise CheckpointError(f"{path} has no {ONNX_FILE}: pass a directory produced by `lestd-export export`")
+    return path
+
+
+def parse_quantize(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in QUANT_MODES]
+    if unknown or not modes:
+        raise InvalidConfigError(f"--quantize {text!r}: use a comma list of {', '.join(QUANT_MODES)}")
+    return list(dict.fromkeys(modes))
+
+
+def _model_files_bytes(model_file: Path) -> int:
+    """The .onnx file plus any external-data file next to it that it names."""
+    import onnx
+
+    total = model_file.stat().st_size
+    model = onnx.load(str(model_file), load_external_data=False)
+    locations = {entry.value for init in model.graph.initializer for entry in init.external_data
+                 if entry.key == "location"}
+    return total + sum((model_file.parent / loc).stat().st_size for loc in locations
+                       if (model_file.parent / loc).is_file())
+
+
+def _op_counts(model) -> dict[str, int]:
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+
+def _initializer_ranks(model) -> dict[str, int]:
+    return {init.name: len(init.dims) for init in model.graph.initializer}
+
+
+def quantize_int8(export_dir: Path, overwrite: bool = False) -> tuple[Path, dict]:
+    """``DIR/model.int8.onnx`` by dynamic int8 quantisation of MatMul (and Gather) weights; cached.
+
+    MatMul nodes whose constant weight is not 2-D (the compressed core's batched MatMul) are tried too;
+    if the result does not load, they are excluded and left fp32.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = check_export_dir(export_dir) / ONNX_FILE
+    out = src.with_name("model.int8.onnx")
+    sidecar = out.with_suffix(".json")
+    if out.is_file() and sidecar.is_file() and not overwrite:
+        return out, json.loads(sidecar.read_text())
+    model = onnx.load(str(src), load_external_data=False)
+    ranks = _initializer_ranks(model)
+    batched = [n.name for n in model.graph.node if n.op_type == "MatMul"
+               and any(i in ranks and ranks[i] != 2 for i in n.input)]
+    large = src.stat().st_size > 1.8 * 2**30
+    tmp = out.with_name(".model.int8.tmp.onnx")
+    excluded: list[str] = []
+    for exclude in ([], batched) if batched else ([],):
+        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                         use_external_data_format=large)
+        try:
+            import onnxruntime as ort
+
+            ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            excluded = exclude
+            break
+        except Exception:  # noqa: BLE001 -- onnxruntime's own untyped errors: retry without the batched MatMuls
+            if exclude:
+                raise
+    os.replace(tmp, out)
+    quantized = onnx.load(str(out), load_external_data=False)
+    info = {"tool": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
+            "ops_after": _op_counts(quantized), "batched_matmul_nodes": len(batched),
+            "excluded_nodes": excluded,
+            "matmul_fp32_left": sum(1 for n in quantized.graph.node if n.op_type == "MatMul")}
+    sidecar.write_text(json.dumps(info, indent=2) + "\n")
+    return out, info
+
+
+def quantize_int4(export_dir: Path, overwrite: bool = False) -> tuple[Path, dict]:
+    """``DIR/model.int4.onnx``: MatMulNBits (4 bit, block 32, symmetric, accuracy_level 4) on 2-D MatMul weights."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    src = check_export_dir(export_dir) / ONNX_FILE
+    out = src.with_name("model.int4.onnx")
+    sidecar = out.with_suffix(".json")
+    if out.is_file() and sidecar.is_file() and not overwrite:
+        return out, json.loads(sidecar.read_text())
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=32, is_symmetric=True,
+                                     accuracy_level=4, op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    tmp = out.with_name(".model.int4.tmp.onnx")
+    large = src.stat().st_size > 1.8 * 2**30
+    quantizer.model.save_model_to_file(str(tmp), use_external_data_format=large)
+    os.replace(tmp, out)
+    quantized = onnx.load(str(out), load_external_data=False)
+    info = {"tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer", "bits": 4,
+            "block_size": 32, "is_symmetric": True, "accuracy_level": 4, "ops_after": _op_counts(quantized),
+            "matmul_fp32_left": sum(1 for n in quantized.graph.node if n.op_type == "MatMul")}
+    sidecar.write_text(json.dumps(info, indent=2) + "\n")
+    return out, info
+
+
+QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
+
+
+def build_variants(dirs: list[Path], quantize: list[str], baseline: Path | None = None) -> list[Variant]:
+    """Unquantised and quantised variants of each dir; the baseline is the unquantised ``baseline`` (or first dir)."""
+    dirs = [check_export_dir(d) for d in dirs]
+    if baseline is not None:
+        baseline = check_export_dir(baseline)
+        if all(d.resolve() != baseline.resolve() for d in dirs):
+            dirs = [baseline, *dirs]
+    baseline = baseline or dirs[0]
+    names: Counter = Counter()
+    variants = []
+    for d in dirs:
+        is_base = d.resolve() == baseline.resolve()
+        for mode in quantize if not is_base or "none" in quantize else ["none", *quantize]:
+            stem = d.name or str(d)
+            name = stem if mode == "none" else f"{stem}+{mode}"
+            names[name] += 1
+            if names[name] > 1:
+                name = f"{name}#{names[name]}"
+            if mode == "none":
+                variants.append(Variant(name, d, d / ONNX_FILE, "none", is_base))
+            else:
+                path, info = QUANTIZERS[mode](d)
+                variants.append(Variant(name, d, path, mode, False, info))
+    return variants
+
+
+# ----------------------------------------------------------------------------------------- running
+
+def run_worker(variant: Variant, provider: str, threads: int | None, batch: int, prompt_len: int, gen_len: int,
+               warmup: int, seed: int = 0, timeout: float | None = None) -> dict:
+    """One measurement in a fresh ``python -m lestd_export.bench_worker`` process."""
+    command = [sys.executable, "-m", "lestd_export.bench_worker", str(variant.export_dir),
+               "--model-file", str(variant.model_file), "--provider", provider, "--batch", str(batch),
+               "--prompt-len", str(prompt_len), "--gen-len", str(gen_len), "--warmup", str(warmup),
+               "--seed", str(seed)]
+    if threads:
+        command += ["--threads", str(threads)]
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise BenchmarkError(f"benchmark worker for {variant.name} failed (exit {proc.returncode}): {tail}")
+    return json.loads(lines[-1])
+
+
+def _stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarise(variant: Variant, runs: list[dict], size_fraction: float | None) -> dict:
+    latencies = [t for run in runs for t in run["latencies_ms"]]
+    first = runs[0]
+    return {
+        "variant": variant.name, "path": str(variant.model_file), "export_dir": str(variant.export_dir),
+        "quantization": variant.quantization, "is_baseline": variant.is_baseline,
+        "provider": first["provider"], "threads": first["threads"], "batch": first["batch"],
+        "prompt_len": first["prompt_len"], "gen_len": first["gen_len"], "repeats": len(runs),
+        "prefill_tokens_per_s": _stats([r["prefill_tokens_per_s"] for r in runs]),
+        "decode_tokens_per_s": _stats([r["decode_tokens_per_s"] for r in runs]) if first["gen_len"] else None,
+        "latency_ms": {"p50": float(np.percentile(latencies, 50)), "p90": float(np.percentile(latencies, 90))}
+        if latencies else None,
+        "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
+        "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+        "rss_after_load_mb": statistics.median(r["rss_after_load_mb"] for r in runs),
+        "model_bytes": _model_files_bytes(variant.model_file),
+        "size_fraction": size_fraction,
+        "finite_logits": all(r["finite_logits"] for r in runs),
+        "pids": [r["pid"] for r in runs],
+        "quantized_nodes": variant.quantized_nodes or None,
+    }
+
+
+def compute_ratios(records: list[dict]) -> dict:
+    """Per variant, vs the record with ``is_baseline``: speedups, bytes ratio, bytes-bound fraction.
+
+    ``bytes_ratio`` = baseline bytes / variant bytes (what a purely memory-bound decode would gain);
+    ``bytes_bound_fraction`` = decode_speedup / bytes_ratio (1.0: the size saving fully turned into speed).
+    """
+    base = next((r for r in records if r["is_baseline"]), None)
+    if base is None:
+        raise InvalidConfigError("no baseline record to compare against")
+    ratios = {}
+    for record in records:
+        decode = (record["decode_tokens_per_s"]["median"] / base["decode_tokens_per_s"]["median"]
+                  if record.get("decode_tokens_per_s") and base.get("decode_tokens_per_s") else None)
+        prefill = record["prefill_tokens_per_s"]["median"] / base["prefill_tokens_per_s"]["median"]
+        bytes_ratio = base["model_bytes"] / record["model_bytes"]
+        ratios[record["variant"]] = {
+            "decode_speedup": decode, "prefill_speedup": prefill, "bytes_ratio": bytes_ratio,
+            "bytes_bound_fraction": decode / bytes_ratio if decode is not None else None}
+    return ratios
+
+
+def _size_fraction(export_dir: Path) -> float | None:
+    report = export_dir / "export_report.json"
+    if not report.is_file():
+        return None
+    fraction = json.loads(report.read_text()).get("size_fraction")
+    return fraction.get("with_indices") if isinstance(fraction, dict) else fraction
+
+
+def machine_info(provider: str, threads: int | None) -> dict:
+    import onnxruntime as ort
+
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    try:
+        from importlib.metadata import version
+
+        torch_version = version("torch")
+    except Exception:  # noqa: BLE001 -- torch is optional for the runtime
+        torch_version = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__, "torch": torch_version,
+            "python": platform.python_version(), "provider": provider, "threads": threads}
+
+
+def check_provider(provider: str, model_file: Path, threads: int | None) -> None:
+    """Fail fast (before any quantisation or worker) through runtime.open_session's own provider check."""
+    import onnxruntime as ort
+
+    from .runtime import PROVIDERS, open_session
+
+    if provider not in PROVIDERS or PROVIDERS[provider] not in ort.get_available_providers():
+        open_session(model_file, provider, threads)  # raises the typed InvalidConfigError
+
+
+def run_benchmark(dirs: list[Path], baseline: Path | None = None, provider: str = "cpu", threads: int | None = None,
+                  batch: int = 1, prompt_len: int = 128, gen_len: int = 64, repeats: int = 3, warmup: int = 1,
+                  quantize: list[str] | None = None, progress: bool = True) -> dict:
+    if not dirs:
+        raise InvalidConfigError("give at least one export directory")
+    for name, value, low in (("batch", batch, 1), ("prompt-len", prompt_len, 1), ("gen-len", gen_len, 0),
+                             ("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if value < low:
+            raise InvalidConfigError(f"--{name} must be >= {low} (got {value})")
+    for d in [*dirs, *([baseline] if baseline else [])]:
+        check_export_dir(d)
+    check_provider(provider, Path(baseline or dirs[0]) / ONNX_FILE, threads)
+    variants = build_variants([Path(d) for d in dirs], quantize or ["none"], Path(baseline) if baseline else None)
+
+    from tqdm.auto import tqdm
+
+    runs: dict[str, list[dict]] = {v.name: [] for v in variants}
+    with tqdm(total=repeats * len(variants), desc="bench", unit="run", file=sys.stderr, disable=not progress) as bar:
+        for repeat in range(repeats):  # interleaved A/B/A/B: drift on a noisy machine hits every variant alike
+            for variant in variants:
+                bar.set_postfix_str(f"{variant.name} r{repeat + 1}")
+                runs[variant.name].append(run_worker(variant, provider, threads, batch, prompt_len, gen_len,
+                                                     warmup, seed=repeat))
+                bar.update()
+    records = [summarise(v, runs[v.name], _size_fraction(v.export_dir)) for v in variants]
+    return {"machine": machine_info(provider, threads), "records": records, "ratios": compute_ratios(records)}
+
+
+# ----------------------------------------------------------------------------------------- reporting
+
+def _fmt(value, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def to_markdown(result: dict) -> str:
+    machine = result["machine"]
+    first = result["records"][0]
+    lines = [f"Machine: {machine['cpu']} ({machine['cores']} cores), onnxruntime {machine['onnxruntime']}, "
+             f"provider {machine['provider']}, threads {machine['threads']}; batch {first['batch']}, "
+             f"prompt {first['prompt_len']}, gen {first['gen_len']}, {first['repeats']} repeats (medians, "
+             "one fresh process per run, A/B interleaved).", "",
+             "| variant | size fraction | MB on disk | prefill tok/s | decode tok/s | p50 ms | p90 ms | TTFT ms "
+             "| peak RSS MB | decode x | prefill x | bytes x | bytes-bound |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["records"]:
+        q = result["ratios"][r["variant"]]
+        lat = r["latency_ms"] or {}
+        decode = r["decode_tokens_per_s"] or {}
+        lines.append(
+            f"| {r['variant']}{' (baseline)' if r['is_baseline'] else ''} | {_fmt(r['size_fraction'], '.3f')} "
+            f"| {r['model_bytes'] / 2**20:.1f} | {r['prefill_tokens_per_s']['median']:.0f} "
+            f"| {_fmt(decode.get('median'))} | {_fmt(lat.get('p50'), '.2f')} | {_fmt(lat.get('p90'), '.2f')} "
+            f"| {r['ttft_ms']:.1f} | {r['peak_rss_mb']:.0f} | {_fmt(q['decode_speedup'], '.2f')} "
+            f"| {q['prefill_speedup']:.2f} | {q['bytes_ratio']:.2f} | {_fmt(q['bytes_bound_fraction'], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = result["records"]
+    names = [r["variant"] for r in records]
+    x = np.arange(len(names))
+    fig, axes = plt.subplots(1, 3, figsize=(6 + 1.6 * len(names), 4.8))
+    for ax, key, title in ((axes[0], "decode_tokens_per_s", "decode tokens/s"),
+                           (axes[1], "prefill_tokens_per_s", "prefill tokens/s")):
+        med = [(r[key] or {}).get("median", 0) for r in records]
+        lo = [m - (r[key] or {}).get("min", m) for m, r in zip(med, records)]
+        hi = [(r[key] or {}).get("max", m) - m for m, r in zip(med, records)]
+        ax.bar(x, med, yerr=[lo, hi], capsize=3,
+               color=["tab:gray" if r["is_baseline"] else "tab:blue" for r in records])
+        ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{title} (median, min-max)")
+    ax = axes[2]
+    for r in records:
+        mb = r["model_bytes"] / 2**20
+        speed = (r["decode_tokens_per_s"] or {}).get("median", 0)
+        ax.scatter(mb, speed, color="tab:gray" if r["is_baseline"] else "tab:blue")
+        ax.annotate(r["variant"], (mb, speed), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("model MB on disk")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title("decode speed vs model bytes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
