@@ -84,7 +84,7 @@ def optimize_graph(path: Path) -> dict[str, int]:
     return {name: count for name, count in fused.items() if count}
 
 
-def _initializer_sizes(model) -> dict[str, int]:
+def initializer_sizes(model) -> dict[str, int]:
     from onnx import helper
 
     return {init.name: int(np.prod(init.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
@@ -97,7 +97,7 @@ def describe_export(export_dir: Path, model) -> dict:
 
     path = Path(export_dir) / ONNX_FILE
     graph_model = onnx.load(str(path), load_external_data=False)
-    sizes = _initializer_sizes(graph_model)
+    sizes = initializer_sizes(graph_model)
     spec = spec_for(model.config)
     block = f"/{spec.layers_path.rsplit('.', 1)[-1]}.0/{spec.attention}/"  # node names follow module paths
     histogram = collections.Counter(n.op_type for n in graph_model.graph.node if block in n.name)
@@ -118,8 +118,17 @@ def describe_export(export_dir: Path, model) -> dict:
     }
 
 
-def ort_optimized_initializer_bytes(export_dir: Path, work_dir: Path) -> int:
-    """Initializer bytes after ONNX Runtime's own ORT_ENABLE_ALL optimisation (saved to disk and re-read)."""
+def constant_bytes(model) -> int:
+    """Bytes of all initializers plus Constant-node tensors (ONNX Runtime turns the latter into initializers)."""
+    from onnx import numpy_helper
+
+    constants = sum(numpy_helper.to_array(a.t).nbytes for n in model.graph.node if n.op_type == "Constant"
+                    for a in n.attribute if a.name == "value")
+    return sum(initializer_sizes(model).values()) + constants
+
+
+def ort_optimized_sizes(export_dir: Path, work_dir: Path) -> dict[str, int]:
+    """Initializer sizes (bytes) after ONNX Runtime's ORT_ENABLE_ALL optimisation, saved to disk and re-read."""
     import onnx
     import onnxruntime as ort
 
@@ -129,7 +138,7 @@ def ort_optimized_initializer_bytes(export_dir: Path, work_dir: Path) -> int:
     options = session_options(optimization="all")
     options.optimized_model_filepath = str(optimized)
     ort.InferenceSession(str(Path(export_dir) / ONNX_FILE), sess_options=options, providers=["CPUExecutionProvider"])
-    return sum(_initializer_sizes(onnx.load(str(optimized))).values())
+    return initializer_sizes(onnx.load(str(optimized)))
 
 
 def parity_inputs(vocab_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

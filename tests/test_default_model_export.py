@@ -1,0 +1,55 @@
+"""The default model compressed at 0.7, exported, validated, and generated from three ways."""
+
+import pytest
+
+from lestd_export.compress import compress_model
+from lestd_export.config import CompressionConfig
+from lestd_export.export import export_model
+from lestd_export.loading import load_model
+from lestd_export.runtime import OrtCausalLM
+
+pytestmark = pytest.mark.slow
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("default-export")
+    dense = load_model(None)
+    dense_report = export_model(dense, root / "dense", validate=False)
+    compressed = load_model(None)
+    compression = compress_model(compressed.model, CompressionConfig(size_fraction=0.7), progress=False)
+    report = export_model(compressed, root / "lestd-0.7")
+    return {"root": root, "dense": dense_report, "report": report, "compression": compression,
+            "model": compressed}
+
+
+def test_compressed_default_model_matches_pytorch(exports):
+    parity = exports["report"]["parity"]
+    assert parity["max_relative_error"] < 1e-4 and parity["greedy_tokens_equal"]
+
+
+def test_file_is_smaller_by_what_the_report_predicts(exports):
+    params = exports["compression"]["params"]
+    predicted = 4 * (params["dense_attention"] - params["stored"])
+    saved = exports["dense"]["model_bytes"] - exports["report"]["model_bytes"]
+    assert abs(saved - predicted) <= 0.02 * predicted
+
+
+def test_optimum_ort_loop_and_pytorch_generate_the_same(exports):
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    loaded = exports["model"]
+    tokenizer = loaded.tokenizer
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        expected = loaded.model.generate(**ids, max_new_tokens=8, do_sample=False,
+                                         pad_token_id=tokenizer.eos_token_id)[0].tolist()
+    directory = exports["root"] / "lestd-0.7"
+    optimum_model = ORTModelForCausalLM.from_pretrained(directory)
+    from_optimum = optimum_model.generate(**ids, max_new_tokens=8, do_sample=False,
+                                          pad_token_id=tokenizer.eos_token_id)[0].tolist()
+    ours = OrtCausalLM(directory).generate(ids["input_ids"].numpy(), ids["attention_mask"].numpy(),
+                                           max_new_tokens=8)[0].tolist()
+    assert from_optimum == expected == ours
