@@ -168,8 +168,8 @@ def _window_nll(logits, targets) -> float:
     """Summed NLL of ``targets [B, L-1]`` under ``logits [B, L-1, V]`` (torch tensors), in float64."""
     import torch.nn.functional as F
 
-    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                 reduction="sum").double())
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    return float(per_token.double().sum())
 
 
 # -------------------------------------------------------------------------------------------- torch

@@ -129,6 +129,33 @@ def test_torch_and_onnxruntime_agree(tiny_dir, tiny_export):
     assert tb["backend"] == "onnxruntime" and ta["text_source"] == tb["text_source"]
 
 
+def test_compressed_export_torch_and_onnxruntime_agree(tiny_dir, tmp_path):
+    """torch-compressed == ORT-compressed on the same tokens; the export's size fraction is reported."""
+    from lestd_export.compress import compress_model
+    from lestd_export.config import CompressionConfig
+    from lestd_export.export import export_model
+    from lestd_export.loading import load_model
+
+    loaded = load_model(str(tiny_dir))
+    report = compress_model(loaded.model, CompressionConfig(size_fraction=0.6, granularity="element"), progress=False)
+    export_model(loaded, tmp_path / "onnx", validate=False)
+    ids = torch.randint(0, 128, (200,), generator=torch.Generator().manual_seed(4)).tolist()
+    a = ev.torch_perplexity(loaded.model, ids, seq_len=64, progress=False)
+    b = ev.ort_perplexity(tmp_path / "onnx", ids, seq_len=64, progress=False)
+    assert abs(a["perplexity"] - b["perplexity"]) / a["perplexity"] < 1e-3
+    result = ev.evaluate(tmp_path / "onnx", "onnxruntime", seq_len=64, max_tokens=100, progress=False)
+    assert result["size_fraction"] == pytest.approx(report["size_fraction"]["with_indices"])
+    assert result["size_fraction"] < 0.6 + 1e-9
+
+
+def test_size_fraction_of_dir(tmp_path):
+    assert ev.size_fraction_of_dir(tmp_path) is None
+    (tmp_path / "compression_report.json").write_text(json.dumps({"size_fraction": {"with_indices": 0.42}}))
+    assert ev.size_fraction_of_dir(tmp_path) == 0.42
+    (tmp_path / "config.json").write_text(json.dumps({"lestd_compression": {"size_fraction": {"with_indices": 0.5}}}))
+    assert ev.size_fraction_of_dir(tmp_path) == 0.5
+
+
 def test_onnxruntime_needs_an_export_dir(tiny_dir):
     with pytest.raises(LestdError, match="model.onnx"):
         ev.evaluate(tiny_dir, "onnxruntime", progress=False)
