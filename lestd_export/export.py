@@ -11,6 +11,7 @@ against PyTorch ourselves (left-padded batch, prefill and cached decode) and wri
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from pathlib import Path
 
@@ -49,6 +50,8 @@ def export_model(loaded: LoadedModel, out_dir: Path, *, opset: int = DEFAULT_OPS
     from optimum.exporters.onnx import onnx_export_from_model
 
     check_opset(opset)
+    # optimum warns about every shared factor (U1/U2 are used by several modules); they are exported once
+    logging.getLogger("optimum.exporters.onnx.convert").setLevel(logging.ERROR)
     started = time.perf_counter()
     with atomic_output_dir(Path(out_dir), overwrite) as staging:
         onnx_export_from_model(loaded.model, staging, task="text-generation-with-past", opset=opset,

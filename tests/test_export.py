@@ -131,3 +131,9 @@ def test_truncated_onnx_is_a_typed_error(tmp_path):
     (out / "model.onnx").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="onnxruntime cannot load"):
         OrtCausalLM(out)
+
+
+def test_optional_graph_optimisation_keeps_parity(tmp_path):
+    _, _, report = export_tiny(tmp_path, "llama-gqa", ROW_PRUNED, optimize=True)
+    assert isinstance(report["fusions"], dict)  # the fusions that fired (none may fire on small graphs)
+    assert report["parity"]["max_relative_error"] < 1e-4 and report["parity"]["greedy_tokens_equal"]
