@@ -55,7 +55,8 @@ class CoreProjection(nn.Module):
             if rows is None:
                 core_out = torch.matmul(block, zt)  # [n, R2, N]
             else:
-                picked = zt.index_select(0, rows).reshape(block.shape[0], block.shape[2], -1)  # [n, k, N]
+                # explicit N: a group may keep no rows at all (k = 0) at small budgets
+                picked = zt.index_select(0, rows).reshape(block.shape[0], block.shape[2], zt.shape[1])  # [n, k, N]
                 core_out = torch.matmul(block, picked)  # [n, R2, N]
             heads = torch.matmul(self.u2, core_out)  # [n, d_h, N]
             outputs.append(heads.permute(2, 0, 1).reshape(*lead, -1))  # [B, T, n d_h]
