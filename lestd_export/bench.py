@@ -70,6 +70,12 @@ def _model_files_bytes(model_file: Path) -> int:
                        if (model_file.parent / loc).is_file())
 
 
+def _weight_matmuls(model) -> int:
+    """MatMul nodes (still fp32) with a constant initializer operand."""
+    names = {init.name for init in model.graph.initializer}
+    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and any(i in names for i in n.input))
+
+
 def _op_counts(model) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
 
@@ -81,8 +87,10 @@ def _initializer_ranks(model) -> dict[str, int]:
 def quantize_int8(export_dir: Path, overwrite: bool = False) -> tuple[Path, dict]:
     """``DIR/model.int8.onnx`` by dynamic int8 quantisation of MatMul (and Gather) weights; cached.
 
-    MatMul nodes whose constant weight is not 2-D (the compressed core's batched MatMul) are tried too;
-    if the result does not load, they are excluded and left fp32.
+    MatMul nodes whose constant weight is not 2-D (the compressed core's batched MatMul) are offered to
+    the quantiser too; if the result does not load, they are excluded and left fp32. In practice
+    (onnxruntime 1.32) quantize_dynamic leaves every MatMul whose weight is the *left* operand fp32 (the
+    core blocks ``[n, R2, k] @ Z`` and ``U2 @ core_out``); ``weight_matmuls_left_fp32`` counts them.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -115,7 +123,7 @@ def quantize_int8(export_dir: Path, overwrite: bool = False) -> tuple[Path, dict
     quantized = onnx.load(str(out), load_external_data=False)
     info = {"tool": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
             "ops_after": _op_counts(quantized), "batched_matmul_nodes": len(batched),
-            "excluded_nodes": excluded,
+            "excluded_nodes": excluded, "weight_matmuls_left_fp32": _weight_matmuls(quantized),
             "matmul_fp32_left": sum(1 for n in quantized.graph.node if n.op_type == "MatMul")}
     sidecar.write_text(json.dumps(info, indent=2) + "\n")
     return out, info
@@ -141,6 +149,7 @@ def quantize_int4(export_dir: Path, overwrite: bool = False) -> tuple[Path, dict
     quantized = onnx.load(str(out), load_external_data=False)
     info = {"tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer", "bits": 4,
             "block_size": 32, "is_symmetric": True, "accuracy_level": 4, "ops_after": _op_counts(quantized),
+            "weight_matmuls_left_fp32": _weight_matmuls(quantized),
             "matmul_fp32_left": sum(1 for n in quantized.graph.node if n.op_type == "MatMul")}
     sidecar.write_text(json.dumps(info, indent=2) + "\n")
     return out, info

@@ -24,6 +24,18 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def _peak_rss_mb() -> float:
+    """Peak RSS of this process image: VmHWM (reset at exec). ``ru_maxrss`` is not used on Linux because
+    it keeps the high-water mark of the parent that forked us (a torch-loaded parent would dominate)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return max(int(line.split()[1]) / 1024, _rss_mb())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return max(peak / (2**20 if sys.platform == "darwin" else 1024), _rss_mb())
+
+
 def _vocab_size(export_dir: Path, runtime) -> int:
     config = export_dir / "config.json"
     if config.is_file():
@@ -69,7 +81,6 @@ def measure(export_dir: Path, model_file: Path, provider: str, threads: int | No
         finite &= bool(np.isfinite(out.logits[:, -1]).all())
 
     decode_seconds = sum(latencies)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
     return {
         "pid": os.getpid(),
         "model_file": str(model_file),
@@ -77,7 +88,7 @@ def measure(export_dir: Path, model_file: Path, provider: str, threads: int | No
         "load_seconds": load_seconds,
         "rss_before_load_mb": rss_before,
         "rss_after_load_mb": rss_after_load,
-        "peak_rss_mb": max(peak_kb / 1024, _rss_mb()),
+        "peak_rss_mb": _peak_rss_mb(),
         "prefill_seconds": prefill_seconds,
         "ttft_ms": prefill_seconds * 1e3,
         "prefill_tokens_per_s": batch * prompt_len / prefill_seconds,

@@ -58,8 +58,12 @@ def test_schema(result):
 
 
 def test_each_run_in_its_own_process(result):
+    import psutil
+
     pids = [pid for record in result["records"] for pid in record["pids"]]
     assert len(pids) == 4 and len(set(pids)) == 4 and os.getpid() not in pids
+    # peak RSS is the worker's own (not the high-water mark inherited from this torch-loaded process)
+    assert all(r["peak_rss_mb"] < psutil.Process().memory_info().rss / 2**20 for r in result["records"])
 
 
 def test_ratio_arithmetic():
