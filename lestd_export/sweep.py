@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -167,7 +168,8 @@ def sweep(model_arg: str | None = None, fractions: Sequence[float] | str = (0.9,
         row = _read_cached(path)
         if row is None:
             row = compute()
-            write_json(path, {"context": context, "run": run, "row": row})
+            if not row.get("transient"):
+                write_json(path, {"context": context, "run": run, "row": row})
         return row
 
     def dense() -> dict:
@@ -185,12 +187,18 @@ def sweep(model_arg: str | None = None, fractions: Sequence[float] | str = (0.9,
             model = copy.deepcopy(base)
             row = {"method": run["method"], "granularity": run["granularity"], "budget": run["budget"],
                    "requested_fraction": run["requested_fraction"]}
+            failed = {**row, "size_fraction": None, "perplexity": None, "relative_weight_error": None}
             try:
                 report = compress_model(model, _config(run), progress=False, source=loaded.source)
-            except InvalidConfigError as error:  # e.g. a fraction too small for any rank: record, go on
-                return {**row, "size_fraction": None, "perplexity": None, "relative_weight_error": None,
-                        "seconds": time.perf_counter() - started, "error": str(error)}
-            result = torch_perplexity(model, ids, seq_len, progress=progress)
+            except InvalidConfigError as error:  # e.g. a fraction too small for any rank: record (and cache)
+                return {**failed, "seconds": time.perf_counter() - started, "error": str(error)}
+            try:
+                result = torch_perplexity(model, ids, seq_len, progress=progress)
+            except Exception as error:  # a bug in a compressed module must not cost the whole sweep:
+                # record it, do not cache it (a rerun after the fix recomputes the row), go on
+                warnings.warn(f"sweep run {run} failed: {type(error).__name__}: {error}", stacklevel=1)
+                return {**failed, "seconds": time.perf_counter() - started, "transient": True,
+                        "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
             del model
             return {**row, "size_fraction": report["size_fraction"]["with_indices"],
                     "perplexity": result["perplexity"],

@@ -132,3 +132,26 @@ def test_cli_sweep(tiny_dir, text_file, tmp_path, capsys):
                 ["--budget", "model"], ["--fractions", "0.8", "--json", str(tmp_path / "no" / "x.json")]):
         assert main(base + bad) == 2, bad
         assert "error" in capsys.readouterr().err
+
+
+def test_a_crashing_run_is_recorded_not_cached(tiny_dir, text_file, tmp_path, monkeypatch):
+    real_ppl = sw.torch_perplexity
+    seen = []
+
+    def flaky(model, *args, **kwargs):
+        seen.append(1)
+        if len(seen) == 2:  # the first compressed run (the first call is the dense model)
+            raise RuntimeError("cannot reshape tensor of 0 elements")
+        return real_ppl(model, *args, **kwargs)
+
+    monkeypatch.setattr(sw, "torch_perplexity", flaky)
+    with pytest.warns(UserWarning, match="cannot reshape"):
+        first = run_sweep(tiny_dir, text_file, tmp_path)
+    bad, good = first["rows"]
+    assert bad["perplexity"] is None and bad["transient"] and "RuntimeError" in bad["error"]
+    assert good["perplexity"] is not None and "error" not in good
+    assert "cannot reshape" in sw.to_markdown(first)
+    sw.plot_pareto(first, tmp_path / "p.png")  # failed rows are left out of the plot
+    monkeypatch.setattr(sw, "torch_perplexity", real_ppl)
+    again = run_sweep(tiny_dir, text_file, tmp_path)
+    assert again["rows"][0]["perplexity"] is not None and again["rows"][1] == good

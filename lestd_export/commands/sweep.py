@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .common import MODEL_HELP
@@ -57,4 +58,8 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.json, args.markdown, args.plot):
         if path is not None:
             print(f"wrote {path}")
-    return 0
+    failed = [row for row in result["rows"] if row.get("transient")]
+    for row in failed:
+        print(f"lestd-export sweep: run {row['method']} {row['granularity'] or ''} {row['budget'] or ''} "
+              f"f={row['requested_fraction']} failed: {row['error']} (not cached; rerun to retry)", file=sys.stderr)
+    return 1 if failed else 0
