@@ -3,8 +3,9 @@
 The model is loaded once; every run compresses a fresh deep copy of the pristine model and scores
 it on the same tokens as the dense model. Each finished run is cached as its own JSON file, keyed by
 a hash of the model (source and weight fingerprint), the tokens (text source, max_tokens and a hash
-of the ids), the window length and the run's settings, so an interrupted sweep resumes where it
-stopped and a wider sweep only computes the new rows.
+of the ids), the window length, the run's settings and the source of the modules that compute it
+(:data:`CODE_MODULES`), so an interrupted sweep resumes where it stopped, a wider sweep only computes
+the new rows, and rows computed by older code are never reused.
 """
 
 from __future__ import annotations
@@ -107,6 +108,21 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
+# modules whose code decides a row's numbers: a change to any of them invalidates the cache
+CODE_MODULES = ("compress.py", "config.py", "evaluate.py", "modules.py", "registry.py", "surgery.py",
+                "numerics/lowrank.py", "numerics/planner.py", "numerics/pruning.py", "numerics/tucker.py")
+
+
+def code_fingerprint() -> str:
+    """A hash of the source of :data:`CODE_MODULES`, so rows computed by older code are not reused."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in CODE_MODULES:
+        file = root / name
+        digest.update(name.encode() + b"\0" + (file.read_bytes() if file.is_file() else b"") + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def _key(context: dict, run: dict) -> str:
     payload = json.dumps({"version": CACHE_VERSION, **context, **run}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
@@ -136,7 +152,8 @@ def sweep(model_arg: str | None = None, fractions: Sequence[float] | str = (0.9,
           dataset: str | None = None) -> dict:
     """Perplexity of the dense model and of every (method, setting, fraction) run on the same tokens.
 
-    Returns ``{"model", "dense_perplexity", "tokens", "seq_len", "max_tokens", "text_source", "rows"}``;
+    Returns ``{"model", "dense_perplexity", "tokens", "seq_len", "max_tokens", "text_source",
+    "code_fingerprint", "rows"}``;
     each row has :data:`ROW_KEYS` (plus ``error`` when a run could not meet its request).
     """
     from tqdm.auto import tqdm
@@ -161,7 +178,8 @@ def sweep(model_arg: str | None = None, fractions: Sequence[float] | str = (0.9,
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     context = {"model": loaded.source, "weights": model_fingerprint(loaded.model), "text_source": text_source,
-               "max_tokens": max_tokens, "tokens": tokens_digest(ids), "seq_len": seq_len}
+               "max_tokens": max_tokens, "tokens": tokens_digest(ids), "seq_len": seq_len,
+               "code": code_fingerprint()}
 
     def cached_or_run(run: dict, compute) -> dict:
         path = cache / f"{_key(context, run)}.json"
@@ -214,7 +232,8 @@ def sweep(model_arg: str | None = None, fractions: Sequence[float] | str = (0.9,
             rows.append(cached_or_run(run, compressed(run)))
             bar.update(1)
     return {"model": loaded.source, "dense_perplexity": dense_row["perplexity"], "tokens": dense_row["tokens"],
-            "seq_len": seq_len, "max_tokens": max_tokens, "text_source": text_source, "rows": rows}
+            "seq_len": seq_len, "max_tokens": max_tokens, "text_source": text_source,
+            "code_fingerprint": context["code"], "rows": rows}
 
 
 # ----------------------------------------------------------------------------------------- outputs

@@ -83,6 +83,11 @@ def test_interrupted_sweep_resumes_without_recomputing(tiny_dir, text_file, tmp_
     run_sweep(tiny_dir, text_file, tmp_path, seq_len=16, fractions=(0.9,))  # other tokens windows: a new key
     assert calls["compress"] == [("lestd", 0.9)]
 
+    calls["compress"].clear()
+    monkeypatch.setattr(sw, "code_fingerprint", lambda: "changed-code")  # rows of older code are not reused
+    run_sweep(tiny_dir, text_file, tmp_path, fractions=(0.9,))
+    assert calls["compress"] == [("lestd", 0.9)]
+
 
 def test_damaged_cache_entry_is_recomputed(tiny_dir, text_file, tmp_path):
     first = run_sweep(tiny_dir, text_file, tmp_path, fractions=(0.8,))
