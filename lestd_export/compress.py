@@ -21,7 +21,7 @@ from .io import atomic_output_dir, write_json
 from .loading import COMPRESSION_KEY, LoadedModel, load_tokenizer
 from .registry import attention_shape, decoder_layers, spec_for
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rows shared by a group's heads, U2 folded into the blocks at R2 == d_h
 REPORT_FILE = "compression_report.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -75,7 +75,8 @@ def compress_model(model, config: CompressionConfig, *, progress: bool = True, s
                 request = TuckerRequest(method=config.method, size_fraction=config.size_fraction,
                                         ranks=config.ranks, core_density=config.core_density,
                                         granularity=config.granularity, budget=config.budget,
-                                        tol=config.hooi_tol, max_iter=config.hooi_max_iter)
+                                        tol=config.hooi_tol, max_iter=config.hooi_max_iter,
+                                        objective=config.objective)
                 cores = compress_layers([w.slice_tensor(shape) for w in weights], groups, request, bar.update)
         except ValueError as error:
             raise InvalidConfigError(f"cannot meet the request: {error}") from None
@@ -94,7 +95,7 @@ def compress_model(model, config: CompressionConfig, *, progress: bool = True, s
     else:
         for layer, w, core in zip(layers, weights, cores):
             entry = {"ranks": list(core.ranks), "density": core.density(shape.num_slices),
-                     "rows": {n: (None if g.rows is None else int(g.rows.shape[1])) for n, g in core.groups.items()},
+                     "rows": {n: (None if g.rows is None else len(g.rows)) for n, g in core.groups.items()},
                      "values": core.value_entries, "indices": core.index_entries, "factors": core.factor_entries,
                      "dense": dense_per_layer, "energy": core.energy, "squared_error": core.squared_error}
             entries.append(entry)
@@ -193,7 +194,7 @@ def apply_layout(model, compression: dict) -> None:
         kept = {}
         for name, size in zip(groups.names, groups.sizes):
             k = entry["rows"][name]
-            kept[name] = CoreGroup(rows=None if k is None else np.zeros((size, k), dtype=np.int32),
+            kept[name] = CoreGroup(rows=None if k is None else np.zeros(k, dtype=np.int32),
                                    block=np.zeros((size, r1 if k is None else k, r2)))
         core = LayerCore(np.zeros((shape.hidden, r1)), np.zeros((shape.head_dim, r2)), kept, 0.0, 0.0)
         summary = {"ranks": entry["ranks"], "density": entry["density"],

@@ -1,16 +1,19 @@
 """Compressed-domain attention modules (DESIGN.md 2.4). No module holds or rebuilds a dense W.
 
 How they plug into a Hugging Face attention module without copying its forward:
-:class:`LatentAttention` wraps the original attention and hands it ``Z = X U1`` in place of the
-hidden states; the original forward then calls its own ``q_proj``/``k_proj``/``v_proj`` (or fused
-``c_attn``), now :class:`CoreProjection` modules that map ``Z`` to per-head outputs, applies rotary
-embeddings, q/k norms, masks and the KV cache exactly as before, and finally calls ``o_proj``, now a
-:class:`CoreOutput` that maps the heads back through ``U1^T`` once.
+:class:`LatentAttention` wraps the original attention, computes ``Z = X U1`` and, from ``Z``, the
+query/key/value outputs of all heads at once (:class:`LatentQKV`); it then runs the original forward
+with ``Z`` as the hidden states, where ``q_proj``/``k_proj``/``v_proj`` (or a fused ``c_attn``) are
+:class:`ProjectionOutput` shims that hand back those precomputed outputs. Rotary embeddings, q/k
+norms, masks and the KV cache are therefore the original code. ``o_proj`` is a :class:`CoreOutput`
+that maps the heads back through ``U1^T`` once.
 
-Tensor layout follows the ONNX format: activations are turned into ``[R1, N]`` (``N`` = batch x
-tokens) so that the kept core rows are gathered along the leading axis, and each group of heads is
-one batched MatMul with its gathered dense block. Weights are stored in the layout they are used
-in, so that the exported graph has no weight-only arithmetic for ONNX Runtime to constant-fold.
+Layout (measured on ONNX Runtime CPU, see README "Performance"): weights are always the *right*
+operand of a 2-D MatMul/Gemm (a weight on the left, or a batched per-head MatMul, runs 1.6-2.5x
+slower per byte in a decode step), and ``U2`` is folded into the core blocks when ``R2 == d_h``
+(no extra entries). A pruned group keeps the same core rows for all of its heads, so it is one
+leading-axis Gather of ``Z^T`` plus one ``Gemm(transA=1)`` with its block ``[k, n d_h]``. ``U1``
+is stored once and read by the output side through ``Gemm(transB=1)``.
 """
 
 from __future__ import annotations
@@ -23,106 +26,196 @@ def _param(tensor: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=False)
 
 
-class CoreProjection(nn.Module):
-    """``Z [B, T, R1] -> [B, T, sum_g n_g d_h]``: per head ``(Z M_i) U2^T`` for one or more groups.
+class _MatMulT(torch.autograd.Function):
+    """``x [N, a] @ w^T`` for ``w [b, a]``, exported as ``Gemm(transB=1)`` on the stored ``w``.
 
-    Group ``g`` stores ``rows_g [n_g * k_g]`` (int32, the kept core rows of its ``n_g`` slices,
-    flattened) and ``block_g [n_g, R2, k_g]`` (the transposed gathered core block). A group with
-    no ``rows`` buffer keeps all ``R1`` rows (a dense core, TensorLLM).
+    The exporter would otherwise constant-fold ``w.t()`` into a second, transposed copy of ``w``.
     """
 
-    def __init__(self, u2: nn.Parameter, blocks: list[torch.Tensor], rows: list[torch.Tensor | None],
-                 bias: torch.Tensor | None = None):
+    @staticmethod
+    def forward(ctx, x, w):
+        return x @ w.t()
+
+    @staticmethod
+    def symbolic(g, x, w):
+        return g.op("Gemm", x, w, transB_i=1)
+
+
+class _TMatMul(torch.autograd.Function):
+    """``x^T @ w`` for ``x [a, N]``, ``w [a, b]``, exported as ``Gemm(transA=1)`` (no Transpose node)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        return x.t() @ w
+
+    @staticmethod
+    def symbolic(g, x, w):
+        return g.op("Gemm", x, w, transA_i=1)
+
+
+class _TMatMulT(torch.autograd.Function):
+    """``x^T @ w^T`` for ``x [a, N]``, ``w [b, a]``: ``Gemm(transA=1, transB=1)``."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        return x.t() @ w.t()
+
+    @staticmethod
+    def symbolic(g, x, w):
+        return g.op("Gemm", x, w, transA_i=1, transB_i=1)
+
+
+class _ScatterRows(torch.autograd.Function):
+    """``[R1, N]`` zeros with rows ``rows [k]`` (unique) set to ``values [k, N]``: one ScatterND.
+
+    ``u1 [d, R1]`` only supplies ``R1`` (its shape), so no new constant enters the graph.
+    """
+
+    @staticmethod
+    def forward(ctx, values, rows, u1):
+        out = values.new_zeros(u1.shape[1], values.shape[1])
+        return out.index_copy(0, rows.long(), values)
+
+    @staticmethod
+    def symbolic(g, values, rows, u1):
+        def dim(x, axis):  # [1] int64: x.shape[axis]
+            return g.op("Slice", g.op("Shape", x), g.op("Constant", value_t=torch.tensor([axis])),
+                        g.op("Constant", value_t=torch.tensor([axis + 1])))
+
+        zeros = g.op("ConstantOfShape", g.op("Concat", dim(u1, 1), dim(values, 1), axis_i=0),
+                     value_t=torch.tensor([0.0], dtype=torch.float32))
+        zeros = g.op("CastLike", zeros, values)
+        index = g.op("Unsqueeze", g.op("Cast", rows, to_i=7), g.op("Constant", value_t=torch.tensor([1])))
+        return g.op("ScatterND", zeros, index, values)
+
+
+class LatentQKV(nn.Module):
+    """``Z [N, R1] -> [N, sum_g n_g d_h]`` for the query, key and value groups of one layer.
+
+    Consecutive dense groups (all ``R1`` rows) share one MatMul with ``dense_{j} [R1, cols]``; a
+    pruned group ``g`` gathers its rows ``rows_g [k]`` (int32) of ``Z^T`` and multiplies by
+    ``block_g [k, n_g d_h]``. When ``R2 < d_h`` the blocks are in the ``R2`` basis and every head is
+    then mapped by ``U2^T`` (one Gemm over all heads).
+    """
+
+    def __init__(self, segments: list[tuple[torch.Tensor, torch.Tensor | None]], u2: nn.Parameter | None):
         super().__init__()
-        self.u2 = u2  # [d_h, R2], shared by all projections of the layer
-        self.num_groups = len(blocks)
-        for i, (block, kept) in enumerate(zip(blocks, rows)):
-            self.register_parameter(f"block_{i}", _param(block))
-            if kept is not None:
-                self.register_buffer(f"rows_{i}", kept.to(torch.int32))
-        self.bias = None if bias is None else _param(bias)
+        self.num_segments = len(segments)
+        for i, (weight, rows) in enumerate(segments):
+            self.register_parameter(f"weight_{i}", _param(weight))
+            if rows is not None:
+                self.register_buffer(f"rows_{i}", rows.to(torch.int32))
+        self.u2 = u2  # [d_h, R2] when R2 < d_h, else None (folded into the weights)
 
     def _rows(self, i: int) -> torch.Tensor | None:
         return self._buffers.get(f"rows_{i}")
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        lead = z.shape[:-1]
-        zt = z.reshape(-1, z.shape[-1]).transpose(0, 1)  # [R1, N]
-        outputs = []
-        for i in range(self.num_groups):
-            block = getattr(self, f"block_{i}")  # [n, R2, k]
-            rows = self._rows(i)
+        z2 = z.reshape(-1, z.shape[-1])  # [N, R1]
+        zt = None
+        parts = []
+        for i in range(self.num_segments):
+            weight, rows = getattr(self, f"weight_{i}"), self._rows(i)
             if rows is None:
-                core_out = torch.matmul(block, zt)  # [n, R2, N]
+                parts.append(torch.matmul(z2, weight))  # [N, cols]
             else:
-                # explicit N: a group may keep no rows at all (k = 0) at small budgets
-                picked = zt.index_select(0, rows).reshape(block.shape[0], block.shape[2], zt.shape[1])  # [n, k, N]
-                core_out = torch.matmul(block, picked)  # [n, R2, N]
-            heads = torch.matmul(self.u2, core_out)  # [n, d_h, N]
-            outputs.append(heads.permute(2, 0, 1).reshape(*lead, -1))  # [B, T, n d_h]
-        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
-        return out if self.bias is None else out + self.bias
+                zt = z2.t() if zt is None else zt  # [R1, N], shared by the pruned groups
+                parts.append(_TMatMul.apply(zt.index_select(0, rows), weight))  # [k, N]^T @ [k, cols]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # [N, heads * R2']
+        if self.u2 is not None:
+            rank2 = self.u2.shape[1]
+            out = _MatMulT.apply(out.reshape(-1, rank2), self.u2).reshape(z2.shape[0], -1)  # [N, heads * d_h]
+        return out.reshape(*z.shape[:-1], -1)
 
     def extra_repr(self) -> str:
         parts = []
-        for i in range(self.num_groups):
-            n, r2, k = getattr(self, f"block_{i}").shape
-            parts.append(f"{n} heads x {'all' if self._rows(i) is None else k} rows x R2={r2}")
+        for i in range(self.num_segments):
+            k, cols = getattr(self, f"weight_{i}").shape
+            parts.append(f"{cols} cols x {'all' if self._rows(i) is None else k} rows")
         return "; ".join(parts)
+
+
+class ProjectionOutput(nn.Module):
+    """Stands in for ``q_proj``/``k_proj``/``v_proj``/``c_attn``: returns columns ``[start, stop)`` of
+    the output that :class:`LatentAttention` computed for this forward, plus the original bias."""
+
+    def __init__(self, start: int, stop: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.start, self.stop = start, stop
+        self.bias = None if bias is None else _param(bias)
+        self.pending: torch.Tensor | None = None
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.pending is None:
+            raise RuntimeError("a compressed projection can only run inside its LatentAttention's forward")
+        out = self.pending[..., self.start:self.stop]
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"columns [{self.start}, {self.stop}) of the layer's latent QKV"
 
 
 class CoreOutput(nn.Module):
     """Output projection ``[B, T, h d_h] -> [B, T, d]``: ``(sum_i (head_i U2) M_Oi^T) U1^T``.
 
-    Stores ``rows [h * k]`` (int32) and ``block [h, k, R2]`` (the gathered core rows); the kept
-    rows of all heads are scatter-added into one ``[R1, N]`` latent, which ``U1`` maps back once.
+    ``weight [h R2', k]`` stacks the heads' transposed core blocks (``U2`` folded in when
+    ``R2 == d_h``); ``rows [k]`` (int32) says which latent rows they fill (``None``: all ``R1``).
     """
 
-    def __init__(self, u1: nn.Parameter, u2: nn.Parameter, block: torch.Tensor, rows: torch.Tensor | None,
+    def __init__(self, u1: nn.Parameter, u2: nn.Parameter | None, weight: torch.Tensor, rows: torch.Tensor | None,
                  bias: torch.Tensor | None = None):
         super().__init__()
         self.u1 = u1  # [d, R1], shared with LatentAttention
-        self.u2 = u2  # [d_h, R2]
-        self.block = _param(block)
+        self.u2 = u2  # [d_h, R2] when R2 < d_h, else None
+        self.weight = _param(weight)
         self.register_buffer("rows", None if rows is None else rows.to(torch.int32))
         self.bias = None if bias is None else _param(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        heads, _, rank2 = self.block.shape
         lead = x.shape[:-1]
-        per_head = x.reshape(-1, heads, self.u2.shape[0]).transpose(0, 1)  # [h, N, d_h]
-        latent_heads = torch.matmul(per_head, self.u2).transpose(1, 2)  # [h, R2, N]
-        core_out = torch.matmul(self.block, latent_heads)  # [h, k, N]
-        tokens = core_out.shape[-1]
+        x2 = x.reshape(-1, x.shape[-1])  # [N, h d_h]
+        if self.u2 is not None:
+            x2 = torch.matmul(x2.reshape(-1, self.u2.shape[0]), self.u2).reshape(x2.shape[0], -1)  # [N, h R2]
+        part = torch.matmul(x2, self.weight)  # [N, k]
         if self.rows is None:
-            latent = core_out.sum(dim=0)  # [R1, N]
+            out = _MatMulT.apply(part, self.u1)  # [N, d]
         else:
-            index = self.rows.to(torch.int64).unsqueeze(1).expand(-1, tokens)  # [h k, N]
-            zeros = core_out.new_zeros(self.u1.shape[1], tokens)
-            latent = zeros.scatter_add(0, index, core_out.reshape(-1, tokens))  # [R1, N]
-        out = torch.matmul(self.u1, latent).transpose(0, 1).reshape(*lead, -1)  # [B, T, d]
+            latent = _ScatterRows.apply(part.t(), self.rows, self.u1)  # [R1, N]
+            out = _TMatMulT.apply(latent, self.u1)  # [N, d]
+        out = out.reshape(*lead, -1)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        h, k, r2 = self.block.shape
-        return f"{h} heads x {'all' if self.rows is None else k} rows x R2={r2} -> R1={self.u1.shape[1]}"
+        rows = "all" if self.rows is None else self.rows.numel()
+        return f"{self.weight.shape[0]} head cols -> {rows} of R1={self.u1.shape[1]} rows -> d={self.u1.shape[0]}"
 
 
 class LatentAttention(nn.Module):
-    """Wraps an attention module whose projections are core modules; feeds it ``Z = X U1``."""
+    """Wraps an attention module whose projections are shims; feeds it ``Z = X U1``."""
 
-    def __init__(self, attention: nn.Module, u1: nn.Parameter, summary: dict):
+    def __init__(self, attention: nn.Module, u1: nn.Parameter, qkv: LatentQKV, shims: list[ProjectionOutput],
+                 summary: dict):
         super().__init__()
         self.attention = attention
         self.u1 = u1  # [d, R1]
+        self.qkv = qkv
+        self._shims = shims  # plain list: the shims are registered under the wrapped attention
         self.summary = summary  # ranks, density, stored / dense parameters (for repr and reports)
 
     def forward(self, *args, **kwargs):
         if "hidden_states" in kwargs:
-            kwargs["hidden_states"] = torch.matmul(kwargs["hidden_states"], self.u1)  # [B, T, R1]
+            z = kwargs["hidden_states"] = torch.matmul(kwargs["hidden_states"], self.u1)  # [B, T, R1]
         else:
-            args = (torch.matmul(args[0], self.u1), *args[1:])
-        return self.attention(*args, **kwargs)
+            z = torch.matmul(args[0], self.u1)
+            args = (z, *args[1:])
+        qkv = self.qkv(z)  # [B, T, (h + 2 h_kv) d_h]
+        for shim in self._shims:
+            shim.pending = qkv
+        try:
+            return self.attention(*args, **kwargs)
+        finally:
+            for shim in self._shims:
+                shim.pending = None
 
     def __getattr__(self, name: str):
         try:

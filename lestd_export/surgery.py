@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import NonFiniteWeightsError
-from .modules import CoreOutput, CoreProjection, LatentAttention, LowRankProjection
+from .modules import CoreOutput, LatentAttention, LatentQKV, LowRankProjection, ProjectionOutput
 from .numerics.pruning import LayerCore, SliceGroups
 from .registry import ArchSpec, AttentionShape
 
@@ -85,31 +85,62 @@ def _cat_bias(biases: list[torch.Tensor | None]) -> torch.Tensor | None:
     return None if all(b is None for b in biases) else torch.cat([b for b in biases if b is not None])
 
 
+def _fold_u2(block: np.ndarray, u2: np.ndarray) -> np.ndarray:
+    """Per-head blocks ``[n, k, R2]`` in head coordinates ``[n, k, d_h]`` when ``U2`` is square, else as is."""
+    return block @ u2.T if u2.shape[0] == u2.shape[1] else block
+
+
+def qkv_segments(core: LayerCore) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """``(weight [k or R1, cols], rows [k] or None)`` for the q, k, v groups, in column order.
+
+    Consecutive dense groups (no ``rows``) are merged into one weight: one MatMul for all of them.
+    """
+    segments: list[tuple[np.ndarray, np.ndarray | None]] = []
+    for name in ("q", "k", "v"):
+        group = core.groups[name]
+        block = _fold_u2(group.block, core.u2)  # [n, k, R2']
+        n, k, rank2 = block.shape
+        weight = block.transpose(1, 0, 2).reshape(k, n * rank2)  # [k, n R2'], head-major columns
+        if group.rows is None and segments and segments[-1][1] is None:
+            segments[-1] = (np.concatenate([segments[-1][0], weight], axis=1), None)
+        else:
+            segments.append((weight, group.rows))
+    return segments
+
+
+def output_weight(core: LayerCore) -> np.ndarray:
+    """``[h R2', k]``: the output heads' blocks transposed and stacked (``U2`` folded when square)."""
+    block = _fold_u2(core.groups["o"].block, core.u2)  # [h, k, R2']
+    h, k, rank2 = block.shape
+    return block.transpose(0, 2, 1).reshape(h * rank2, k)
+
+
 def install_core_attention(layer_module: nn.Module, spec: ArchSpec, core: LayerCore, biases: dict,
                            dtype: torch.dtype, summary: dict) -> None:
     """Replace the attention of one decoder layer by a :class:`LatentAttention` over ``core``."""
     attention = getattr(layer_module, spec.attention)
     u1 = nn.Parameter(_tensor(core.u1, dtype), requires_grad=False)
-    u2 = nn.Parameter(_tensor(core.u2, dtype), requires_grad=False)
+    square = core.u2.shape[0] == core.u2.shape[1]
+    u2 = None if square else nn.Parameter(_tensor(core.u2, dtype), requires_grad=False)
+    segments = [(_tensor(w, dtype), None if rows is None else torch.from_numpy(np.asarray(rows, dtype=np.int32)))
+                for w, rows in qkv_segments(core)]
+    qkv = LatentQKV(segments, u2)
 
-    def blocks_and_rows(names):
-        blocks = [_tensor(core.groups[n].block.transpose(0, 2, 1), dtype) for n in names]  # [n, R2, k]
-        rows = [None if core.groups[n].rows is None else torch.from_numpy(core.groups[n].rows.reshape(-1))
-                for n in names]
-        return blocks, rows
-
+    head_dim = core.u2.shape[0]
+    widths = {name: core.groups[name].block.shape[0] * head_dim for name in ("q", "k", "v")}
     if spec.fused_qkv:
-        blocks, rows = blocks_and_rows(("q", "k", "v"))
-        bias = _cat_bias([biases[n] for n in ("q", "k", "v")])
-        setattr(attention, spec.fused_qkv, CoreProjection(u2, blocks, rows, bias))
+        shims = [ProjectionOutput(0, sum(widths.values()), _cat_bias([biases[n] for n in ("q", "k", "v")]))]
+        setattr(attention, spec.fused_qkv, shims[0])
     else:
+        shims, start = [], 0
         for name in ("q", "k", "v"):
-            blocks, rows = blocks_and_rows((name,))
-            setattr(attention, getattr(spec, name), CoreProjection(u2, blocks, rows, biases[name]))
+            shims.append(ProjectionOutput(start, start + widths[name], biases[name]))
+            setattr(attention, getattr(spec, name), shims[-1])
+            start += widths[name]
     o = core.groups["o"]
-    rows = None if o.rows is None else torch.from_numpy(o.rows.reshape(-1))
-    setattr(attention, spec.o, CoreOutput(u1, u2, _tensor(o.block, dtype), rows, biases["o"]))
-    setattr(layer_module, spec.attention, LatentAttention(attention, u1, summary))
+    rows = None if o.rows is None else torch.from_numpy(np.asarray(o.rows, dtype=np.int32))
+    setattr(attention, spec.o, CoreOutput(u1, u2, _tensor(output_weight(core), dtype), rows, biases["o"]))
+    setattr(layer_module, spec.attention, LatentAttention(attention, u1, qkv, shims, summary))
 
 
 def install_low_rank(layer_module: nn.Module, spec: ArchSpec, factors: dict, biases: dict,
