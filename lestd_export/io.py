@@ -21,8 +21,10 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a directory")
     parent = out.resolve().parent
-    if not parent.is_dir():
-        raise OutputExistsError(f"parent directory {parent} does not exist: create it first")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)  # like `mkdir -p`: -o artifacts/x works on a fresh checkout
+    except OSError as error:
+        raise OutputExistsError(f"cannot create the parent directory {parent}: {error.strerror}") from None
     if not os.access(parent, os.W_OK):
         raise OutputExistsError(f"cannot write into {parent} (read-only or no permission): choose another -o")
 

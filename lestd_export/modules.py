@@ -27,18 +27,19 @@ def _param(tensor: torch.Tensor) -> nn.Parameter:
 
 
 class _MatMulT(torch.autograd.Function):
-    """``x [N, a] @ w^T`` for ``w [b, a]``, exported as ``Gemm(transB=1)`` on the stored ``w``.
+    """``x [..., a] @ w^T`` for ``w [b, a]``, exported as ONNX Runtime's ``FusedMatMul(transB=1)``.
 
-    The exporter would otherwise constant-fold ``w.t()`` into a second, transposed copy of ``w``.
+    Reads the stored ``w``: a plain ``MatMul(x, Transpose(w))`` would be constant-folded (by the
+    exporter or by ONNX Runtime) into a second, transposed copy of ``w``.
     """
 
     @staticmethod
     def forward(ctx, x, w):
-        return x @ w.t()
+        return torch.matmul(x, w.t())
 
     @staticmethod
     def symbolic(g, x, w):
-        return g.op("Gemm", x, w, transB_i=1)
+        return g.op("com.microsoft::FusedMatMul", x, w, transB_i=1, alpha_f=1.0)
 
 
 class _TMatMul(torch.autograd.Function):
@@ -89,70 +90,85 @@ class _ScatterRows(torch.autograd.Function):
         return g.op("ScatterND", zeros, index, values)
 
 
-class LatentQKV(nn.Module):
-    """``Z [N, R1] -> [N, sum_g n_g d_h]`` for the query, key and value groups of one layer.
+class _ReshapeLike(torch.autograd.Function):
+    """``y [N, c] -> [*lead, c]`` with ``lead = like.shape[:-1]``: Shape, Slice, Concat, Reshape."""
 
-    Consecutive dense groups (all ``R1`` rows) share one MatMul with ``dense_{j} [R1, cols]``; a
-    pruned group ``g`` gathers its rows ``rows_g [k]`` (int32) of ``Z^T`` and multiplies by
-    ``block_g [k, n_g d_h]``. When ``R2 < d_h`` the blocks are in the ``R2`` basis and every head is
-    then mapped by ``U2^T`` (one Gemm over all heads).
+    @staticmethod
+    def forward(ctx, y, like):
+        return y.reshape(*like.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def symbolic(g, y, like):
+        lead = g.op("Slice", g.op("Shape", like), g.op("Constant", value_t=torch.tensor([0])),
+                    g.op("Constant", value_t=torch.tensor([-1])))
+        shape = g.op("Concat", lead, g.op("Constant", value_t=torch.tensor([-1])), axis_i=0)
+        return g.op("Reshape", y, shape)
+
+
+class LatentQKV(nn.Module):
+    """``Z [B, T, R1] ->`` one ``[B, T, n_g d_h]`` output per group (query, key, value heads).
+
+    A dense group (all ``R1`` rows) is one MatMul with ``weight_g [R1, n_g R2']``; a pruned group
+    gathers its rows ``rows_g [k]`` (int32) of ``Z^T`` (leading axis) and is one ``Gemm(transA=1)``
+    with ``weight_g [k, n_g R2']``. When ``R2 < d_h`` the weights are in the ``R2`` basis and every
+    head is then mapped by ``U2^T``; at ``R2 == d_h`` ``U2`` is folded into the weights.
     """
 
-    def __init__(self, segments: list[tuple[torch.Tensor, torch.Tensor | None]], u2: nn.Parameter | None):
+    def __init__(self, groups: list[tuple[torch.Tensor, torch.Tensor | None]], u2: nn.Parameter | None):
         super().__init__()
-        self.num_segments = len(segments)
-        for i, (weight, rows) in enumerate(segments):
+        self.num_groups = len(groups)
+        for i, (weight, rows) in enumerate(groups):
             self.register_parameter(f"weight_{i}", _param(weight))
             if rows is not None:
                 self.register_buffer(f"rows_{i}", rows.to(torch.int32))
-        self.u2 = u2  # [d_h, R2] when R2 < d_h, else None (folded into the weights)
+        self.u2 = u2  # [d_h, R2] when R2 < d_h, else None
 
     def _rows(self, i: int) -> torch.Tensor | None:
         return self._buffers.get(f"rows_{i}")
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        z2 = z.reshape(-1, z.shape[-1])  # [N, R1]
+    def forward(self, z: torch.Tensor) -> list[torch.Tensor]:
         zt = None
-        parts = []
-        for i in range(self.num_segments):
+        outputs = []
+        for i in range(self.num_groups):
             weight, rows = getattr(self, f"weight_{i}"), self._rows(i)
             if rows is None:
-                parts.append(torch.matmul(z2, weight))  # [N, cols]
+                out = torch.matmul(z, weight)  # [B, T, n R2']
             else:
-                zt = z2.t() if zt is None else zt  # [R1, N], shared by the pruned groups
-                parts.append(_TMatMul.apply(zt.index_select(0, rows), weight))  # [k, N]^T @ [k, cols]
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # [N, heads * R2']
-        if self.u2 is not None:
-            rank2 = self.u2.shape[1]
-            out = _MatMulT.apply(out.reshape(-1, rank2), self.u2).reshape(z2.shape[0], -1)  # [N, heads * d_h]
-        return out.reshape(*z.shape[:-1], -1)
+                zt = z.reshape(-1, z.shape[-1]).t() if zt is None else zt  # [R1, N], shared by the pruned groups
+                out = _ReshapeLike.apply(_TMatMul.apply(zt.index_select(0, rows), weight), z)  # [B, T, n R2']
+            if self.u2 is not None:
+                heads = out.unflatten(-1, (-1, self.u2.shape[1]))  # [B, T, n, R2]
+                out = _MatMulT.apply(heads, self.u2).flatten(-2)  # [B, T, n d_h]
+            outputs.append(out)
+        return outputs
 
     def extra_repr(self) -> str:
         parts = []
-        for i in range(self.num_segments):
+        for i in range(self.num_groups):
             k, cols = getattr(self, f"weight_{i}").shape
             parts.append(f"{cols} cols x {'all' if self._rows(i) is None else k} rows")
         return "; ".join(parts)
 
 
 class ProjectionOutput(nn.Module):
-    """Stands in for ``q_proj``/``k_proj``/``v_proj``/``c_attn``: returns columns ``[start, stop)`` of
-    the output that :class:`LatentAttention` computed for this forward, plus the original bias."""
+    """Stands in for ``q_proj``/``k_proj``/``v_proj`` (one group) or a fused ``c_attn`` (all three):
+    returns the output(s) :class:`LatentAttention` computed for this forward, plus the original bias."""
 
-    def __init__(self, start: int, stop: int, bias: torch.Tensor | None):
+    def __init__(self, groups: tuple[int, ...], bias: torch.Tensor | None):
         super().__init__()
-        self.start, self.stop = start, stop
+        self.groups = groups
         self.bias = None if bias is None else _param(bias)
-        self.pending: torch.Tensor | None = None
+        self.pending: list[torch.Tensor] | None = None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.pending is None:
             raise RuntimeError("a compressed projection can only run inside its LatentAttention's forward")
-        out = self.pending[..., self.start:self.stop]
+        parts = [self.pending[g] for g in self.groups]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return f"columns [{self.start}, {self.stop}) of the layer's latent QKV"
+        return f"output of latent QKV group(s) {list(self.groups)}"
 
 
 class CoreOutput(nn.Module):
@@ -172,17 +188,14 @@ class CoreOutput(nn.Module):
         self.bias = None if bias is None else _param(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])  # [N, h d_h]
         if self.u2 is not None:
-            x2 = torch.matmul(x2.reshape(-1, self.u2.shape[0]), self.u2).reshape(x2.shape[0], -1)  # [N, h R2]
-        part = torch.matmul(x2, self.weight)  # [N, k]
+            x = torch.matmul(x.unflatten(-1, (-1, self.u2.shape[0])), self.u2).flatten(-2)  # [B, T, h R2]
+        part = torch.matmul(x, self.weight)  # [B, T, k]
         if self.rows is None:
-            out = _MatMulT.apply(part, self.u1)  # [N, d]
+            out = _MatMulT.apply(part, self.u1)  # [B, T, d]
         else:
-            latent = _ScatterRows.apply(part.t(), self.rows, self.u1)  # [R1, N]
-            out = _TMatMulT.apply(latent, self.u1)  # [N, d]
-        out = out.reshape(*lead, -1)
+            latent = _ScatterRows.apply(part.reshape(-1, part.shape[-1]).t(), self.rows, self.u1)  # [R1, N]
+            out = _ReshapeLike.apply(_TMatMulT.apply(latent, self.u1), x)  # [B, T, d]
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
@@ -208,9 +221,9 @@ class LatentAttention(nn.Module):
         else:
             z = torch.matmul(args[0], self.u1)
             args = (z, *args[1:])
-        qkv = self.qkv(z)  # [B, T, (h + 2 h_kv) d_h]
+        outputs = self.qkv(z)
         for shim in self._shims:
-            shim.pending = qkv
+            shim.pending = outputs
         try:
             return self.attention(*args, **kwargs)
         finally:

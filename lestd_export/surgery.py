@@ -90,22 +90,15 @@ def _fold_u2(block: np.ndarray, u2: np.ndarray) -> np.ndarray:
     return block @ u2.T if u2.shape[0] == u2.shape[1] else block
 
 
-def qkv_segments(core: LayerCore) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """``(weight [k or R1, cols], rows [k] or None)`` for the q, k, v groups, in column order.
-
-    Consecutive dense groups (no ``rows``) are merged into one weight: one MatMul for all of them.
-    """
-    segments: list[tuple[np.ndarray, np.ndarray | None]] = []
+def qkv_weights(core: LayerCore) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """``(weight [k or R1, n R2'], rows [k] or None)`` of the q, k and v groups (head-major columns)."""
+    weights = []
     for name in ("q", "k", "v"):
         group = core.groups[name]
         block = _fold_u2(group.block, core.u2)  # [n, k, R2']
         n, k, rank2 = block.shape
-        weight = block.transpose(1, 0, 2).reshape(k, n * rank2)  # [k, n R2'], head-major columns
-        if group.rows is None and segments and segments[-1][1] is None:
-            segments[-1] = (np.concatenate([segments[-1][0], weight], axis=1), None)
-        else:
-            segments.append((weight, group.rows))
-    return segments
+        weights.append((block.transpose(1, 0, 2).reshape(k, n * rank2), group.rows))
+    return weights
 
 
 def output_weight(core: LayerCore) -> np.ndarray:
@@ -122,21 +115,15 @@ def install_core_attention(layer_module: nn.Module, spec: ArchSpec, core: LayerC
     u1 = nn.Parameter(_tensor(core.u1, dtype), requires_grad=False)
     square = core.u2.shape[0] == core.u2.shape[1]
     u2 = None if square else nn.Parameter(_tensor(core.u2, dtype), requires_grad=False)
-    segments = [(_tensor(w, dtype), None if rows is None else torch.from_numpy(np.asarray(rows, dtype=np.int32)))
-                for w, rows in qkv_segments(core)]
-    qkv = LatentQKV(segments, u2)
-
-    head_dim = core.u2.shape[0]
-    widths = {name: core.groups[name].block.shape[0] * head_dim for name in ("q", "k", "v")}
+    qkv = LatentQKV([(_tensor(w, dtype), None if rows is None else torch.from_numpy(np.asarray(rows, dtype=np.int32)))
+                     for w, rows in qkv_weights(core)], u2)
     if spec.fused_qkv:
-        shims = [ProjectionOutput(0, sum(widths.values()), _cat_bias([biases[n] for n in ("q", "k", "v")]))]
+        shims = [ProjectionOutput((0, 1, 2), _cat_bias([biases[n] for n in ("q", "k", "v")]))]
         setattr(attention, spec.fused_qkv, shims[0])
     else:
-        shims, start = [], 0
-        for name in ("q", "k", "v"):
-            shims.append(ProjectionOutput(start, start + widths[name], biases[name]))
-            setattr(attention, getattr(spec, name), shims[-1])
-            start += widths[name]
+        shims = [ProjectionOutput((i,), biases[name]) for i, name in enumerate(("q", "k", "v"))]
+        for name, shim in zip(("q", "k", "v"), shims):
+            setattr(attention, getattr(spec, name), shim)
     o = core.groups["o"]
     rows = None if o.rows is None else torch.from_numpy(np.asarray(o.rows, dtype=np.int32))
     setattr(attention, spec.o, CoreOutput(u1, u2, _tensor(output_weight(core), dtype), rows, biases["o"]))
