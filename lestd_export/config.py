@@ -10,6 +10,7 @@ from .errors import InvalidConfigError
 METHODS = ("lestd", "tensorllm", "svd")
 GRANULARITIES = ("row", "element")
 BUDGETS = ("layer", "global")
+OBJECTIVES = ("balanced", "frobenius")
 DEFAULT_SIZE_FRACTION = 0.7
 
 
@@ -23,6 +24,12 @@ class CompressionConfig:
     meaning full rank (for ``svd``: one rank for every matrix in ``R1``). ``core_density``: fraction
     of core entries to keep (with no ranks: full ranks). Explicit settings override the planner; a
     size fraction given where nothing is left to plan is an error.
+
+    ``objective``: the weight-error norm that Stage I and Stage II minimise (numerics/planner.py).
+    ``balanced`` (the default for ``lestd``) weights each slice group (q, k, v, o of a layer) by
+    ``1/sqrt(its energy)``, which is invariant to the Q/K and V/O rescalings that leave the model
+    unchanged; ``frobenius`` is the papers' plain norm and the only one for ``tensorllm`` (kept
+    paper-faithful as a baseline). ``svd`` has its own per-matrix relative objective: ``None``.
     """
 
     method: str = "lestd"
@@ -33,6 +40,7 @@ class CompressionConfig:
     budget: str = "layer"
     hooi_tol: float = 1e-6
     hooi_max_iter: int = 10
+    objective: str | None = None  # None: the method's default (lestd: balanced, tensorllm: frobenius)
 
     def __post_init__(self):
         def bad(message: str):
@@ -60,6 +68,15 @@ class CompressionConfig:
             bad("tensorllm keeps the whole core: --core-density does not apply (use --method lestd)")
         if self.method == "svd" and (self.core_density is not None or self.granularity != "row"):
             bad("svd has no core: --core-density and --granularity do not apply")
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            bad(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.method == "svd" and self.objective is not None:
+            bad("svd balances its matrices by relative error already: the objective setting does not apply")
+        if self.method == "tensorllm" and self.objective == "balanced":
+            bad("tensorllm is the paper-faithful baseline (plain Frobenius objective): "
+                "use --method lestd for the balanced objective")
+        if self.objective is None and self.method != "svd":
+            object.__setattr__(self, "objective", "balanced" if self.method == "lestd" else "frobenius")
         if self.needs_size_fraction:
             if self.size_fraction is None:
                 object.__setattr__(self, "size_fraction", DEFAULT_SIZE_FRACTION)

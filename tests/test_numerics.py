@@ -3,8 +3,17 @@
 import numpy as np
 import pytest
 
-from lestd_export.numerics.planner import TuckerRequest, compress_layers
-from lestd_export.numerics.pruning import SliceGroups, allocate, build_element_layer, build_row_layer
+from lestd_export.config import CompressionConfig
+from lestd_export.errors import InvalidConfigError
+from lestd_export.numerics.planner import TuckerRequest, compress_layers, slice_weights
+from lestd_export.numerics.pruning import (
+    CoreGroup,
+    LayerCore,
+    SliceGroups,
+    allocate,
+    build_element_layer,
+    build_row_layer,
+)
 from lestd_export.numerics.tucker import hooi, reconstruct
 
 GROUPS = SliceGroups(("q", "k", "v", "o"), (4, 2, 2, 4))
@@ -23,9 +32,18 @@ def dense_from_layer(layer, num_slices, r1):
     for name in GROUPS.names:
         group = layer.groups[name]
         span = GROUPS.span(name)
-        for i, s in enumerate(range(span.start, span.stop)):
-            core[s, group.rows[i]] += group.block[i]
+        rows = np.arange(r1) if group.rows is None else group.rows
+        core[span, rows] = group.block
     return reconstruct(layer.u1, core, layer.u2)
+
+
+def gauge_tensor(seed=0, q=1.0, k=1.0, v=1.0, o=1.0):
+    """A slice tensor whose groups carry very different energies, like trained Q/K versus V/O,
+    optionally rescaled per group (q*k = 1 and v*o = 1 leave the attention function unchanged)."""
+    w = slice_tensor(seed)
+    for name, scale in zip(GROUPS.names, (8.0 * q, 5.0 * k, 0.5 * v, 0.7 * o)):
+        w[GROUPS.span(name)] *= scale
+    return w
 
 
 def test_hooi_full_rank_is_exact_and_orthonormal():
@@ -91,13 +109,14 @@ def test_allocate_takes_best_ratio_first_and_respects_budget():
     assert counts.tolist() == [1, 2]
 
 
+@pytest.mark.parametrize("objective", ["balanced", "frobenius"])
 @pytest.mark.parametrize("granularity", ["row", "element"])
 @pytest.mark.parametrize("budget", ["layer", "global"])
 @pytest.mark.parametrize("fraction", [0.9, 0.6, 0.35])
-def test_planner_meets_size_fraction_within_one_percent(granularity, budget, fraction):
+def test_planner_meets_size_fraction_within_one_percent(granularity, budget, fraction, objective):
     tensors = [slice_tensor(seed) for seed in range(3)]
     layers = compress_layers(tensors, GROUPS, TuckerRequest(size_fraction=fraction, granularity=granularity,
-                                                            budget=budget))
+                                                            budget=budget, objective=objective))
     dense = sum(w.size for w in tensors)
     achieved = sum(layer.value_entries + layer.index_entries for layer in layers) / dense
     assert 0.99 * fraction <= achieved <= fraction
@@ -112,12 +131,134 @@ def test_tensorllm_keeps_dense_core_and_fits():
     assert sum(layer.value_entries for layer in layers) <= 0.5 * sum(w.size for w in tensors)
 
 
-def test_lestd_error_never_worse_than_tensorllm_at_same_fraction():
-    tensors = [slice_tensor(seed) for seed in range(2)]
+@pytest.mark.parametrize("objective", ["frobenius", "balanced"])
+def test_lestd_error_never_worse_than_tensorllm_at_same_fraction(objective):
+    """The dense core (TensorLLM) at lower R1 is in LeSTD's search space: in the objective's own norm
+    LeSTD never does worse (for ``balanced``, against TensorLLM run on the same weighted tensor)."""
+    tensors = [gauge_tensor(seed) for seed in range(2)]
     for fraction in (0.8, 0.5):
-        lestd = compress_layers(tensors, GROUPS, TuckerRequest(size_fraction=fraction))
-        tllm = compress_layers(tensors, GROUPS, TuckerRequest(method="tensorllm", size_fraction=fraction))
-        assert sum(x.squared_error for x in lestd) <= sum(x.squared_error for x in tllm) * 1.0001
+        lestd = compress_layers(tensors, GROUPS, TuckerRequest(size_fraction=fraction, objective=objective))
+        tllm = compress_layers(tensors, GROUPS, TuckerRequest(method="tensorllm", size_fraction=fraction,
+                                                              objective=objective))
+        assert (sum(x.weighted_squared_error for x in lestd)
+                <= sum(x.weighted_squared_error for x in tllm) * 1.0001)
+
+
+# --------------------------------------------------------------------------- balanced objective
+
+
+def test_balanced_full_rank_is_exact():
+    w = gauge_tensor(5)
+    (layer,) = compress_layers([w], GROUPS, TuckerRequest(ranks=(None, None), size_fraction=None,
+                                                          objective="balanced"))
+    assert layer.ranks == (48, 16) and layer.squared_error == pytest.approx(0.0, abs=1e-8 * np.sum(w**2))
+    assert np.allclose(dense_from_layer(layer, GROUPS.total, 48), w, atol=1e-9)
+
+
+def test_balanced_weights_equalise_group_energy():
+    w = gauge_tensor(6)
+    weights = slice_weights(w, GROUPS, "balanced")
+    group_energy = [np.sum((w[GROUPS.span(n)] * weights[GROUPS.span(n), None, None]) ** 2) for n in GROUPS.names]
+    assert np.allclose(group_energy, group_energy[0])
+    assert sum(group_energy) == pytest.approx(np.sum(w**2))  # one constant keeps the layer energy
+    assert np.array_equal(slice_weights(w, GROUPS, "frobenius"), np.ones(GROUPS.total))
+
+
+def test_pair_mode_balances_within_gauge_pairs_only():
+    w = gauge_tensor(6)
+    weights = slice_weights(w, GROUPS, "balanced", mode="pair")
+    energy = {n: np.sum(w[GROUPS.span(n)] ** 2) for n in GROUPS.names}
+    weighted = {n: np.sum((w[GROUPS.span(n)] * weights[GROUPS.span(n), None, None]) ** 2) for n in GROUPS.names}
+    assert weighted["q"] == pytest.approx(weighted["k"]) and weighted["v"] == pytest.approx(weighted["o"])
+    ratio = np.sqrt(energy["q"] * energy["k"] / (energy["v"] * energy["o"]))  # invariant to the gauge
+    assert weighted["q"] / weighted["v"] == pytest.approx(ratio)
+
+
+@pytest.mark.parametrize("granularity", ["row", "element"])
+@pytest.mark.parametrize("fraction", [0.6, 0.35])
+def test_balanced_closed_form_errors_match_reconstruction(granularity, fraction):
+    """Weighted norm: ||W' - What'||^2 = ||W'||^2 - ||G'_kept||^2; plain norm, with the unweighted core
+    G_s = G'_s / w_g: ||W - What||^2 = ||W||^2 - ||G_kept||^2 (the identity holds slice by slice)."""
+    tensors = [gauge_tensor(seed) for seed in (7, 8)]
+    layers = compress_layers(tensors, GROUPS, TuckerRequest(size_fraction=fraction, granularity=granularity,
+                                                            objective="balanced"))
+    for w, layer in zip(tensors, layers):
+        r1 = layer.ranks[0]
+        residual = w - dense_from_layer(layer, GROUPS.total, r1)
+        weights = slice_weights(w, GROUPS, "balanced")
+        plain = np.sum(residual**2)
+        weighted = np.sum((residual * weights[:, None, None]) ** 2)
+        assert layer.squared_error == pytest.approx(plain, rel=1e-8)
+        assert layer.weighted_squared_error == pytest.approx(weighted, rel=1e-8)
+        assert layer.weighted_energy == pytest.approx(np.sum((w * weights[:, None, None]) ** 2))
+        assert 0 < layer.weighted_squared_error < layer.weighted_energy
+
+
+@pytest.mark.parametrize("granularity", ["row", "element"])
+@pytest.mark.parametrize("budget", ["layer", "global"])
+def test_balanced_plan_is_invariant_to_gauge_rescaling(granularity, budget):
+    """Q*10, K/10 (and V*3, O/3) compute the same attention: the balanced plan must not change."""
+    base = [gauge_tensor(seed) for seed in (9, 10)]
+    scaled = [gauge_tensor(9, q=10.0, k=0.1, v=3.0, o=1 / 3), base[1]]
+    request = TuckerRequest(size_fraction=0.45, granularity=granularity, budget=budget, objective="balanced")
+    first, second = compress_layers(base, GROUPS, request), compress_layers(scaled, GROUPS, request)
+    for a, b in zip(first, second):
+        assert a.ranks == b.ranks
+        assert np.allclose(np.abs(a.u1.T @ b.u1), np.eye(a.ranks[0]), atol=1e-6)  # same basis up to sign
+        for name in GROUPS.names:
+            ra, rb = a.groups[name].rows, b.groups[name].rows
+            assert (ra is None) == (rb is None) and (ra is None or np.array_equal(ra, rb))
+        assert a.squared_error / a.energy != pytest.approx(0.0)
+        assert a.weighted_squared_error / a.weighted_energy == pytest.approx(
+            b.weighted_squared_error / b.weighted_energy, rel=1e-6)
+
+
+def test_frobenius_plan_follows_the_gauge():
+    """The plain objective is not gauge invariant: inflating Q (and deflating K) moves rows to Q."""
+    request = TuckerRequest(size_fraction=0.45, objective="frobenius")
+    (a,) = compress_layers([gauge_tensor(11)], GROUPS, request)
+    (b,) = compress_layers([gauge_tensor(11, q=10.0, k=0.1)], GROUPS, request)
+    rows = [{n: (x.ranks[0] if g.rows is None else len(g.rows)) for n, g in x.groups.items()} for x in (a, b)]
+    assert rows[0] != rows[1]
+
+
+# ------------------------------------------------------------------------------------ accounting
+
+
+def test_factor_entries_fold_u2_at_full_r2():
+    """At R2 == d_h the runtime folds U2 into the core blocks (not stored); below, U2 is stored once."""
+    def layer(r1, r2):
+        groups = {"q": CoreGroup(rows=None, block=np.zeros((4, r1, r2)))}
+        return LayerCore(np.zeros((48, r1)), np.zeros((16, r2)), groups, 1.0, 0.0)
+
+    assert layer(20, 16).factor_entries == 48 * 20
+    assert layer(20, 12).factor_entries == 48 * 20 + 16 * 12
+    assert layer(20, 16).value_entries == 48 * 20 + 4 * 20 * 16
+
+
+@pytest.mark.parametrize("method", ["lestd", "tensorllm"])
+@pytest.mark.parametrize("fraction", [0.8, 0.5, 0.3])
+def test_planner_fills_budget_with_new_accounting(method, fraction):
+    tensors = [gauge_tensor(seed) for seed in range(3)]
+    layers = compress_layers(tensors, GROUPS, TuckerRequest(method=method, size_fraction=fraction))
+    dense = sum(w.size for w in tensors)
+    achieved = sum(layer.value_entries + layer.index_entries for layer in layers) / dense
+    assert achieved <= fraction
+    if method == "lestd":
+        assert achieved >= 0.99 * fraction
+
+
+def test_config_objective_defaults_and_validation():
+    assert CompressionConfig().objective == "balanced"
+    assert CompressionConfig(method="tensorllm").objective == "frobenius"
+    assert CompressionConfig(method="svd").objective is None
+    assert CompressionConfig(objective="frobenius").objective == "frobenius"
+    config = CompressionConfig(objective="frobenius", size_fraction=0.5)
+    assert CompressionConfig.from_dict(config.to_dict()) == config
+    for bad in ({"objective": "l1"}, {"method": "tensorllm", "objective": "balanced"},
+                {"method": "svd", "objective": "frobenius"}):
+        with pytest.raises(InvalidConfigError):
+            CompressionConfig(**bad)
 
 
 def test_explicit_density_keeps_that_fraction_of_rows():

@@ -5,8 +5,22 @@ chosen on the HOSVD core (whose leading sub-blocks give every truncation for fre
 refines the chosen ranks, and the final selection is redone on the HOOI core with the same cost
 model, so the requested budget is met exactly (up to one allocation step).
 
-Cost model per layer (entries, as the ONNX file stores them): ``d R1 + d_h R2`` factor entries,
-plus per group ``n k R2`` values and ``n k`` int32 row indices (none for a dense core).
+Cost model per layer (entries, as the ONNX file stores them): ``d R1`` factor entries plus
+``d_h R2`` when ``R2 < d_h`` (:func:`~.pruning.factor_cost`), plus per group ``n k R2`` values and
+``k`` int32 row indices shared by its ``n`` slices (none for a dense core).
+
+Objective (:data:`OBJECTIVES`): ``frobenius`` is the papers' ``||W - What||_F``. Its split between
+slice groups is a gauge choice: scaling ``W_Q`` by ``a`` and ``W_K`` by ``1/a`` (or ``W_V`` by ``b``
+and ``W_O`` by ``1/b``) leaves the model unchanged but moves Frobenius energy between groups, and in
+trained models Q/K carry far more of it than V/O, so a Frobenius planner starves V and O.
+``balanced`` weights every slice of group ``g`` (q, k, v, o of a layer) by ``w_g = E_g^{-1/2}``
+(``E_g`` the group's squared Frobenius energy), rescaled by one per-layer constant so that the
+weighted layer energy equals the raw one, and runs Stage I and Stage II on the weighted tensor
+``W'_s = w_g W_s``. The stored core is unweighted, ``G_s = G'_s / w_g``, with the same ``U1``/``U2``,
+so ``U1 G_s U2^T`` reconstructs ``W_s``, the closed-form identity holds in the weighted norm and,
+slice by slice, in the plain one (``||W_s - What_s||^2 = ||W_s||^2 - ||G_s,kept||^2``). The order
+of a group's rows is unchanged by its (uniform) weight; what changes is the basis, the ranks and how
+many rows each group keeps.
 """
 
 from __future__ import annotations
@@ -18,6 +32,7 @@ import numpy as np
 
 from .pruning import (
     LayerCore,
+    factor_cost,
     SliceGroups,
     allocate,
     build_dense_layer,
@@ -25,12 +40,15 @@ from .pruning import (
     build_row_layer,
     element_masks_for_budget,
     element_masks_for_density,
+    row_cost,
     row_gains,
 )
 from .tucker import hooi, hosvd_basis, project_core
 
 Progress = Callable[[int], None]
 MIN_FILL = 0.995  # a plan must store at least this fraction of the requested budget
+OBJECTIVES = ("balanced", "frobenius")
+DEFAULT_OBJECTIVE = {"lestd": "balanced", "tensorllm": "frobenius"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +63,54 @@ class TuckerRequest:
     budget: str = "layer"  # "layer" | "global"
     tol: float = 1e-6
     max_iter: int = 10
+    objective: str | None = None  # "balanced" | "frobenius"; None: the method's default
+    balance_power: float = 1.0  # balanced: w_g = (T_g / E_g) ** (balance_power / 2), see slice_weights
+    balance_mode: str = "group"  # "group" (T_g = 1) | "pair" (T_g = sqrt(E_q E_k) or sqrt(E_v E_o))
+    balance_boost: tuple[tuple[str, float], ...] = ()  # (group, factor) multiplying T_g
+
+    @property
+    def resolved_objective(self) -> str:
+        objective = self.objective or DEFAULT_OBJECTIVE[self.method]
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        return objective
+
+
+PAIRS = (("q", "k"), ("v", "o"))  # groups whose product the model computes (a gauge pair)
+
+
+def slice_weights(w: np.ndarray, groups: SliceGroups, objective: str, power: float = 1.0,
+                  mode: str = "group", boost: tuple[tuple[str, float], ...] = ()) -> np.ndarray:
+    """Per-slice weights ``[S]`` of the objective (all ones for ``frobenius``).
+
+    ``balanced``: every slice of group ``g`` gets ``w_g = (T_g / E_g)^{power/2}``, where ``E_g`` is the
+    group's energy and the target ``T_g`` is 1 (``mode="group"``: every group counts the same) or, for
+    ``mode="pair"``, the geometric mean ``sqrt(E_q E_k)`` of its gauge pair (q, k) or (v, o), which
+    is invariant to the rescalings and keeps the pairs' natural ratio. ``boost`` multiplies named
+    groups' weighted energy. One constant then makes the weighted layer energy equal the raw one.
+    A group with no energy gets weight 1.
+    """
+    weights = np.ones(w.shape[0])
+    if objective == "frobenius":
+        return weights
+    energy = np.sum(w**2, axis=(1, 2))
+    group_energy = {name: float(energy[groups.span(name)].sum()) for name in groups.names}
+    target = dict.fromkeys(groups.names, 1.0)
+    if mode == "pair":
+        for a, b in PAIRS:
+            if a in target and b in target:
+                target[a] = target[b] = float(np.sqrt(group_energy[a] * group_energy[b]))
+    elif mode != "group":
+        raise ValueError(f"unknown balance mode {mode!r}")
+    for name, factor in boost:
+        target[name] *= factor
+    for name in groups.names:
+        if group_energy[name] > 0:
+            weights[groups.span(name)] = (target[name] / group_energy[name]) ** (power / 2)
+    weighted = float(np.sum(weights**2 * energy))
+    if weighted > 0:
+        weights *= np.sqrt(float(energy.sum()) / weighted)
+    return weights
 
 
 def rank_grid(full: int, steps: int) -> np.ndarray:
@@ -62,7 +128,7 @@ def _row_kept(row_energy: list[np.ndarray], scales: list[float], groups: SliceGr
     for energy, scale in zip(row_energy, scales):
         for size, gain in zip(groups.sizes, row_gains(energy, groups)):
             gains.append(gain / scale)
-            costs.append(size * (rank2 + index_cost))
+            costs.append(row_cost(size, rank2, index_cost))
     counts = allocate(gains, costs, budget)
     kept = float(sum(g[:c].sum() for g, c in zip(gains, counts)))
     per_layer = [dict(zip(groups.names, counts[i * len(groups.names):(i + 1) * len(groups.names)].tolist()))
@@ -83,11 +149,11 @@ def _best_ranks_row(cumulative: list[np.ndarray], scales: list[float], groups: S
     # (pruned), so that some candidate fills the budget to within one allocation step
     fill = []
     for r2 in range(1, dh + 1):
-        r1 = int((budget / len(cumulative) - dh * r2) // (d + groups.total * r2))
+        r1 = int((budget / len(cumulative) - factor_cost(d, dh, 0, r2)) // (d + groups.total * r2))
         fill += [(r1 + j, r2) for j in range(3) if 1 <= r1 + j <= d]
     best, best_kept, fallback = None, -1.0, None
     for r1, r2 in list(candidates) + fill:
-        factors = len(cumulative) * (d * r1 + dh * r2)
+        factors = len(cumulative) * factor_cost(d, dh, r1, r2)
         core_budget = budget - factors
         if core_budget <= 0:
             continue
@@ -96,7 +162,7 @@ def _best_ranks_row(cumulative: list[np.ndarray], scales: list[float], groups: S
             stored = factors + len(cumulative) * groups.total * r1 * r2
         else:
             kept, counts = _row_kept([c[:, :r1, r2 - 1] for c in cumulative], scales, groups, r2, core_budget, 1)
-            stored = factors + sum(k * size * (r2 + 1) for layer in counts
+            stored = factors + sum(k * row_cost(size, r2) for layer in counts
                                    for k, size in zip(layer.values(), groups.sizes))
         fallback = fallback or (r1, r2)
         if stored >= MIN_FILL * budget and kept > best_kept:  # the size asked for is the size delivered
@@ -112,9 +178,9 @@ def _best_ranks_dense(cumulative: np.ndarray, budget: float) -> tuple[int, int]:
     s, d, dh = cumulative.shape
     options = []
     for r2 in range(1, dh + 1):
-        r1 = min(int((budget - dh * r2) // (d + s * r2)), d)
+        r1 = min(int((budget - factor_cost(d, dh, 0, r2)) // (d + s * r2)), d)
         if r1 >= 1:
-            stored = d * r1 + dh * r2 + s * r1 * r2
+            stored = factor_cost(d, dh, r1, r2) + s * r1 * r2
             options.append((stored >= MIN_FILL * budget, float(cumulative[:, :r1, r2 - 1].sum()), (r1, r2)))
     if not options:
         raise ValueError("size fraction too small: even the smallest ranks do not fit")
@@ -126,11 +192,18 @@ def compress_layers(tensors: Sequence[np.ndarray], groups: SliceGroups, request:
     """Stage I + Stage II for every layer tensor ``[S, d, d_h]`` (float64).
 
     ``progress(n)`` is called after each layer's HOOI. Raises ``ValueError`` for impossible budgets.
+    Decomposition, rank choice and pruning run on the objective's weighted tensors; the returned
+    cores are unweighted (see the module doc).
     """
     s, d, dh = tensors[0].shape
+    objective = request.resolved_objective
     energies = [float(np.sum(w**2)) for w in tensors]
+    weights = [slice_weights(w, groups, objective, request.balance_power, request.balance_mode,
+                             request.balance_boost) for w in tensors]
+    weighted = [w * x[:, None, None] for w, x in zip(tensors, weights)]
+    weighted_energies = [float(np.sum(w**2)) for w in weighted]
     dense_entries = s * d * dh
-    bases = [hosvd_basis(w) for w in tensors]
+    bases = [hosvd_basis(w) for w in weighted]
 
     if request.ranks is not None:
         r1 = request.ranks[0] or d
@@ -140,47 +213,69 @@ def compress_layers(tensors: Sequence[np.ndarray], groups: SliceGroups, request:
         ranks = [(d, dh)] * len(tensors)
     else:
         candidates = [(int(a), int(b)) for a in rank_grid(d, 32) for b in rank_grid(dh, 8)]
-        cumulative = [np.cumsum(project_core(w, *b) ** 2, axis=2) for w, b in zip(tensors, bases)]
+        cumulative = [np.cumsum(project_core(w, *b) ** 2, axis=2) for w, b in zip(weighted, bases)]
         layer_budget = request.size_fraction * dense_entries
         if request.method == "tensorllm":
             ranks = [_best_ranks_dense(c, layer_budget) for c in cumulative]
         elif request.budget == "global":
-            shared = _best_ranks_row(cumulative, energies, groups, layer_budget * len(tensors), candidates)
+            shared = _best_ranks_row(cumulative, weighted_energies, groups, layer_budget * len(tensors), candidates)
             ranks = [shared] * len(tensors)
         else:
             ranks = [_best_ranks_row([c], [1.0], groups, layer_budget, candidates) for c in cumulative]
 
     factors = []
-    for w, basis, (r1, r2) in zip(tensors, bases, ranks):
+    for w, basis, (r1, r2) in zip(weighted, bases, ranks):
         factors.append(hooi(w, r1, r2, tol=request.tol, max_iter=request.max_iter, init=basis))
         if progress is not None:
             progress(1)
+    cores = [f.core / x[:, None, None] for f, x in zip(factors, weights)]  # G_s = G'_s / w_g
 
     if request.method == "tensorllm":
-        return [build_dense_layer(f.u1, f.u2, f.core, e, groups) for f, e in zip(factors, energies)]
-    return _select(factors, energies, groups, request, dense_entries)
+        layers = [build_dense_layer(f.u1, f.u2, c, e, groups) for f, c, e in zip(factors, cores, energies)]
+    else:
+        layers = _select(factors, cores, energies, weighted_energies, groups, request, dense_entries)
+    for layer, x, e in zip(layers, weights, weighted_energies):
+        _set_weighted(layer, groups, x, e)
+    return layers
+
+
+def _set_weighted(layer: LayerCore, groups: SliceGroups, weights: np.ndarray, weighted_energy: float) -> None:
+    """Record the objective's energy and kept energy (``sum_s w_s^2 ||G_s,kept||^2``) on the layer."""
+    kept = 0.0
+    for name in groups.names:
+        block = layer.groups[name].block
+        kept += float(np.sum((block * weights[groups.span(name)][:, None, None]) ** 2))
+    layer.weighted_energy, layer.weighted_kept = weighted_energy, kept
 
 
 def _core_budget(size_fraction: float, dense_entries: int, factors) -> float:
     """Entries left for one layer's core once its factors are paid for."""
-    left = size_fraction * dense_entries - factors.u1.size - factors.u2.size
+    (d, r1), (dh, r2) = factors.u1.shape, factors.u2.shape
+    if size_fraction is None:  # explicit ranks and no density: keep the whole core
+        return np.inf
+    left = size_fraction * dense_entries - factor_cost(d, dh, r1, r2)
     if left <= 0:
         r1, r2 = factors.ranks
         raise ValueError(f"ranks ({r1}, {r2}) alone exceed size fraction {size_fraction}: lower the ranks")
     return left
 
 
-def _select(factors, energies, groups, request, dense_entries) -> list[LayerCore]:
-    """Stage II on the HOOI cores: one-shot top-k under the budget or the explicit density."""
+def _select(factors, cores, energies, weighted_energies, groups, request, dense_entries) -> list[LayerCore]:
+    """Stage II: one-shot top-k under the budget or the explicit density.
+
+    Selection ranks the weighted HOOI cores (``factors[i].core``); the layers store the unweighted
+    ``cores[i]``. A per-group weight does not reorder the rows of a group, so row layers keep the
+    same rows either way; element masks are taken from the weighted scores.
+    """
     scopes = [list(range(len(factors)))] if request.budget == "global" else [[i] for i in range(len(factors))]
     layers: list[LayerCore | None] = [None] * len(factors)
     for scope in scopes:
-        cores = [factors[i].core for i in scope]
+        scores = [factors[i].core for i in scope]
         # a per-layer budget ranks by g^2; a global one by g^2 / E_layer (the paper's normalised score)
-        scales = [energies[i] for i in scope] if request.budget == "global" else [1.0] * len(scope)
+        scales = [weighted_energies[i] for i in scope] if request.budget == "global" else [1.0] * len(scope)
         r1, r2 = factors[scope[0]].ranks
         if request.granularity == "row":
-            row_energy = [np.sum(c**2, axis=2) for c in cores]
+            row_energy = [np.sum(c**2, axis=2) for c in scores]
             if request.core_density is not None:
                 budget = request.core_density * len(scope) * groups.total * r1 * r2
                 _, counts = _row_kept(row_energy, scales, groups, r2, budget, index_cost=0)
@@ -191,14 +286,14 @@ def _select(factors, energies, groups, request, dense_entries) -> list[LayerCore
                 _, counts = _row_kept(row_energy, scales, groups, r2, budget, index_cost=1)
             for i, count in zip(scope, counts):
                 f = factors[i]
-                layers[i] = build_row_layer(f.u1, f.u2, f.core, energies[i], groups, count)
+                layers[i] = build_row_layer(f.u1, f.u2, cores[i], energies[i], groups, count)
         else:
             if request.core_density is not None:
-                masks = element_masks_for_density(cores, scales, request.core_density)
+                masks = element_masks_for_density(scores, scales, request.core_density)
             else:
                 budget = len(scope) * _core_budget(request.size_fraction, dense_entries, factors[scope[0]])
-                masks = element_masks_for_budget(cores, scales, groups, budget)
+                masks = element_masks_for_budget(scores, scales, groups, budget)
             for i, mask in zip(scope, masks):
                 f = factors[i]
-                layers[i] = build_element_layer(f.u1, f.u2, f.core, energies[i], groups, mask)
+                layers[i] = build_element_layer(f.u1, f.u2, cores[i], energies[i], groups, mask)
     return layers  # type: ignore[return-value]

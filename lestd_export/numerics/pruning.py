@@ -2,13 +2,20 @@
 
 The rank-one basis tensors ``u1_a o u2_b o e_s`` are orthonormal, so pruning a set of core entries
 adds exactly the sum of their squares to ``||W - What||^2``. Importance is therefore ``g^2``
-(``element`` granularity, the paper) or the row's sum of squares (``row`` granularity), divided by
-the layer energy ``E = ||W||^2`` when layers compete for one global budget.
+(``element`` granularity, the paper) or a core row's sum of squares over the slices of its group
+(``row`` granularity), divided by the layer energy ``E = ||W||^2`` when layers compete for one
+global budget.
 
-Stored format (DESIGN.md 3): each *group* of slices (the query heads, key heads, value heads or
-output heads of one layer) keeps the same number ``k`` of core rows per slice, stored as row
-indices ``[n, k]`` plus a dense block ``[n, k, R2]``; element pruning leaves zeros inside kept rows.
-A uniform ``k`` per group is what lets ONNX Runtime run one batched MatMul per group.
+Stored format (DESIGN.md 3, with one measured change): each *group* of slices (the query heads,
+key heads, value heads or output heads of one layer) keeps a set of ``k`` core rows *shared by all
+its slices*, stored as indices ``[k]`` plus a dense block ``[n, k, R2]``; element pruning stores the
+union of the touched rows with zeros inside. Shared rows make a group one leading-axis Gather and
+one 2-D Gemm in ONNX Runtime; per-slice rows need a batched per-head MatMul that ran 1.7-2.5x slower
+per decode step at equal bytes (README, "Performance").
+
+Factors (:func:`factor_cost`): ``U1`` is always stored (``d R1`` entries). When ``R2 == d_h`` the
+runtime layout folds ``U2`` into the core blocks, so ``U2`` is not stored at all; when ``R2 < d_h``
+it is stored once (``d_h R2`` entries).
 """
 
 from __future__ import annotations
@@ -18,6 +25,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 INDEX_BYTES = 4  # indices are stored as int32; an index entry costs as much as an fp32 value
+
+
+def factor_cost(d: int, dh: int, rank1: int, rank2: int) -> int:
+    """Stored factor entries of one layer: ``d R1``, plus ``d_h R2`` when ``R2 < d_h``.
+
+    At ``R2 == d_h`` the layout folds ``U2`` into the core blocks (no ``U2`` is stored); below full
+    rank one ``U2`` serves both sides (read through ``Gemm(transB=1)`` on the Q/K/V side).
+    """
+    return int(d * rank1 + (0 if rank2 >= dh else dh * rank2))
 
 
 @dataclass(frozen=True)
@@ -44,7 +60,7 @@ class SliceGroups:
 class CoreGroup:
     """Kept core rows of one slice group. ``rows is None`` means all ``R1`` rows (a dense core)."""
 
-    rows: np.ndarray | None  # [n, k] int, ascending per slice
+    rows: np.ndarray | None  # [k] int, ascending, shared by the group's n slices
     block: np.ndarray  # [n, k, R2]; zeros where element pruning removed entries
 
     @property
@@ -66,6 +82,10 @@ class LayerCore:
     energy: float  # ||W||_F^2 of the dense slices
     kept_energy: float  # ||G_kept||_F^2
     nnz: int = field(default=0)  # nonzero kept core entries
+    # the objective the planner optimised (``balanced``: slice group g weighted by w_g); ``None``
+    # when it is the plain Frobenius norm. ``||W' - What'||^2 = weighted_energy - weighted_kept``.
+    weighted_energy: float | None = None
+    weighted_kept: float | None = None
 
     @property
     def ranks(self) -> tuple[int, int]:
@@ -73,7 +93,9 @@ class LayerCore:
 
     @property
     def factor_entries(self) -> int:
-        return int(self.u1.size + self.u2.size)
+        """Stored factor entries (:func:`factor_cost`): ``U2`` is folded away at ``R2 == d_h``."""
+        (d, r1), (dh, r2) = self.u1.shape, self.u2.shape
+        return factor_cost(d, dh, r1, r2)
 
     @property
     def value_entries(self) -> int:
@@ -88,6 +110,13 @@ class LayerCore:
     def squared_error(self) -> float:
         """Closed form ``||W - What||^2 = ||W||^2 - ||G_kept||^2``."""
         return max(self.energy - self.kept_energy, 0.0)
+
+    @property
+    def weighted_squared_error(self) -> float:
+        """Closed-form error in the planner's objective norm (the plain one without weights)."""
+        if self.weighted_energy is None or self.weighted_kept is None:
+            return self.squared_error
+        return max(self.weighted_energy - self.weighted_kept, 0.0)
 
     def density(self, num_slices: int) -> float:
         r1, r2 = self.ranks
@@ -109,30 +138,33 @@ def allocate(gains: list[np.ndarray], costs: list[float], budget: float) -> np.n
     return np.bincount(owner[order][taken], minlength=len(gains))
 
 
-def row_gains(row_energy: np.ndarray, groups: SliceGroups) -> list[np.ndarray]:
-    """Marginal kept energy of adding a ``k``-th row to every slice of each group, shape ``[R1]`` each.
+def group_row_energy(row_energy: np.ndarray, groups: SliceGroups) -> list[np.ndarray]:
+    """Energy ``[R1]`` of each core row summed over the slices of each group (the pruning unit).
 
-    ``row_energy [S, R1]`` holds each core row's sum of squares.
+    ``row_energy [S, R1]`` holds each slice's core-row sums of squares.
     """
-    ranked = -np.sort(-row_energy, axis=1)  # per slice, descending
-    return [ranked[groups.span(name)].sum(axis=0) for name in groups.names]
+    return [row_energy[groups.span(name)].sum(axis=0) for name in groups.names]
+
+
+def row_gains(row_energy: np.ndarray, groups: SliceGroups) -> list[np.ndarray]:
+    """Marginal kept energy of each group's ``k``-th best shared row, descending, shape ``[R1]`` each."""
+    return [-np.sort(-energy) for energy in group_row_energy(row_energy, groups)]
+
+
+def row_cost(group_size: int, rank2: int, index_cost: int = 1) -> int:
+    """Stored entries of one kept row of a group: its values in every slice plus one shared index."""
+    return group_size * rank2 + index_cost
 
 
 def _top_rows(row_score: np.ndarray, k: int) -> np.ndarray:
-    """Indices ``[n, k]`` of each slice's ``k`` best rows, ascending (for memory locality)."""
-    best = np.argsort(-row_score, axis=1, kind="stable")[:, :k]
-    return np.sort(best, axis=1)
-
-
-def gather_rows(core: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Block ``[n, k, R2]`` of the given rows ``[n, k]`` of ``core [n, R1, R2]``."""
-    return np.take_along_axis(core, rows[:, :, None], axis=1)
+    """Indices ``[k]`` of the ``k`` best rows, ascending (for memory locality)."""
+    return np.sort(np.argsort(-row_score, kind="stable")[:k])
 
 
 def build_row_layer(
     u1: np.ndarray, u2: np.ndarray, core: np.ndarray, energy: float, groups: SliceGroups, counts: dict[str, int]
 ) -> LayerCore:
-    """Keep the ``counts[g]`` highest-energy rows of every slice of each group.
+    """Keep the ``counts[g]`` highest-energy core rows of each group, shared by all its slices.
 
     A group that keeps all ``R1`` rows is stored without indices (a dense core block).
     """
@@ -143,8 +175,8 @@ def build_row_layer(
         if counts[name] >= sub.shape[1]:
             rows, block = None, sub.copy()
         else:
-            rows = _top_rows(np.sum(sub**2, axis=2), counts[name])
-            block = gather_rows(sub, rows)
+            rows = _top_rows(np.sum(sub**2, axis=(0, 2)), counts[name])
+            block = sub[:, rows]  # [n, k, R2]
         kept[name] = CoreGroup(rows=rows, block=block)
         kept_energy += float(np.sum(block**2))
         nnz += int(np.count_nonzero(block))
@@ -160,30 +192,25 @@ def build_dense_layer(u1: np.ndarray, u2: np.ndarray, core: np.ndarray, energy: 
 def build_element_layer(
     u1: np.ndarray, u2: np.ndarray, core: np.ndarray, energy: float, groups: SliceGroups, keep: np.ndarray
 ) -> LayerCore:
-    """Keep the entries where ``keep [S, R1, R2]`` is true, in the gathered-row layout.
+    """Keep the entries where ``keep [S, R1, R2]`` is true, in the shared-row layout.
 
-    Each slice stores its touched rows; a group stores ``k = max touched rows`` per slice, and
-    slices that touch fewer rows are padded with further (all-zero) rows.
+    Each group stores the union of the rows its slices touch, with zeros where entries were pruned.
     """
     pruned = np.where(keep, core, 0.0)
     touched = keep.any(axis=2)  # [S, R1]
     kept = {}
     for name in groups.names:
         span = groups.span(name)
-        k = max(int(touched[span].sum(axis=1).max()), 1)
-        # touched rows first (score 1), then untouched ones: the padding is all zeros anyway
-        rows = _top_rows(touched[span].astype(np.float64), k)
-        kept[name] = CoreGroup(rows=rows, block=gather_rows(pruned[span], rows))
+        rows = np.flatnonzero(touched[span].any(axis=0))
+        kept[name] = CoreGroup(rows=rows, block=pruned[span][:, rows])
     return LayerCore(u1, u2, kept, energy, float(np.sum(pruned**2)), int(np.count_nonzero(pruned)))
 
 
 def element_format_cost(keep: np.ndarray, groups: SliceGroups, rank2: int, index_cost: int = 1) -> int:
-    """Stored core entries (values + indices) of an element mask ``[S, R1, R2]`` in the row layout."""
-    touched = keep.any(axis=2).sum(axis=1)  # [S]
-    return sum(
-        size * max(int(touched[groups.span(name)].max()), 1) * (rank2 + index_cost)
-        for name, size in zip(groups.names, groups.sizes)
-    )
+    """Stored core entries (values + indices) of an element mask ``[S, R1, R2]`` in the shared-row layout."""
+    touched = keep.any(axis=2)  # [S, R1]
+    return sum(int(touched[groups.span(name)].any(axis=0).sum()) * row_cost(size, rank2, index_cost)
+               for name, size in zip(groups.names, groups.sizes))
 
 
 def element_masks_for_budget(
