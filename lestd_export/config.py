@@ -66,6 +66,8 @@ class CompressionConfig:
                     bad(f"ranks must be positive integers or 'full', got {self.ranks!r}")
         if self.method == "tensorllm" and self.core_density not in (None, 1.0):
             bad("tensorllm keeps the whole core: --core-density does not apply (use --method lestd)")
+        if self.method == "tensorllm" and self.budget != "layer":
+            bad("tensorllm fills every layer's budget with its own ranks: --budget global does not apply")
         if self.method == "svd" and (self.core_density is not None or self.granularity != "row"):
             bad("svd has no core: --core-density and --granularity do not apply")
         if self.objective is not None and self.objective not in OBJECTIVES:

@@ -41,7 +41,7 @@ def check_opset(opset: int) -> None:
 
 
 def export_model(loaded: LoadedModel, out_dir: Path, *, opset: int = DEFAULT_OPSET, validate: bool = True,
-                 optimize: bool = False, overwrite: bool = False, tolerance: float = 1e-4,
+                 optimize: bool = False, overwrite: bool = False, tolerance: float = 1e-3,
                  decode_steps: int = 8) -> dict:
     """Export ``loaded.model`` (compressed or dense) to ``out_dir``; returns the export report.
 

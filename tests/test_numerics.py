@@ -256,7 +256,7 @@ def test_config_objective_defaults_and_validation():
     config = CompressionConfig(objective="frobenius", size_fraction=0.5)
     assert CompressionConfig.from_dict(config.to_dict()) == config
     for bad in ({"objective": "l1"}, {"method": "tensorllm", "objective": "balanced"},
-                {"method": "svd", "objective": "frobenius"}):
+                {"method": "svd", "objective": "frobenius"}, {"method": "tensorllm", "budget": "global"}):
         with pytest.raises(InvalidConfigError):
             CompressionConfig(**bad)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import BUDGETS, GRANULARITIES, METHODS, CompressionConfig, parse_ranks
+from ..config import BUDGETS, GRANULARITIES, METHODS, OBJECTIVES, CompressionConfig, parse_ranks
 
 MODEL_HELP = ("model: catalogue alias (default: smollm2-135m), local Hugging Face directory, .gguf file, "
               "or hub id org/name (needs network)")
@@ -27,6 +27,10 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
                             "(element, the paper)")
     group.add_argument("--budget", choices=BUDGETS, default="layer",
                        help="share the budget per layer (default) or globally by normalised importance")
+    group.add_argument("--objective", choices=OBJECTIVES, default=None,
+                       help="weight-error norm the planner minimises: balanced (lestd default: each q/k/v/o head "
+                            "group by its relative error, invariant to Q/K and V/O rescaling) or frobenius (the "
+                            "papers' plain norm; the only one for tensorllm)")
     group.add_argument("--hooi-tol", type=float, default=1e-6, help="HOOI stop: relative change of ||G||^2")
     group.add_argument("--hooi-max-iter", type=int, default=10, help="HOOI stop: maximum sweeps")
 
@@ -35,11 +39,11 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
     """A validated config from the compression flags (raises InvalidConfigError)."""
     return CompressionConfig(method=args.method, size_fraction=args.size_fraction, ranks=args.ranks,
                              core_density=args.core_density, granularity=args.granularity, budget=args.budget,
-                             hooi_tol=args.hooi_tol, hooi_max_iter=args.hooi_max_iter)
+                             objective=args.objective, hooi_tol=args.hooi_tol, hooi_max_iter=args.hooi_max_iter)
 
 
 def compression_flags_given(args: argparse.Namespace) -> bool:
     """Whether any compression flag differs from its default (exporting a checkpoint takes none)."""
     defaults = {"method": "lestd", "size_fraction": None, "ranks": None, "core_density": None,
-                "granularity": "row", "budget": "layer", "hooi_tol": 1e-6, "hooi_max_iter": 10}
+                "granularity": "row", "budget": "layer", "objective": None, "hooi_tol": 1e-6, "hooi_max_iter": 10}
     return any(getattr(args, key) != value for key, value in defaults.items())

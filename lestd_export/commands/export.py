@@ -22,7 +22,9 @@ def register(subparsers) -> None:
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     parser.add_argument("--optimize", action="store_true",
                         help="apply onnxscript's ONNX Runtime fusions (use it for dense and compressed alike)")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest relative logit error accepted")
+    parser.add_argument("--tolerance", type=float, default=1e-3,
+                        help="largest relative logit error accepted (default 1e-3: PyTorch's own fp32 rounding "
+                             "moves the default model at 0.7 by 3.7e-4 against float64)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     add_compression_flags(parser)
     parser.set_defaults(run=run)
