@@ -108,45 +108,52 @@ class _ReshapeLike(torch.autograd.Function):
 class LatentQKV(nn.Module):
     """``Z [B, T, R1] ->`` one ``[B, T, n_g d_h]`` output per group (query, key, value heads).
 
-    A dense group (all ``R1`` rows) is one MatMul with ``weight_g [R1, n_g R2']``; a pruned group
-    gathers its rows ``rows_g [k]`` (int32) of ``Z^T`` (leading axis) and is one ``Gemm(transA=1)``
-    with ``weight_g [k, n_g R2']``. When ``R2 < d_h`` the weights are in the ``R2`` basis and every
-    head is then mapped by ``U2^T``; at ``R2 == d_h`` ``U2`` is folded into the weights.
+    The layer's groups are stored as *segments* in column order. A run of consecutive dense groups
+    (all ``R1`` rows) is one segment, one MatMul with ``weight_j [R1, cols]`` whose output is split
+    per group (three small MatMuls cost twice one merged MatMul in a decode step). A pruned group is
+    its own segment: it gathers its rows ``rows_j [k]`` (int32) of ``Z^T`` along the leading axis
+    and is one ``Gemm(transA=1)`` with ``weight_j [k, cols]``. When ``R2 < d_h`` the weights are in
+    the ``R2`` basis and every head is then mapped by ``U2^T``; at ``R2 == d_h`` ``U2`` is folded in.
     """
 
-    def __init__(self, groups: list[tuple[torch.Tensor, torch.Tensor | None]], u2: nn.Parameter | None):
+    def __init__(self, segments: list[tuple[torch.Tensor, torch.Tensor | None, list[int]]],
+                 u2: nn.Parameter | None):
         super().__init__()
-        self.num_groups = len(groups)
-        for i, (weight, rows) in enumerate(groups):
-            self.register_parameter(f"weight_{i}", _param(weight))
+        self.num_segments = len(segments)
+        self.group_widths = [widths for _, _, widths in segments]  # output columns of each group
+        for j, (weight, rows, _) in enumerate(segments):
+            self.register_parameter(f"weight_{j}", _param(weight))
             if rows is not None:
-                self.register_buffer(f"rows_{i}", rows.to(torch.int32))
+                self.register_buffer(f"rows_{j}", rows.to(torch.int32))
         self.u2 = u2  # [d_h, R2] when R2 < d_h, else None
 
-    def _rows(self, i: int) -> torch.Tensor | None:
-        return self._buffers.get(f"rows_{i}")
+    def _rows(self, j: int) -> torch.Tensor | None:
+        return self._buffers.get(f"rows_{j}")
 
     def forward(self, z: torch.Tensor) -> list[torch.Tensor]:
         zt = None
         outputs = []
-        for i in range(self.num_groups):
-            weight, rows = getattr(self, f"weight_{i}"), self._rows(i)
+        for j in range(self.num_segments):
+            weight, rows = getattr(self, f"weight_{j}"), self._rows(j)
             if rows is None:
-                out = torch.matmul(z, weight)  # [B, T, n R2']
+                out = torch.matmul(z, weight)  # [B, T, cols]
             else:
                 zt = z.reshape(-1, z.shape[-1]).t() if zt is None else zt  # [R1, N], shared by the pruned groups
-                out = _ReshapeLike.apply(_TMatMul.apply(zt.index_select(0, rows), weight), z)  # [B, T, n R2']
-            if self.u2 is not None:
-                heads = out.unflatten(-1, (-1, self.u2.shape[1]))  # [B, T, n, R2]
-                out = _MatMulT.apply(heads, self.u2).flatten(-2)  # [B, T, n d_h]
-            outputs.append(out)
+                out = _ReshapeLike.apply(_TMatMul.apply(zt.index_select(0, rows), weight), z)  # [B, T, cols]
+            widths = self.group_widths[j]
+            outputs += list(torch.split(out, widths, dim=-1)) if len(widths) > 1 else [out]
+        if self.u2 is not None:
+            rank2 = self.u2.shape[1]
+            outputs = [_MatMulT.apply(out.unflatten(-1, (-1, rank2)), self.u2).flatten(-2)  # [B, T, n d_h]
+                       for out in outputs]
         return outputs
 
     def extra_repr(self) -> str:
         parts = []
-        for i in range(self.num_groups):
-            k, cols = getattr(self, f"weight_{i}").shape
-            parts.append(f"{cols} cols x {'all' if self._rows(i) is None else k} rows")
+        for j in range(self.num_segments):
+            k, cols = getattr(self, f"weight_{j}").shape
+            parts.append(f"{len(self.group_widths[j])} group(s), {cols} cols x "
+                         f"{'all' if self._rows(j) is None else k} rows")
         return "; ".join(parts)
 
 

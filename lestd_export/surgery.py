@@ -90,15 +90,21 @@ def _fold_u2(block: np.ndarray, u2: np.ndarray) -> np.ndarray:
     return block @ u2.T if u2.shape[0] == u2.shape[1] else block
 
 
-def qkv_weights(core: LayerCore) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """``(weight [k or R1, n R2'], rows [k] or None)`` of the q, k and v groups (head-major columns)."""
-    weights = []
+def qkv_segments(core: LayerCore) -> list[tuple[np.ndarray, np.ndarray | None, list[int]]]:
+    """``(weight [k or R1, cols], rows [k] or None, group widths)`` for the q, k and v groups in
+    column order (head-major columns); consecutive dense groups are merged into one segment."""
+    segments: list[tuple[np.ndarray, np.ndarray | None, list[int]]] = []
     for name in ("q", "k", "v"):
         group = core.groups[name]
         block = _fold_u2(group.block, core.u2)  # [n, k, R2']
         n, k, rank2 = block.shape
-        weights.append((block.transpose(1, 0, 2).reshape(k, n * rank2), group.rows))
-    return weights
+        weight = block.transpose(1, 0, 2).reshape(k, n * rank2)
+        if group.rows is None and segments and segments[-1][1] is None:
+            previous, _, widths = segments[-1]
+            segments[-1] = (np.concatenate([previous, weight], axis=1), None, widths + [n * rank2])
+        else:
+            segments.append((weight, group.rows, [n * rank2]))
+    return segments
 
 
 def output_weight(core: LayerCore) -> np.ndarray:
@@ -115,8 +121,8 @@ def install_core_attention(layer_module: nn.Module, spec: ArchSpec, core: LayerC
     u1 = nn.Parameter(_tensor(core.u1, dtype), requires_grad=False)
     square = core.u2.shape[0] == core.u2.shape[1]
     u2 = None if square else nn.Parameter(_tensor(core.u2, dtype), requires_grad=False)
-    qkv = LatentQKV([(_tensor(w, dtype), None if rows is None else torch.from_numpy(np.asarray(rows, dtype=np.int32)))
-                     for w, rows in qkv_weights(core)], u2)
+    qkv = LatentQKV([(_tensor(w, dtype), None if rows is None else torch.from_numpy(np.asarray(rows, dtype=np.int32)),
+                      widths) for w, rows, widths in qkv_segments(core)], u2)
     if spec.fused_qkv:
         shims = [ProjectionOutput((0, 1, 2), _cat_bias([biases[n] for n in ("q", "k", "v")]))]
         setattr(attention, spec.fused_qkv, shims[0])
