@@ -338,10 +338,26 @@ def size_fraction_of_model(model) -> float:
     return 1.0 if fraction is None else fraction
 
 
+def zero_shot(model, tokenizer, tasks: Sequence[str], limit: int | None = None) -> dict:
+    """Zero-shot metrics of a PyTorch model on lm-eval-harness ``tasks`` (``{task: {metric: value}}``),
+    or ``{"skipped": reason}`` when lm-eval-harness is not installed. Its tasks download their data,
+    so they need the network (or a populated Hugging Face datasets cache)."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        return {"skipped": "lm-eval-harness is not installed (pip install lm-eval): --tasks was not run"}
+    results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=list(tasks),
+                                      num_fewshot=0, limit=limit)
+    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            for task, metrics in results["results"].items()}
+
+
 def evaluate(target: str | Path | None, backend: str = "torch", text_file: str | Path | None = None,
              dataset: str | None = None, seq_len: int = DEFAULT_SEQ_LEN, max_tokens: int | None = None,
-             progress: bool = True) -> dict:
-    """Perplexity of ``target`` on a text; returns exactly the fields in :data:`RESULT_KEYS`.
+             progress: bool = True, tasks: Sequence[str] = ()) -> dict:
+    """Perplexity of ``target`` on a text; returns exactly the fields in :data:`RESULT_KEYS`, plus
+    ``tasks`` (see :func:`zero_shot`) when lm-eval-harness ``tasks`` are asked for (torch backend).
 
     ``torch``: ``target`` is any model argument of :func:`lestd_export.loading.load_model` (alias,
     Hugging Face dir, .gguf, compressed checkpoint; None = the default model). ``onnxruntime``:
@@ -349,6 +365,8 @@ def evaluate(target: str | Path | None, backend: str = "torch", text_file: str |
     """
     if backend not in BACKENDS:
         raise InvalidConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if tasks and backend != "torch":
+        raise InvalidConfigError("--tasks runs lm-eval-harness on the PyTorch model: use --backend torch")
     _check_lengths(seq_len, max_tokens)
     text, source = load_text(text_file, dataset)  # fail on a bad text source before loading a model
     if backend == "torch":
@@ -358,6 +376,8 @@ def evaluate(target: str | Path | None, backend: str = "torch", text_file: str |
         ids = tokenize(loaded.tokenizer, text, max_tokens)
         result = torch_perplexity(loaded.model, ids, seq_len, max_tokens, progress)
         model_name, fraction = loaded.source, size_fraction_of_model(loaded.model)
+        if tasks:
+            result["tasks"] = zero_shot(loaded.model, loaded.tokenizer, tasks)
     else:
         if target is None:
             raise InvalidConfigError("--backend onnxruntime needs an export directory as TARGET")
@@ -376,5 +396,6 @@ def evaluate(target: str | Path | None, backend: str = "torch", text_file: str |
         model_name = str(export_dir)
         fraction = size_fraction_of_dir(export_dir)
         fraction = 1.0 if fraction is None else fraction
-    return {"perplexity": result["perplexity"], "tokens": result["tokens"], "seq_len": seq_len,
-            "backend": backend, "text_source": source, "model": model_name, "size_fraction": fraction}
+    out = {"perplexity": result["perplexity"], "tokens": result["tokens"], "seq_len": seq_len,
+           "backend": backend, "text_source": source, "model": model_name, "size_fraction": fraction}
+    return {**out, "tasks": result["tasks"]} if "tasks" in result else out

@@ -270,3 +270,41 @@ def test_cli_eval_bad_input_fails(tiny_dir, tmp_path, capsys):
     assert main(["eval", str(tiny_dir), "--seq-len", "1"]) != 0
     with pytest.raises(SystemExit):  # argparse: --text-file and --dataset are mutually exclusive
         main(["eval", str(tiny_dir), "--text-file", "a.txt", "--dataset", "default"])
+
+
+def test_tasks_are_skipped_with_a_note_without_lm_eval(tiny_dir, text_file, monkeypatch, capsys):
+    from lestd_export.cli import main
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import fails as if not installed
+    assert main(["eval", str(tiny_dir), "--text-file", str(text_file), "--seq-len", "16", "--tasks", "piqa",
+                 "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "lm-eval-harness is not installed" in captured.err
+    assert "skipped" in json.loads(captured.out)["tasks"]
+    assert main(["eval", str(tiny_dir), "--backend", "onnxruntime", "--tasks", "piqa"]) == 2
+
+
+def test_tasks_run_through_lm_eval_when_installed(tiny_dir, monkeypatch):
+    """The wiring, against a stand-in lm_eval: the loaded model goes to HFLM, metrics come back per task."""
+    import types
+
+    seen = {}
+
+    class FakeHFLM:
+        def __init__(self, pretrained, tokenizer):
+            seen["model"], seen["tokenizer"] = pretrained, tokenizer
+
+    def simple_evaluate(model, tasks, num_fewshot, limit):
+        seen["tasks"], seen["num_fewshot"] = tasks, num_fewshot
+        return {"results": {"piqa": {"acc,none": 0.5, "alias": "piqa"}}}
+
+    lm_eval = types.ModuleType("lm_eval")
+    lm_eval.simple_evaluate = simple_evaluate
+    models, huggingface = types.ModuleType("lm_eval.models"), types.ModuleType("lm_eval.models.huggingface")
+    huggingface.HFLM = FakeHFLM
+    for name, module in (("lm_eval", lm_eval), ("lm_eval.models", models), ("lm_eval.models.huggingface", huggingface)):
+        monkeypatch.setitem(sys.modules, name, module)
+    result = ev.evaluate(str(tiny_dir), max_tokens=64, seq_len=16, progress=False, tasks=["piqa"])
+    assert result["tasks"] == {"piqa": {"acc,none": 0.5}}
+    assert seen["tasks"] == ["piqa"] and seen["num_fewshot"] == 0
+    assert isinstance(seen["model"], torch.nn.Module) and seen["tokenizer"] is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from .common import MODEL_HELP
@@ -32,6 +33,9 @@ def register(subparsers) -> None:
     parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                         help="torch (default) or onnxruntime")
     add_text_flags(parser)
+    parser.add_argument("--tasks", default=None, metavar="LIST",
+                        help="comma list of lm-eval-harness tasks (e.g. hellaswag,piqa) for zero-shot accuracy "
+                             "of the PyTorch model; skipped with a note when lm-eval is not installed")
     parser.add_argument("--json", type=Path, default=None, metavar="F", help="also write the result to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
@@ -50,8 +54,11 @@ def run(args: argparse.Namespace) -> int:
     from ..io import write_json
 
     check_output_file(args.json)
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     result = evaluate(args.target, backend=args.backend, text_file=args.text_file, dataset=args.dataset,
-                      seq_len=args.seq_len, max_tokens=args.max_tokens, progress=not args.quiet)
+                      seq_len=args.seq_len, max_tokens=args.max_tokens, progress=not args.quiet, tasks=tasks)
+    if "skipped" in result.get("tasks", {}):
+        print(f"note: {result['tasks']['skipped']}", file=sys.stderr)
     print(json.dumps(result, indent=2))
     if args.json is not None:
         write_json(args.json, result)
