@@ -206,85 +206,6 @@ def torch_perplexity(model, token_ids, seq_len: int = DEFAULT_SEQ_LEN, max_token
 # -------------------------------------------------------------------------------------- onnxruntime
 
 
-class _OrtCausalLM:
-    """Minimal ONNX Runtime runner for an Optimum-style text-generation-with-past graph, empty past."""
-
-    def __init__(self, export_dir: Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        self.dir = Path(export_dir)
-        path = self.dir / ONNX_FILE
-        if not path.is_file():
-            raise CheckpointError(f"{self.dir} has no {ONNX_FILE}: pass an export directory "
-                                  "(written by `lestd-export export`) or use --backend torch for a model")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = [o.name for o in self.session.get_outputs()]
-        if "input_ids" not in self.inputs or "logits" not in outputs:
-            raise CheckpointError(f"{path} does not follow the text-generation convention "
-                                  "(inputs input_ids/attention_mask/past_key_values.*, output logits)")
-        self.past = sorted((n for n in self.inputs if n.startswith("past_key_values.")), key=self._past_order)
-        self._config = None
-
-    @staticmethod
-    def _past_order(name: str):
-        _, layer, kind = name.split(".", 2)
-        return int(layer), kind
-
-    def _config_value(self, *names: str):
-        if self._config is None:
-            file = self.dir / "config.json"
-            self._config = json.loads(file.read_text()) if file.is_file() else {}
-        for name in names:
-            if self._config.get(name) is not None:
-                return self._config[name]
-        return None
-
-    def _past_shape(self, name: str, batch: int) -> list[int]:
-        shape = list(self.inputs[name].shape)
-        if len(shape) != 4:
-            raise CheckpointError(f"past input {name} has shape {shape}: expected [batch, kv_heads, past, head_dim]")
-        kv, dh = shape[1], shape[3]
-        if not isinstance(kv, int):
-            heads = self._config_value("num_attention_heads", "n_head")
-            kv = self._config_value("num_key_value_heads") or heads
-        if not isinstance(dh, int):
-            heads = self._config_value("num_attention_heads", "n_head")
-            hidden = self._config_value("hidden_size", "n_embd")
-            dh = self._config_value("head_dim") or (hidden // heads if hidden and heads else None)
-        if not isinstance(kv, int) or not isinstance(dh, int):
-            raise CheckpointError(f"cannot tell the shape of {name} from the graph or config.json")
-        return [batch, kv, 0, dh]
-
-    def logits(self, ids):
-        """``ids [B, L]`` (int64 numpy) -> logits ``[B, L, V]`` (numpy)."""
-        import numpy as np
-
-        batch, length = ids.shape
-        feeds = {"input_ids": ids.astype(_numpy_type(self.inputs["input_ids"].type))}
-        if "attention_mask" in self.inputs:
-            feeds["attention_mask"] = np.ones((batch, length), dtype=_numpy_type(self.inputs["attention_mask"].type))
-        if "position_ids" in self.inputs:
-            positions = np.broadcast_to(np.arange(length), (batch, length))
-            feeds["position_ids"] = np.ascontiguousarray(positions, dtype=_numpy_type(self.inputs["position_ids"].type))
-        for name in self.past:
-            feeds[name] = np.zeros(self._past_shape(name, batch), dtype=_numpy_type(self.inputs[name].type))
-        return self.session.run(["logits"], feeds)[0]
-
-
-def _numpy_type(onnx_type: str):
-    import numpy as np
-
-    types = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
-             "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(bool)": np.bool_}
-    if onnx_type not in types:
-        raise CheckpointError(f"unsupported ONNX input type {onnx_type}")
-    return types[onnx_type]
-
-
 def ort_perplexity(export_dir: str | Path, token_ids, seq_len: int = DEFAULT_SEQ_LEN, max_tokens: int | None = None,
                    progress: bool = True, threads: int | None = None) -> dict:
     """Perplexity of an ONNX export (``DIR/model.onnx``) through ONNX Runtime, same windows as torch."""
@@ -292,14 +213,16 @@ def ort_perplexity(export_dir: str | Path, token_ids, seq_len: int = DEFAULT_SEQ
     import torch
     from tqdm.auto import tqdm
 
+    from .runtime import OrtCausalLM
+
     batches, predicted = _batches(_as_list(token_ids), seq_len, max_tokens)
-    runner = _OrtCausalLM(Path(export_dir), threads)
+    runner = OrtCausalLM(Path(export_dir), threads=threads)
     nll, num_windows = 0.0, 0
     with tqdm(total=predicted, desc="perplexity (onnxruntime)", unit="tok", disable=not progress,
               leave=False) as bar:
         for batch in batches:
             ids = np.asarray(batch, dtype=np.int64)
-            logits = torch.from_numpy(np.ascontiguousarray(runner.logits(ids)))
+            logits = torch.from_numpy(np.ascontiguousarray(runner.step(ids, np.ones_like(ids)).logits))
             nll += _window_nll(logits[:, :-1], torch.from_numpy(ids[:, 1:]))
             num_windows += len(batch)
             bar.update(ids.shape[0] * (ids.shape[1] - 1))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, InvalidConfigError, LestdError
+from .errors import InvalidConfigError, LestdError
 from .io import atomic_output_dir, write_json
 from .loading import COMPRESSION_KEY, LoadedModel
 from .registry import spec_for
@@ -106,7 +106,9 @@ def describe_export(export_dir: Path, model) -> dict:
     histogram = collections.Counter(n.op_type for n in graph_model.graph.node if block in n.name)
     largest = max(sizes, key=sizes.get)
     compression = getattr(model.config, COMPRESSION_KEY, None)
-    files = [p for p in Path(export_dir).iterdir() if p.suffix in (".onnx", ".onnx_data") or p.name.endswith(".data")]
+    external = {entry.value for tensor in graph_model.graph.initializer for entry in tensor.external_data
+                if entry.key == "location"}
+    files = [path] + [path.parent / name for name in sorted(external)]  # not the cached quantised copies
     return {
         "model_bytes": sum(p.stat().st_size for p in files),
         "initializer_bytes": sum(sizes.values()),
@@ -192,10 +194,14 @@ def check_parity(model, runtime, steps: int = 8, seed: int = 0) -> dict:
 
 
 def load_for_export(model_arg: str | None, config, dense: bool) -> tuple[LoadedModel, dict | None]:
-    """Load the model argument and compress it unless it is a checkpoint already or ``dense`` is asked."""
+    """Load the model argument; a compressed checkpoint is exported as it is, ``dense`` exports the
+    original model, anything else is compressed with ``config`` (``None``: the default config)."""
     from .compress import compress_model
+    from .config import CompressionConfig
     from .loading import load_model
 
+    if dense and config is not None:
+        raise InvalidConfigError("--dense exports the original model: drop the compression flags")
     loaded = load_model(model_arg)
     if loaded.compressed:
         if dense or config is not None:
@@ -204,6 +210,4 @@ def load_for_export(model_arg: str | None, config, dense: bool) -> tuple[LoadedM
         return loaded, None
     if dense:
         return loaded, None
-    if config is None:
-        raise CheckpointError("nothing to export: give compression flags or --dense")
-    return loaded, compress_model(loaded.model, config, source=loaded.source)
+    return loaded, compress_model(loaded.model, config or CompressionConfig(), source=loaded.source)

@@ -7,6 +7,7 @@ No PyTorch needed: numpy + onnxruntime only, so an app can copy this file. Input
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,14 +69,34 @@ class OrtCausalLM:
         self.path = Path(export_dir)
         self.session = session or open_session(self.path / "model.onnx", provider, threads, optimization)
         inputs = {i.name: i for i in self.session.get_inputs()}
+        if "input_ids" not in inputs or "logits" not in {o.name for o in self.session.get_outputs()}:
+            raise CheckpointError(f"{self.path / 'model.onnx'} does not follow the text-generation convention "
+                                  "(inputs input_ids, attention_mask[, past_key_values.*]; output logits)")
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         self.uses_position_ids = "position_ids" in inputs
-        self.past_shapes = [inputs[n].shape for n in self.past_names]  # [batch, heads, past, head_dim]
-        self.dtype = np.float16 if "float16" in inputs[self.past_names[0]].type else np.float32
+        self.past_dims = [self._kv_dims(inputs[n].shape) for n in self.past_names]  # (kv heads, head dim)
+        self.dtype = np.float16 if self.past_names and "float16" in inputs[self.past_names[0]].type else np.float32
+
+    def _kv_dims(self, shape: list) -> tuple[int, int]:
+        """``(kv_heads, head_dim)`` of a past input ``[batch, kv_heads, past, head_dim]``, from the graph
+        or, where it leaves them symbolic, from ``config.json``."""
+        heads, head_dim = shape[1], shape[3]
+        if isinstance(heads, int) and isinstance(head_dim, int):
+            return heads, head_dim
+        file = self.path / "config.json"
+        config = json.loads(file.read_text()) if file.is_file() else {}
+        attention_heads = config.get("num_attention_heads") or config.get("n_head")
+        hidden = config.get("hidden_size") or config.get("n_embd")
+        heads = heads if isinstance(heads, int) else config.get("num_key_value_heads") or attention_heads
+        head_dim = head_dim if isinstance(head_dim, int) else config.get("head_dim") or (
+            hidden // attention_heads if hidden and attention_heads else None)
+        if not (isinstance(heads, int) and isinstance(head_dim, int)):
+            raise CheckpointError(f"cannot tell the KV-cache shape of {self.path} from the graph or config.json")
+        return heads, head_dim
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, shape[1], 0, shape[3]), dtype=self.dtype) for shape in self.past_shapes]
+        return [np.zeros((batch, heads, 0, head_dim), dtype=self.dtype) for heads, head_dim in self.past_dims]
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None = None) -> StepOutput:
         """One forward: ``input_ids [B, T]``, ``attention_mask [B, past + T]`` (1 = real token)."""
@@ -115,7 +136,10 @@ class OrtCausalLM:
                 on_token(step)
             if finished.all():
                 break
-            past, step_ids = out.past, token[:, None]
+            if self.past_names:
+                past, step_ids = out.past, token[:, None]
+            else:  # an export without a KV cache recomputes the whole sequence every step
+                step_ids = sequence
             mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
         return sequence
 

@@ -9,6 +9,7 @@ import pytest
 from lestd_export.cli import main
 from lestd_export.compress import compress_model
 from lestd_export.config import CompressionConfig
+from lestd_export.errors import CheckpointError
 from lestd_export.export import initializer_sizes, check_parity, constant_bytes, export_model, ort_optimized_sizes
 from lestd_export.loading import LoadedModel
 from lestd_export.runtime import OrtCausalLM
@@ -102,6 +103,32 @@ def test_runtime_generates_greedy_and_sampled_with_stop_tokens(tmp_path):
     sampled = runtime.generate(ids, mask, max_new_tokens=4, do_sample=True, top_k=5, top_p=0.9, seed=1)
     assert sampled.shape == (2, 8) and np.array_equal(
         sampled, runtime.generate(ids, mask, max_new_tokens=4, do_sample=True, top_k=5, top_p=0.9, seed=1))
+
+
+def test_runtime_handles_an_export_without_kv_cache(tmp_path):
+    import torch
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    model = tiny_model("llama-gqa")
+    onnx_export_from_model(model, tmp_path / "no-cache", task="text-generation", do_validation=False)
+    runtime = OrtCausalLM(tmp_path / "no-cache")
+    assert runtime.past_names == []
+    ids = np.array([[5, 6, 7, 8]])
+    with torch.no_grad():
+        reference = model.generate(torch.from_numpy(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert np.array_equal(runtime.generate(ids, max_new_tokens=4), reference.numpy())
+
+
+def test_runtime_refuses_a_graph_that_is_not_a_causal_lm(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    (tmp_path / "other").mkdir()
+    onnx.save(helper.make_model(graph), str(tmp_path / "other" / "model.onnx"))
+    with pytest.raises(CheckpointError, match="text-generation convention"):
+        OrtCausalLM(tmp_path / "other")
 
 
 def test_cli_export_errors(tmp_path, capsys):

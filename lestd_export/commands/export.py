@@ -36,12 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_opset(args.opset)
     check_output_dir(args.output, args.overwrite)
-    config = config_from_args(args) if (compression_flags_given(args) or not args.dense) else None
-    if args.model is not None and Path(args.model).is_dir() and not compression_flags_given(args):
-        from ..loading import is_compressed_checkpoint
-
-        if is_compressed_checkpoint(Path(args.model)):
-            config = None
+    config = config_from_args(args) if compression_flags_given(args) else None
     loaded, _ = load_for_export(args.model, config, args.dense)
     report = export_model(loaded, args.output, opset=args.opset, validate=not args.no_validate,
                           optimize=args.optimize, overwrite=args.overwrite, tolerance=args.tolerance)
