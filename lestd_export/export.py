@@ -1,9 +1,10 @@
 """The ``export`` verb: ONNX with a KV cache in Optimum's text-generation-with-past format, validated.
 
 The compressed modules are written so that tracing them yields exactly the compressed-domain graph
-(MatMul with U1, leading-axis Gather of activations, batched MatMul with the core block, MatMul with
-U2, scatter-add + MatMul with U1 on the way out), and their weights are stored in the layout they
-are used in, so no weight-only subgraph exists for constant folding to densify.
+(MatMul with U1; per head group a MatMul with its dense core, or a leading-axis Gather of Z^T and
+Gemm(transA) with its kept rows; on the way out a MatMul, a ScatterND for pruned rows, and U1^T read
+through FusedMatMul/Gemm), and their weights are stored in the layout they are used in, so no
+weight-only subgraph exists for constant folding to densify or duplicate.
 Optimum's exporter does the tracing, the cache I/O naming and ``config.json``; we validate
 against PyTorch ourselves (left-padded batch, prefill and cached decode) and write a report.
 """
@@ -22,7 +23,7 @@ from .io import atomic_output_dir, write_json
 from .loading import COMPRESSION_KEY, LoadedModel
 from .registry import spec_for
 
-DEFAULT_OPSET = 18  # ScatterElements with reduction="add" needs >= 16
+DEFAULT_OPSET = 18
 MIN_OPSET = 16
 REPORT_FILE = "export_report.json"
 ONNX_FILE = "model.onnx"

@@ -10,8 +10,8 @@ Stored format (DESIGN.md 3, with one measured change): each *group* of slices (t
 key heads, value heads or output heads of one layer) keeps a set of ``k`` core rows *shared by all
 its slices*, stored as indices ``[k]`` plus a dense block ``[n, k, R2]``; element pruning stores the
 union of the touched rows with zeros inside. Shared rows make a group one leading-axis Gather and
-one 2-D Gemm in ONNX Runtime; per-slice rows need a batched per-head MatMul that ran 1.7-2.5x slower
-per decode step at equal bytes (README, "Performance").
+one 2-D Gemm in ONNX Runtime; per-slice rows need a batched per-head MatMul that ran 1.1-2x slower
+in a decode step and 1.5-4x in a prefill at equal bytes (README, "Performance").
 
 Factors (:func:`factor_cost`): ``U1`` is always stored (``d R1`` entries). When ``R2 == d_h`` the
 runtime layout folds ``U2`` into the core blocks, so ``U2`` is not stored at all; when ``R2 < d_h``
