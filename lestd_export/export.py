@@ -41,6 +41,27 @@ def check_opset(opset: int) -> None:
                                  f"(default {DEFAULT_OPSET})")
 
 
+class _SharedFactorNotices(logging.Filter):
+    """Drops optimum's tied-weight notices about ``U1``: one parameter used by two modules, exported
+    once on purpose, which optimum reports in four lines per layer. Its other notices (e.g. the tied
+    embedding) pass, their header re-attached to their first line."""
+
+    def __init__(self):
+        super().__init__()
+        self.header: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Found different candidate ONNX initializers"):
+            self.header = message
+            return False
+        if ".u1" in message and message.startswith(("\t", "Could not find ONNX initializer")):
+            return False
+        if self.header is not None and message.startswith("\t"):
+            record.msg, record.args, self.header = f"{self.header}\n{message}", (), None
+        return True
+
+
 def export_model(loaded: LoadedModel, out_dir: Path, *, opset: int = DEFAULT_OPSET, validate: bool = True,
                  optimize: bool = False, overwrite: bool = False, tolerance: float = 1e-3,
                  decode_steps: int = 8) -> dict:
@@ -50,13 +71,19 @@ def export_model(loaded: LoadedModel, out_dir: Path, *, opset: int = DEFAULT_OPS
     """
     from optimum.exporters.onnx import onnx_export_from_model
 
+    from optimum.onnx import transformations_utils
+
     check_opset(opset)
-    # optimum warns about every shared factor (U1/U2 are used by several modules); they are exported once
-    logging.getLogger("optimum.exporters.onnx.convert").setLevel(logging.ERROR)
     started = time.perf_counter()
     with atomic_output_dir(Path(out_dir), overwrite) as staging:
-        onnx_export_from_model(loaded.model, staging, task="text-generation-with-past", opset=opset,
-                               do_validation=False, preprocessors=[loaded.tokenizer] if loaded.tokenizer else None)
+        notices = _SharedFactorNotices()
+        transformations_utils.logger.addFilter(notices)
+        try:
+            onnx_export_from_model(loaded.model, staging, task="text-generation-with-past", opset=opset,
+                                   do_validation=False,
+                                   preprocessors=[loaded.tokenizer] if loaded.tokenizer else None)
+        finally:
+            transformations_utils.logger.removeFilter(notices)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(staging)
         fusions = optimize_graph(staging / ONNX_FILE) if optimize else None

@@ -40,7 +40,11 @@ class _MatMulT(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, w):
-        return g.op("com.microsoft::FusedMatMul", x, w, transB_i=1, alpha_f=1.0)
+        out = g.op("com.microsoft::FusedMatMul", x, w, transB_i=1, alpha_f=1.0)
+        rank = x.type().dim()
+        if rank is not None:  # the exporter has no shape inference for contrib ops: give the rank only
+            out.setType(x.type().with_sizes([None] * rank))  # (traced sizes would freeze dynamic axes)
+        return out
 
 
 class _TMatMul(torch.autograd.Function):
