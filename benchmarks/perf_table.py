@@ -2,10 +2,10 @@
 
 Exports dense fp32 and LeSTD at size fractions 0.8 / 0.6 / 0.5 (cached in artifacts/bench/, reused
 when present), then runs the benchmark harness (one fresh process per run, A/B interleaved) with
-``--quantize none,int8``, batch 1, prompt 128, gen 64, 2 threads, 5 repeats, and writes
+``--quantize none,int8``, batch 1, prompt 128, gen 64, 2 threads, 6 repeats, and writes
 benchmarks/results/perf_smollm2.{json,md,png}.
 
-Usage: python benchmarks/perf_table.py [--export-only] [--repeats 5] [--quantize none,int8]
+Usage: python benchmarks/perf_table.py [--export-only] [--reexport] [--repeats 6] [--quantize none,int8]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 FRACTIONS = (0.8, 0.6, 0.5)
 
 
-def export_all(model_arg: str | None = None) -> list[Path]:
-    """Dense first (the baseline), then each size fraction; an existing export is reused."""
+def export_all(model_arg: str | None = None, reexport: bool = False) -> list[Path]:
+    """Dense first (the baseline), then each size fraction; an existing export is reused unless ``reexport``."""
     from lestd_export.compress import compress_model
     from lestd_export.config import CompressionConfig
     from lestd_export.export import export_model
@@ -35,7 +35,7 @@ def export_all(model_arg: str | None = None) -> list[Path]:
     for name, fraction in wanted:
         out = ARTIFACTS / name
         dirs.append(out)
-        if (out / "model.onnx").is_file():
+        if (out / "model.onnx").is_file() and not reexport:
             print(f"reusing {out}", file=sys.stderr)
             continue
         loaded = loaded or load_model(model_arg)
@@ -54,12 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
     parser.add_argument("--export-only", action="store_true")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--reexport", action="store_true",
+                        help="export again even where artifacts/bench/<variant> exists (after a layout change)")
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--quantize", default="none,int8")
     parser.add_argument("--out", type=Path, default=RESULTS / "perf_smollm2")
     args = parser.parse_args(argv)
 
-    dirs = export_all(args.model)
+    dirs = export_all(args.model, args.reexport)
     if args.export_only:
         return 0
     from lestd_export.cli import main as cli_main
