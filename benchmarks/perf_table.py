@@ -2,10 +2,10 @@
 
 Exports dense fp32 and LeSTD at size fractions 0.8 / 0.6 / 0.5 (cached in artifacts/bench/, reused
 when present), then runs the benchmark harness (one fresh process per run, A/B interleaved) with
-``--quantize none,int8``, batch 1, prompt 128, gen 64, 2 threads, 6 repeats, and writes
+``--quantize none,int8``, batch 1, prompt 128, gen 64, 2 threads, 10 repeats, and writes
 benchmarks/results/perf_smollm2.{json,md,png}.
 
-Usage: python benchmarks/perf_table.py [--export-only] [--reexport] [--repeats 6] [--quantize none,int8]
+Usage: python benchmarks/perf_table.py [--export-only] [--reexport] [--repeats 10] [--quantize none,int8]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-only", action="store_true")
     parser.add_argument("--reexport", action="store_true",
                         help="export again even where artifacts/bench/<variant> exists (after a layout change)")
-    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--quantize", default="none,int8")
     parser.add_argument("--out", type=Path, default=RESULTS / "perf_smollm2")
     args = parser.parse_args(argv)
