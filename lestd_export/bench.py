@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError, InvalidConfigError, LestdError
+from .export import model_files_bytes
 
 QUANT_MODES = ("none", "int8", "int4")
 ONNX_FILE = "model.onnx"
@@ -48,26 +49,6 @@ def check_export_dir(path: Path) -> Path:
     if not (path / ONNX_FILE).is_file():
         raise CheckpointError(f"{path} has no {ONNX_FILE}: pass a directory produced by `lestd-export export`")
     return path
-
-
-def parse_quantize(text: str) -> list[str]:
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in QUANT_MODES]
-    if unknown or not modes:
-        raise InvalidConfigError(f"--quantize {text!r}: use a comma list of {', '.join(QUANT_MODES)}")
-    return list(dict.fromkeys(modes))
-
-
-def _model_files_bytes(model_file: Path) -> int:
-    """The .onnx file plus any external-data file next to it that it names."""
-    import onnx
-
-    total = model_file.stat().st_size
-    model = onnx.load(str(model_file), load_external_data=False)
-    locations = {entry.value for init in model.graph.initializer for entry in init.external_data
-                 if entry.key == "location"}
-    return total + sum((model_file.parent / loc).stat().st_size for loc in locations
-                       if (model_file.parent / loc).is_file())
 
 
 def _weight_matmuls(model) -> int:
@@ -225,7 +206,7 @@ def summarise(variant: Variant, runs: list[dict], size_fraction: float | None) -
         "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
         "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
         "rss_after_load_mb": statistics.median(r["rss_after_load_mb"] for r in runs),
-        "model_bytes": _model_files_bytes(variant.model_file),
+        "model_bytes": model_files_bytes(variant.model_file),
         "size_fraction": size_fraction,
         "finite_logits": all(r["finite_logits"] for r in runs),
         "pids": [r["pid"] for r in runs],

@@ -36,12 +36,10 @@ def _peak_rss_mb() -> float:
     return max(peak / (2**20 if sys.platform == "darwin" else 1024), _rss_mb())
 
 
-def _vocab_size(export_dir: Path, runtime) -> int:
-    config = export_dir / "config.json"
-    if config.is_file():
-        vocab = json.loads(config.read_text()).get("vocab_size")
-        if vocab:
-            return int(vocab)
+def _vocab_size(runtime) -> int:
+    vocab = runtime.config.get("vocab_size")
+    if vocab:
+        return int(vocab)
     shape = runtime.session.get_outputs()[0].shape[-1]
     return int(shape) if isinstance(shape, int) else 100
 
@@ -58,7 +56,7 @@ def measure(export_dir: Path, model_file: Path, provider: str, threads: int | No
     rss_after_load = _rss_mb()
 
     rng = np.random.default_rng(seed)
-    vocab = _vocab_size(export_dir, runtime)
+    vocab = _vocab_size(runtime)
     prompt = rng.integers(0, vocab, size=(batch, prompt_len)).astype(np.int64)
     mask = np.ones_like(prompt)
     for _ in range(warmup):

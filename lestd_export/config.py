@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 from .errors import InvalidConfigError
@@ -129,3 +130,15 @@ def parse_ranks(value) -> tuple[int | None, int | None]:
         except ValueError:
             raise InvalidConfigError(f"ranks must be integers or 'full', got {item!r}") from None
     return parsed[0], parsed[1]
+
+
+def parse_choices(value: str | Sequence[str], allowed: Sequence[str], what: str) -> list[str]:
+    """``"a,b"`` or a sequence -> a list of known, unique values (order kept)."""
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
+    items = [v for v in items if v]
+    if not items:
+        raise InvalidConfigError(f"no {what} given; choose from {', '.join(allowed)}")
+    unknown = [v for v in items if v not in allowed]
+    if unknown:
+        raise InvalidConfigError(f"unknown {what} {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(items))

@@ -120,7 +120,8 @@ def tokens_digest(token_ids: Sequence[int]) -> str:
 # ------------------------------------------------------------------------------------------ windows
 
 
-def _check_lengths(seq_len: int, max_tokens: int | None) -> None:
+def check_lengths(seq_len: int, max_tokens: int | None) -> None:
+    """Typed error for a window shorter than 2 tokens or a token limit below 2."""
     if not isinstance(seq_len, int) or seq_len < 2:
         raise InvalidConfigError(f"seq_len must be an integer >= 2, got {seq_len!r}")
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 2):
@@ -144,7 +145,7 @@ def _as_list(token_ids) -> list[int]:
 
 def _batches(ids: list[int], seq_len: int, max_tokens: int | None) -> tuple[list[list[list[int]]], int]:
     """Equal-length batches of windows (up to ``BATCH_WINDOWS`` each) and the predicted-token count."""
-    _check_lengths(seq_len, max_tokens)
+    check_lengths(seq_len, max_tokens)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     spans = windows(len(ids), seq_len)
@@ -290,7 +291,7 @@ def evaluate(target: str | Path | None, backend: str = "torch", text_file: str |
         raise InvalidConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if tasks and backend != "torch":
         raise InvalidConfigError("--tasks runs lm-eval-harness on the PyTorch model: use --backend torch")
-    _check_lengths(seq_len, max_tokens)
+    check_lengths(seq_len, max_tokens)
     text, source = load_text(text_file, dataset)  # fail on a bad text source before loading a model
     if backend == "torch":
         from .loading import load_model

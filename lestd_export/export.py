@@ -122,6 +122,19 @@ def initializer_sizes(model) -> dict[str, int]:
             for init in model.graph.initializer}
 
 
+def model_files_bytes(model_file: Path, graph_model=None) -> int:
+    """Bytes of an ``.onnx`` file plus the external-data files it names (not other files beside it,
+    such as cached quantised copies). ``graph_model``: the file already loaded without external data."""
+    import onnx
+
+    model_file = Path(model_file)
+    graph_model = graph_model or onnx.load(str(model_file), load_external_data=False)
+    locations = {entry.value for tensor in graph_model.graph.initializer for entry in tensor.external_data
+                 if entry.key == "location"}
+    return model_file.stat().st_size + sum((model_file.parent / name).stat().st_size for name in locations
+                                           if (model_file.parent / name).is_file())
+
+
 def describe_export(export_dir: Path, model) -> dict:
     """Bytes, the largest initializer, the op histogram of the first attention block, the size fraction."""
     import onnx
@@ -134,11 +147,8 @@ def describe_export(export_dir: Path, model) -> dict:
     histogram = collections.Counter(n.op_type for n in graph_model.graph.node if block in n.name)
     largest = max(sizes, key=sizes.get)
     compression = getattr(model.config, COMPRESSION_KEY, None)
-    external = {entry.value for tensor in graph_model.graph.initializer for entry in tensor.external_data
-                if entry.key == "location"}
-    files = [path] + [path.parent / name for name in sorted(external)]  # not the cached quantised copies
     return {
-        "model_bytes": sum(p.stat().st_size for p in files),
+        "model_bytes": model_files_bytes(path, graph_model),
         "initializer_bytes": sum(sizes.values()),
         "largest_initializer": {"name": largest, "bytes": sizes[largest]},
         "attention_block_ops": dict(sorted(histogram.items())),

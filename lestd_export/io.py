@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import InvalidConfigError, OutputExistsError
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -50,6 +50,13 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(staging, out)
+
+
+def check_output_files(*paths: Path | None) -> None:
+    """Fail before any heavy work when an output file cannot be written (``None`` entries are skipped)."""
+    for path in paths:
+        if path is not None and not Path(path).expanduser().resolve().parent.is_dir():
+            raise InvalidConfigError(f"cannot write {path}: its directory does not exist (create it first)")
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -78,14 +79,19 @@ class OrtCausalLM:
         self.past_dims = [self._kv_dims(inputs[n].shape) for n in self.past_names]  # (kv heads, head dim)
         self.dtype = np.float16 if self.past_names and "float16" in inputs[self.past_names[0]].type else np.float32
 
+    @cached_property
+    def config(self) -> dict:
+        """The export's ``config.json`` (``{}`` when absent)."""
+        file = self.path / "config.json"
+        return json.loads(file.read_text()) if file.is_file() else {}
+
     def _kv_dims(self, shape: list) -> tuple[int, int]:
         """``(kv_heads, head_dim)`` of a past input ``[batch, kv_heads, past, head_dim]``, from the graph
         or, where it leaves them symbolic, from ``config.json``."""
         heads, head_dim = shape[1], shape[3]
         if isinstance(heads, int) and isinstance(head_dim, int):
             return heads, head_dim
-        file = self.path / "config.json"
-        config = json.loads(file.read_text()) if file.is_file() else {}
+        config = self.config
         attention_heads = config.get("num_attention_heads") or config.get("n_head")
         hidden = config.get("hidden_size") or config.get("n_embd")
         heads = heads if isinstance(heads, int) else config.get("num_key_value_heads") or attention_heads

@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .compress import compress_model
-from .config import BUDGETS, GRANULARITIES, METHODS, CompressionConfig
+from .config import BUDGETS, GRANULARITIES, METHODS, CompressionConfig, parse_choices
 from .errors import InvalidConfigError
-from .evaluate import DEFAULT_SEQ_LEN, load_text, tokenize, tokens_digest, torch_perplexity
-from .io import write_json
+from .evaluate import DEFAULT_SEQ_LEN, check_lengths, load_text, tokenize, tokens_digest, torch_perplexity
+from .io import check_output_files, write_json
 
 CACHE_VERSION = 1
 ROW_KEYS = ("method", "granularity", "budget", "size_fraction", "requested_fraction", "perplexity",
@@ -33,18 +33,6 @@ ROW_KEYS = ("method", "granularity", "budget", "size_fraction", "requested_fract
 
 
 # ------------------------------------------------------------------------------------ validation
-
-
-def parse_choices(value: str | Sequence[str], allowed: Sequence[str], what: str) -> list[str]:
-    """``"a,b"`` or a sequence -> a list of known, unique values (order kept)."""
-    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
-    items = [v for v in items if v]
-    if not items:
-        raise InvalidConfigError(f"no {what} given; choose from {', '.join(allowed)}")
-    unknown = [v for v in items if v not in allowed]
-    if unknown:
-        raise InvalidConfigError(f"unknown {what} {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
-    return list(dict.fromkeys(items))
 
 
 def parse_fractions(value: str | Sequence[float]) -> list[float]:
@@ -168,10 +156,7 @@ def sweep(model_arg: str | None = None, fractions: Sequence[float] | str = (0.9,
     for run in runs:
         _config(run)  # validate every run before loading anything
     text, text_source = load_text(text_file, dataset)
-    if not isinstance(seq_len, int) or seq_len < 2:
-        raise InvalidConfigError(f"seq_len must be an integer >= 2, got {seq_len!r}")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 2):
-        raise InvalidConfigError(f"max_tokens must be an integer >= 2, got {max_tokens!r}")
+    check_lengths(seq_len, max_tokens)
 
     loaded = load_model(model_arg)
     ids = tokenize(loaded.tokenizer, text, max_tokens)
@@ -318,16 +303,9 @@ def plot_pareto(result: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def check_outputs(*paths) -> None:
-    """Fail before any heavy work when an output file cannot be written."""
-    for path in paths:
-        if path is not None and not Path(path).expanduser().resolve().parent.is_dir():
-            raise InvalidConfigError(f"cannot write {path}: its directory does not exist (create it first)")
-
-
 def write_outputs(result: dict, json_path=None, markdown_path=None, plot_path=None) -> None:
     """Write whichever of the JSON, markdown and PNG outputs were asked for (each atomically)."""
-    check_outputs(json_path, markdown_path, plot_path)
+    check_output_files(json_path, markdown_path, plot_path)
     if json_path is not None:
         write_json(Path(json_path), result)
     if markdown_path is not None:

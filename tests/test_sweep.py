@@ -7,6 +7,7 @@ import json
 import pytest
 
 from lestd_export import sweep as sw
+from lestd_export.config import parse_choices
 from lestd_export.errors import InvalidConfigError
 from test_evaluate import SENTENCES, tiny_llama, tiny_tokenizer
 
@@ -115,12 +116,12 @@ def test_outputs(tiny_dir, text_file, tmp_path):
 
 def test_validation():
     assert sw.parse_fractions("0.9, 0.5,0.9") == [0.9, 0.5]
-    assert sw.parse_choices("lestd,svd", ("lestd", "tensorllm", "svd"), "method") == ["lestd", "svd"]
+    assert parse_choices("lestd,svd", ("lestd", "tensorllm", "svd"), "method") == ["lestd", "svd"]
     for bad in ("0", "1.5", "-0.1", "x", "", "nan"):
         with pytest.raises(InvalidConfigError):
             sw.parse_fractions(bad)
     with pytest.raises(InvalidConfigError, match="pca"):
-        sw.parse_choices("lestd,pca", ("lestd", "tensorllm", "svd"), "method")
+        parse_choices("lestd,pca", ("lestd", "tensorllm", "svd"), "method")
     runs = sw.run_settings([0.9, 0.5], ["lestd", "svd"], ["row", "element"], ["layer"])
     assert len(runs) == 2 * 2 + 2
 

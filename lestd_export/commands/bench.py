@@ -34,10 +34,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import parse_quantize, plot, run_benchmark, to_markdown
+    from ..bench import QUANT_MODES, plot, run_benchmark, to_markdown
+    from ..config import parse_choices
     from ..io import write_json
 
-    quantize = parse_quantize(args.quantize)
+    quantize = parse_choices(args.quantize, QUANT_MODES, "--quantize mode(s)")
     result = run_benchmark(args.dirs, baseline=args.baseline, provider=args.provider, threads=args.threads,
                            batch=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
                            repeats=args.repeats, warmup=args.warmup, quantize=quantize, progress=not args.quiet)

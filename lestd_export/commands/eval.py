@@ -10,8 +10,8 @@ from pathlib import Path
 from .common import MODEL_HELP
 
 
-def add_text_flags(parser: argparse.ArgumentParser) -> None:
-    """Text source and window flags (shared with ``sweep``)."""
+def add_text_flags(parser: argparse.ArgumentParser, max_tokens: int | None = None) -> None:
+    """Text source and window flags (shared with ``sweep``, whose token limit defaults to 8192)."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text-file", type=Path, default=None, metavar="F", help="evaluate on a UTF-8 text file")
     source.add_argument("--dataset", choices=("default", "wikitext2"), default=None,
@@ -19,8 +19,8 @@ def add_text_flags(parser: argparse.ArgumentParser) -> None:
                              "wikitext2: WikiText-2 test split (needs the 'datasets' package and network)")
     parser.add_argument("--seq-len", type=int, default=512, metavar="N",
                         help="window length in tokens; windows do not overlap (default 512)")
-    parser.add_argument("--max-tokens", type=int, default=None, metavar="N",
-                        help="use at most the first N tokens of the text (default: all)")
+    parser.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
+                        help=f"use at most the first N tokens of the text (default: {max_tokens or 'all'})")
 
 
 def register(subparsers) -> None:
@@ -41,19 +41,11 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def check_output_file(path: Path | None) -> None:
-    """Fail before any heavy work when an output file cannot be written."""
-    from ..errors import InvalidConfigError
-
-    if path is not None and not path.expanduser().resolve().parent.is_dir():
-        raise InvalidConfigError(f"cannot write {path}: its directory does not exist (create it first)")
-
-
 def run(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate
-    from ..io import write_json
+    from ..io import check_output_files, write_json
 
-    check_output_file(args.json)
+    check_output_files(args.json)
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     result = evaluate(args.target, backend=args.backend, text_file=args.text_file, dataset=args.dataset,
                       seq_len=args.seq_len, max_tokens=args.max_tokens, progress=not args.quiet, tasks=tasks)

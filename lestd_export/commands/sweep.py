@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .common import MODEL_HELP
+from .eval import add_text_flags
 
 
 def register(subparsers) -> None:
@@ -24,14 +25,7 @@ def register(subparsers) -> None:
                         help="LeSTD pruning granularities among row, element (default row)")
     parser.add_argument("--budget", default="layer", metavar="B,B,...",
                         help="LeSTD budget scopes among layer, global (default layer)")
-    text = parser.add_mutually_exclusive_group()
-    text.add_argument("--text-file", type=Path, default=None, metavar="F", help="evaluate on a UTF-8 text file")
-    text.add_argument("--dataset", choices=("default", "wikitext2"), default=None,
-                      help="default: the Python language reference (offline, the default); wikitext2: needs "
-                           "'datasets' and network")
-    parser.add_argument("--seq-len", type=int, default=512, metavar="N", help="window length (default 512)")
-    parser.add_argument("--max-tokens", type=int, default=8192, metavar="N",
-                        help="use the first N tokens of the text (default 8192)")
+    add_text_flags(parser, max_tokens=8192)
     parser.add_argument("--json", type=Path, default=None, metavar="F", help="write the result as JSON")
     parser.add_argument("--markdown", type=Path, default=None, metavar="F", help="write a markdown table")
     parser.add_argument("--plot", type=Path, default=None, metavar="F", help="write a Pareto plot (PNG)")
@@ -42,15 +36,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import BUDGETS, GRANULARITIES, METHODS
-    from ..sweep import check_outputs, parse_choices, parse_fractions, sweep, to_markdown, write_outputs
+    from ..io import check_output_files
+    from ..sweep import sweep, to_markdown, write_outputs
 
-    fractions = parse_fractions(args.fractions)
-    methods = parse_choices(args.methods, METHODS, "method(s)")
-    granularities = parse_choices(args.granularity, GRANULARITIES, "granularity(ies)")
-    budgets = parse_choices(args.budget, BUDGETS, "budget scope(s)")
-    check_outputs(args.json, args.markdown, args.plot)
-    result = sweep(args.model, fractions, methods, granularities, budgets, max_tokens=args.max_tokens,
+    check_output_files(args.json, args.markdown, args.plot)
+    result = sweep(args.model, args.fractions, args.methods, args.granularity, args.budget, max_tokens=args.max_tokens,
                    seq_len=args.seq_len, cache_dir=args.cache_dir, progress=not args.quiet,
                    text_file=args.text_file, dataset=args.dataset)
     write_outputs(result, args.json, args.markdown, args.plot)

@@ -138,17 +138,13 @@ def allocate(gains: list[np.ndarray], costs: list[float], budget: float) -> np.n
     return np.bincount(owner[order][taken], minlength=len(gains))
 
 
-def group_row_energy(row_energy: np.ndarray, groups: SliceGroups) -> list[np.ndarray]:
-    """Energy ``[R1]`` of each core row summed over the slices of each group (the pruning unit).
-
-    ``row_energy [S, R1]`` holds each slice's core-row sums of squares.
-    """
-    return [row_energy[groups.span(name)].sum(axis=0) for name in groups.names]
-
-
 def row_gains(row_energy: np.ndarray, groups: SliceGroups) -> list[np.ndarray]:
-    """Marginal kept energy of each group's ``k``-th best shared row, descending, shape ``[R1]`` each."""
-    return [-np.sort(-energy) for energy in group_row_energy(row_energy, groups)]
+    """Marginal kept energy of each group's ``k``-th best shared row, descending, shape ``[R1]`` each.
+
+    ``row_energy [S, R1]`` holds each slice's core-row sums of squares; a group's row (the pruning
+    unit) gains the sum over its slices.
+    """
+    return [-np.sort(-row_energy[groups.span(name)].sum(axis=0)) for name in groups.names]
 
 
 def row_cost(group_size: int, rank2: int, index_cost: int = 1) -> int:
