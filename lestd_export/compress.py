@@ -40,16 +40,21 @@ def _check_ranks(config: CompressionConfig, hidden: int, head_dim: int) -> None:
         raise InvalidConfigError(f"R2={r2} exceeds the head dim d_h={head_dim}: use at most {head_dim} or 'full'")
 
 
-def compress_model(model, config: CompressionConfig, *, progress: bool = True, source: str | None = None) -> dict:
+def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress: bool = True,
+                   source: str | None = None) -> dict:
     """Compress every attention layer of ``model`` in place; return the compression report.
 
-    Raises typed errors (unsupported architecture, NaN/Inf weights, impossible ranks or budget)
-    before the model is modified.
+    With ``config.calibration`` other than ``none``, calibration tokens are read (``tokenizer``
+    needed for a text source), activation statistics collected from the dense model, Stage I/II run
+    in the output-error norm, the kept values refit layer by layer and, with ``config.heal``, the
+    compressed model distilled against the dense one. Raises typed errors (unsupported
+    architecture, NaN/Inf weights, impossible ranks or budget, unusable calibration source) before
+    the model is modified.
     """
     from tqdm.auto import tqdm
 
     from .numerics.lowrank import svd_layers
-    from .numerics.planner import TuckerRequest, compress_layers
+    from .numerics.planner import TuckerRequest, compress_layers, reconstruct_layer
     from .surgery import install_core_attention, install_low_rank, read_attention, slice_groups
 
     started = time.perf_counter()
@@ -60,24 +65,30 @@ def compress_model(model, config: CompressionConfig, *, progress: bool = True, s
     weights = [read_attention(getattr(layer, spec.attention), spec, shape, i) for i, layer in enumerate(layers)]
     dtype = next(model.parameters()).dtype
     dense_per_layer = shape.num_slices * shape.hidden * shape.head_dim
+    groups = slice_groups(shape)
+    calibration, statistics, teacher, heal_data = _calibrate(model, config, tokenizer, spec, shape, progress)
 
     with tqdm(total=len(layers), desc=f"{config.method}: decomposing layers", unit="layer",
               disable=not progress) as bar:
         try:
             if config.method == "svd":
                 r1 = config.ranks[0] if config.ranks else None
+                lefts = None if statistics is None else [_svd_metrics(s, config.damping) for s in statistics]
                 low_rank = svd_layers([[w.matrices[n] for n in ("q", "k", "v", "o")] for w in weights],
                                       config.size_fraction or 1.0, config.budget,
-                                      rank=(r1 or shape.hidden) if config.ranks else None)
+                                      rank=(r1 or shape.hidden) if config.ranks else None, lefts=lefts)
                 bar.update(len(layers))
             else:
-                groups = slice_groups(shape)
                 request = TuckerRequest(method=config.method, size_fraction=config.size_fraction,
                                         ranks=config.ranks, core_density=config.core_density,
                                         granularity=config.granularity, budget=config.budget,
                                         tol=config.hooi_tol, max_iter=config.hooi_max_iter,
                                         objective=config.objective)
-                cores = compress_layers([w.slice_tensor(shape) for w in weights], groups, request, bar.update)
+                tensors = [w.slice_tensor(shape) for w in weights]
+                metrics = None if statistics is None else [_tucker_metric(s, groups, shape, config.damping)
+                                                           for s in statistics]
+                sensitivities = None if statistics is None else [s.grad_sq for s in statistics]
+                cores = compress_layers(tensors, groups, request, bar.update, metrics, sensitivities)
         except ValueError as error:
             raise InvalidConfigError(f"cannot meet the request: {error}") from None
 
@@ -92,24 +103,86 @@ def compress_model(model, config: CompressionConfig, *, progress: bool = True, s
                             "values": stored, "indices": 0, "factors": stored, "dense": dense_per_layer,
                             "energy": energy, "squared_error": max(error, 0.0)})
             install_low_rank(layer, spec, named, w.biases, dtype)
+        output_errors = None
     else:
-        for layer, w, core in zip(layers, weights, cores):
-            entry = {"ranks": list(core.ranks), "density": core.density(shape.num_slices),
-                     "rows": {n: (None if g.rows is None else len(g.rows)) for n, g in core.groups.items()},
-                     "values": core.value_entries, "indices": core.index_entries, "factors": core.factor_entries,
-                     "dense": dense_per_layer, "energy": core.energy, "squared_error": core.squared_error}
-            entries.append(entry)
-            summary = {"ranks": entry["ranks"], "density": entry["density"],
-                       "stored": entry["values"] + entry["indices"], "dense": dense_per_layer}
-            install_core_attention(layer, spec, core, w.biases, dtype, summary)
+        def summary(core):
+            return {"ranks": list(core.ranks), "density": core.density(shape.num_slices),
+                    "stored": core.value_entries + core.index_entries, "dense": dense_per_layer}
 
+        def install(i, core):
+            install_core_attention(layers[i], spec, core, weights[i].biases, dtype, summary(core))
+            return getattr(getattr(layers[i], spec.attention).attention, spec.o)
+
+        if calibration is not None and config.refit:
+            from .refit import sequential_refit
+
+            output_errors = sequential_refit(model, spec, groups, tensors, cores, calibration, install,
+                                             progress=progress)
+            for core, dense in zip(cores, tensors):  # the refit changed the values: recount the plain error
+                core.kept_energy = core.energy - float(np.sum((dense - reconstruct_layer(core, groups)) ** 2))
+        else:
+            for i, core in enumerate(cores):
+                install(i, core)
+            output_errors = None
+        for core in cores:
+            entries.append({"ranks": list(core.ranks), "density": core.density(shape.num_slices),
+                            "rows": {n: (None if g.rows is None else len(g.rows)) for n, g in core.groups.items()},
+                            "values": core.value_entries, "indices": core.index_entries,
+                            "factors": core.factor_entries, "dense": dense_per_layer, "energy": core.energy,
+                            "squared_error": core.squared_error})
+
+    healing = None
+    if config.heal:
+        from .healing import heal
+
+        healing = heal(model, teacher, heal_data.sequences, config.heal_steps, progress=progress)
+        healing["tokens_sha256"] = heal_data.sha256
     report = _report(config, entries, spec.model_type, source, time.perf_counter() - started)
+    if calibration is not None:
+        report["calibration"] = calibration.record()
+        if output_errors is not None:
+            report["calibration"]["relative_output_error"] = output_errors
+    if healing is not None:
+        report["healing"] = healing
     setattr(model.config, COMPRESSION_KEY, {
         "format_version": FORMAT_VERSION, "method": config.method, "config": config.to_dict(),
         "index_dtype": "int32", "layers": [_layout(e) for e in entries],
         "size_fraction": report["size_fraction"],
     })
     return report
+
+
+def _calibrate(model, config: CompressionConfig, tokenizer, spec, shape, progress: bool):
+    """Calibration data, per-layer statistics and, for healing, a frozen dense copy and its data (or Nones)."""
+    if config.calibration == "none":
+        return None, None, None, None
+    import copy
+
+    from .calibration import collect_statistics, load_calibration
+
+    data = load_calibration(config.calibration, model, tokenizer, config.calibration_tokens)
+    started = time.perf_counter()
+    statistics = collect_statistics(model, spec, shape, data, gradients=config.objective == "fisher",
+                                    progress=progress)
+    data.seconds += time.perf_counter() - started
+    if not config.heal:
+        return data, statistics, None, None
+    heal_data = load_calibration(config.calibration, model, tokenizer, config.heal_tokens)
+    return data, statistics, copy.deepcopy(model), heal_data
+
+
+def _tucker_metric(statistics, groups, shape, damping: float):
+    from .numerics.metric import layer_metric
+
+    return layer_metric(statistics.x_gram, statistics.h_gram, groups.sizes, shape.head_dim, damping)
+
+
+def _svd_metrics(statistics, damping: float) -> list:
+    """SVD-LLM whitening: left factors ``L^T`` of the input Grams of Q, K, V (``X``) and O (``H``)."""
+    from .numerics.metric import cholesky_factor
+
+    x = cholesky_factor(statistics.x_gram, damping).T
+    return [x, x, x, cholesky_factor(statistics.h_gram, damping).T]
 
 
 def _layout(entry: dict) -> dict:

@@ -11,7 +11,7 @@ from .errors import InvalidConfigError
 METHODS = ("lestd", "tensorllm", "svd")
 GRANULARITIES = ("row", "element")
 BUDGETS = ("layer", "global")
-OBJECTIVES = ("balanced", "frobenius")
+OBJECTIVES = ("balanced", "frobenius", "fisher")
 DEFAULT_SIZE_FRACTION = 0.7
 
 
@@ -26,11 +26,20 @@ class CompressionConfig:
     of core entries to keep (with no ranks: full ranks). Explicit settings override the planner; a
     size fraction given where nothing is left to plan is an error.
 
-    ``objective``: the weight-error norm that Stage I and Stage II minimise (numerics/planner.py).
+    ``calibration``: where activation statistics come from (``lestd_export.calibration``); anything
+    but ``none`` makes Stage I/II minimise the layers' *output* error (whitening by the input Gram
+    matrices, ``damping`` relative ridge), refits the kept values by least squares (``refit``) and,
+    with ``heal``, distils the compressed model against the dense one for ``heal_steps`` steps on
+    ``heal_tokens`` calibration tokens. The library default is ``none`` (explicit data); the CLI
+    calibrates ``lestd`` on ``default`` unless told otherwise.
+
+    ``objective``: the norm that Stage I and Stage II minimise (numerics/planner.py).
     ``balanced`` (the default for ``lestd``) weights each slice group (q, k, v, o of a layer) by
     ``1/sqrt(its energy)``, which is invariant to the Q/K and V/O rescalings that leave the model
-    unchanged; ``frobenius`` is the papers' plain norm and the only one for ``tensorllm`` (kept
-    paper-faithful as a baseline). ``svd`` has its own per-matrix relative objective: ``None``.
+    unchanged; ``fisher`` (needs calibration) weights each group by the measured mean squared loss
+    gradient of its outputs, which puts every group and layer in loss units; ``frobenius`` is the
+    papers' plain norm and the only one for ``tensorllm`` (kept paper-faithful as a baseline).
+    ``svd`` has its own per-matrix relative objective: ``None``.
     """
 
     method: str = "lestd"
@@ -42,6 +51,13 @@ class CompressionConfig:
     hooi_tol: float = 1e-6
     hooi_max_iter: int = 10
     objective: str | None = None  # None: the method's default (lestd: balanced, tensorllm: frobenius)
+    calibration: str = "none"  # "none" (data-free), "default", "wikitext2", "self" or a text file path
+    calibration_tokens: int = 2048
+    damping: float = 0.01  # ridge on the calibration Gram matrices, relative to their mean diagonal
+    refit: bool = True  # with calibration: least-squares refit of the kept core values, layer by layer
+    heal: bool = False  # with calibration: distil the compressed model against the dense one
+    heal_tokens: int = 4096
+    heal_steps: int = 60
 
     def __post_init__(self):
         def bad(message: str):
@@ -78,6 +94,19 @@ class CompressionConfig:
         if self.method == "tensorllm" and self.objective == "balanced":
             bad("tensorllm is the paper-faithful baseline (plain Frobenius objective): "
                 "use --method lestd for the balanced objective")
+        if self.objective == "fisher" and (self.method != "lestd" or self.calibration == "none"):
+            bad("the fisher objective weighs groups by measured gradients: it needs --method lestd and calibration")
+        if not isinstance(self.calibration, str) or not self.calibration.strip():
+            bad("calibration must be none, default, wikitext2, self or a text file path")
+        if not (isinstance(self.calibration_tokens, int) and self.calibration_tokens >= 128):
+            bad(f"calibration tokens must be an integer >= 128, got {self.calibration_tokens!r}")
+        if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping > 0):
+            bad(f"damping must be a positive number, got {self.damping!r}")
+        if self.heal and self.calibration == "none":
+            bad("--heal distils on calibration data: give a --calibration source")
+        if not (isinstance(self.heal_tokens, int) and self.heal_tokens >= 128 and isinstance(self.heal_steps, int)
+                and self.heal_steps >= 1):
+            bad("heal tokens must be >= 128 and heal steps >= 1")
         if self.objective is None and self.method != "svd":
             object.__setattr__(self, "objective", "balanced" if self.method == "lestd" else "frobenius")
         if self.needs_size_fraction:

@@ -35,11 +35,18 @@ class LowRankMatrix:
 
 
 def svd_layers(layers: Sequence[Sequence[np.ndarray]], size_fraction: float, budget: str = "layer",
-               rank: int | None = None) -> list[list[LowRankMatrix]]:
+               rank: int | None = None, lefts: Sequence[Sequence[np.ndarray]] | None = None
+               ) -> list[list[LowRankMatrix]]:
     """Truncated SVD of every matrix ``[in, out]`` of every layer at a matched size fraction.
 
     With ``rank`` given, every matrix gets ``min(rank, in, out)`` and the size fraction is ignored.
+    ``lefts`` (SVD-LLM whitening, per layer and matrix): ``A = L^T`` with ``L L^T`` the Gram matrix
+    of the matrix's input; the SVD is taken of ``A W`` (whose truncation error is the output error)
+    and ``a = A^{-1} U_r S_r``. Energies are then output energies.
     """
+    if lefts is not None:
+        layers = [[left @ np.asarray(w, dtype=np.float64) for w, left in zip(mats, ls)]
+                  for mats, ls in zip(layers, lefts)]
     decomposed = [[np.linalg.svd(np.asarray(w, dtype=np.float64), full_matrices=False) for w in mats]
                   for mats in layers]
     shapes = [[w.shape for w in mats] for mats in layers]
@@ -61,11 +68,14 @@ def svd_layers(layers: Sequence[Sequence[np.ndarray]], size_fraction: float, bud
                 ranks[i][j] = int(r)
 
     result = []
-    for layer, layer_ranks in zip(decomposed, ranks):
+    for i, (layer, layer_ranks) in enumerate(zip(decomposed, ranks)):
         row = []
-        for (u, sigma, vt), r in zip(layer, layer_ranks):
+        for j, ((u, sigma, vt), r) in enumerate(zip(layer, layer_ranks)):
             r = max(r, 1)
-            row.append(LowRankMatrix(a=u[:, :r] * sigma[:r], b=vt[:r].copy(), energy=float(np.sum(sigma**2)),
+            a = u[:, :r] * sigma[:r]
+            if lefts is not None:
+                a = np.linalg.solve(lefts[i][j], a)
+            row.append(LowRankMatrix(a=a, b=vt[:r].copy(), energy=float(np.sum(sigma**2)),
                                      kept_energy=float(np.sum(sigma[:r] ** 2))))
         result.append(row)
     return result

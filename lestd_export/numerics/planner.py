@@ -30,7 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .metric import LayerMetric
 from .pruning import (
+    CoreGroup,
     LayerCore,
     factor_cost,
     SliceGroups,
@@ -43,11 +45,11 @@ from .pruning import (
     row_cost,
     row_gains,
 )
-from .tucker import hooi, hosvd_basis, project_core
+from .tucker import hooi, hosvd_basis, project_core, reconstruct
 
 Progress = Callable[[int], None]
 MIN_FILL = 0.995  # a plan must store at least this fraction of the requested budget
-OBJECTIVES = ("balanced", "frobenius")
+OBJECTIVES = ("balanced", "frobenius", "fisher")
 DEFAULT_OBJECTIVE = {"lestd": "balanced", "tensorllm": "frobenius"}
 
 
@@ -63,7 +65,7 @@ class TuckerRequest:
     budget: str = "layer"  # "layer" | "global"
     tol: float = 1e-6
     max_iter: int = 10
-    objective: str | None = None  # "balanced" | "frobenius"; None: the method's default
+    objective: str | None = None  # "balanced" | "frobenius" | "fisher"; None: the method's default
     balance_power: float = 1.0  # balanced: w_g = (T_g / E_g) ** (balance_power / 2), see slice_weights
     balance_mode: str = "group"  # "group" (T_g = 1) | "pair" (T_g = sqrt(E_q E_k) or sqrt(E_v E_o))
     balance_boost: tuple[tuple[str, float], ...] = ()  # (group, factor) multiplying T_g
@@ -142,13 +144,13 @@ def _dense_core_fits(num_layers: int, num_slices: int, rank1: int, rank2: int, c
 
 
 def _best_ranks_row(cumulative: list[np.ndarray], scales: list[float], groups: SliceGroups, budget: float,
-                    candidates: list[tuple[int, int]]) -> tuple[int, int]:
+                    candidates: list[tuple[int, int]], rank2_options: Sequence[int]) -> tuple[int, int]:
     """Ranks (shared by the given layers) whose best row allocation keeps the most scaled energy."""
     d, dh = cumulative[0].shape[1:]
     # for each R2, the largest R1 whose whole cores fit (no indices), and the two just above it
     # (pruned), so that some candidate fills the budget to within one allocation step
     fill = []
-    for r2 in range(1, dh + 1):
+    for r2 in rank2_options:
         r1 = int((budget / len(cumulative) - factor_cost(d, dh, 0, r2)) // (d + groups.total * r2))
         fill += [(r1 + j, r2) for j in range(3) if 1 <= r1 + j <= d]
     best, best_kept, fallback = None, -1.0, None
@@ -173,11 +175,11 @@ def _best_ranks_row(cumulative: list[np.ndarray], scales: list[float], groups: S
     return best
 
 
-def _best_ranks_dense(cumulative: np.ndarray, budget: float) -> tuple[int, int]:
+def _best_ranks_dense(cumulative: np.ndarray, budget: float, rank2_options: Sequence[int]) -> tuple[int, int]:
     """TensorLLM: for each R2 the largest R1 whose dense core plus factors fit; keep the best energy."""
     s, d, dh = cumulative.shape
     options = []
-    for r2 in range(1, dh + 1):
+    for r2 in rank2_options:
         r1 = min(int((budget - factor_cost(d, dh, 0, r2)) // (d + s * r2)), d)
         if r1 >= 1:
             stored = factor_cost(d, dh, r1, r2) + s * r1 * r2
@@ -187,65 +189,118 @@ def _best_ranks_dense(cumulative: np.ndarray, budget: float) -> tuple[int, int]:
     return max(options)[2]
 
 
+def fisher_weights(groups: SliceGroups, sensitivity: dict[str, float]) -> np.ndarray:
+    """Per-slice weights ``[S]`` of the ``fisher`` objective: ``w_g = sqrt(F_g)``.
+
+    ``F_g`` is the measured mean squared gradient of the loss with respect to group ``g``'s outputs,
+    so ``sum_g F_g ||X (W_g - What_g)||^2`` estimates the loss increase (a diagonal, isotropic Fisher
+    approximation) in the same units for every group and layer; invariant to the Q/K and V/O
+    rescalings (a scale ``a`` on the outputs divides the gradient by ``a``).
+    """
+    weights = np.ones(groups.total)
+    for name in groups.names:
+        weights[groups.span(name)] = np.sqrt(max(float(sensitivity[name]), 1e-30))
+    return weights
+
+
 def compress_layers(tensors: Sequence[np.ndarray], groups: SliceGroups, request: TuckerRequest,
-                    progress: Progress | None = None) -> list[LayerCore]:
+                    progress: Progress | None = None, metrics: Sequence[LayerMetric] | None = None,
+                    sensitivities: Sequence[dict[str, float]] | None = None) -> list[LayerCore]:
     """Stage I + Stage II for every layer tensor ``[S, d, d_h]`` (float64).
 
-    ``progress(n)`` is called after each layer's HOOI. Raises ``ValueError`` for impossible budgets.
-    Decomposition, rank choice and pruning run on the objective's weighted tensors; the returned
-    cores are unweighted (see the module doc).
+    ``metrics`` (one :class:`~.metric.LayerMetric` per layer, from calibration) make the objective
+    the layers' output error instead of their weight error; ``sensitivities`` (per layer, group ->
+    mean squared output gradient) are needed by the ``fisher`` objective. Decomposition, rank choice
+    and pruning run on the transformed, weighted tensors ``w_s A W_s B_s``, where the closed-form
+    identity holds (``LayerCore.weighted_energy - weighted_kept``); the returned layers store the
+    factors and blocks of the original weights (see :func:`to_stored`). ``progress(n)`` is called
+    after each layer's HOOI. Raises ``ValueError`` for impossible budgets.
     """
     s, d, dh = tensors[0].shape
     objective = request.resolved_objective
-    energies = [float(np.sum(w**2)) for w in tensors]
-    weights = [slice_weights(w, groups, objective, request.balance_power, request.balance_mode,
-                             request.balance_boost) for w in tensors]
-    weighted = [w * x[:, None, None] for w, x in zip(tensors, weights)]
+    transformed = list(tensors) if metrics is None else [m.apply(w) for m, w in zip(metrics, tensors)]
+    if objective == "fisher":
+        if sensitivities is None:
+            raise ValueError("the fisher objective needs measured sensitivities: calibrate the model")
+        weights = [fisher_weights(groups, x) for x in sensitivities]
+    else:
+        weights = [slice_weights(w, groups, objective, request.balance_power, request.balance_mode,
+                                 request.balance_boost) for w in transformed]
+    weighted = [w * x[:, None, None] for w, x in zip(transformed, weights)]
     weighted_energies = [float(np.sum(w**2)) for w in weighted]
+    # a global budget compares layers by normalised score, except in loss units (fisher), which compare as they are
+    global_scales = [1.0] * len(tensors) if objective == "fisher" else weighted_energies
     dense_entries = s * d * dh
     bases = [hosvd_basis(w) for w in weighted]
+    per_slice_right = metrics is not None and metrics[0].right is not None
+    rank2_options = [dh] if per_slice_right else list(range(1, dh + 1))  # per-slice B_s fold only at R2 = d_h
 
     if request.ranks is not None:
         r1 = request.ranks[0] or d
         r2 = request.ranks[1] or dh
+        if r2 not in rank2_options:
+            raise ValueError(f"the calibrated output-head metric needs R2 = d_h = {dh}: use --ranks {r1},full")
         ranks = [(r1, r2)] * len(tensors)
     elif request.core_density is not None or request.size_fraction is None:
         ranks = [(d, dh)] * len(tensors)
     else:
-        candidates = [(int(a), int(b)) for a in rank_grid(d, 32) for b in rank_grid(dh, 8)]
+        candidates = [(int(a), int(b)) for a in rank_grid(d, 32) for b in rank_grid(dh, 8) if b in rank2_options]
         cumulative = [np.cumsum(project_core(w, *b) ** 2, axis=2) for w, b in zip(weighted, bases)]
         layer_budget = request.size_fraction * dense_entries
         if request.method == "tensorllm":
-            ranks = [_best_ranks_dense(c, layer_budget) for c in cumulative]
+            ranks = [_best_ranks_dense(c, layer_budget, rank2_options) for c in cumulative]
         elif request.budget == "global":
-            shared = _best_ranks_row(cumulative, weighted_energies, groups, layer_budget * len(tensors), candidates)
+            shared = _best_ranks_row(cumulative, global_scales, groups, layer_budget * len(tensors), candidates,
+                                     rank2_options)
             ranks = [shared] * len(tensors)
         else:
-            ranks = [_best_ranks_row([c], [1.0], groups, layer_budget, candidates) for c in cumulative]
+            ranks = [_best_ranks_row([c], [1.0], groups, layer_budget, candidates, rank2_options)
+                     for c in cumulative]
 
     factors = []
     for w, basis, (r1, r2) in zip(weighted, bases, ranks):
         factors.append(hooi(w, r1, r2, tol=request.tol, max_iter=request.max_iter, init=basis))
         if progress is not None:
             progress(1)
-    cores = [f.core / x[:, None, None] for f, x in zip(factors, weights)]  # G_s = G'_s / w_g
 
     if request.method == "tensorllm":
-        layers = [build_dense_layer(f.u1, f.u2, c, e, groups) for f, c, e in zip(factors, cores, energies)]
+        layers = [build_dense_layer(f.u1, f.u2, f.core, e, groups) for f, e in zip(factors, weighted_energies)]
     else:
-        layers = _select(factors, cores, energies, weighted_energies, groups, request, dense_entries)
-    for layer, x, e in zip(layers, weights, weighted_energies):
-        _set_weighted(layer, groups, x, e)
-    return layers
+        layers = _select(factors, weighted_energies, global_scales, groups, request, dense_entries)
+    return [to_stored(layer, w, x, None if metrics is None else metrics[i], groups)
+            for i, (layer, w, x) in enumerate(zip(layers, tensors, weights))]
 
 
-def _set_weighted(layer: LayerCore, groups: SliceGroups, weights: np.ndarray, weighted_energy: float) -> None:
-    """Record the objective's energy and kept energy (``sum_s w_s^2 ||G_s,kept||^2``) on the layer."""
-    kept = 0.0
+def to_stored(layer: LayerCore, dense: np.ndarray, weights: np.ndarray, metric: LayerMetric | None,
+              groups: SliceGroups) -> LayerCore:
+    """Map a layer built on ``w_s A W_s B_s`` back to the original weights ``dense [S, d, d_h]``.
+
+    ``U1 = A^{-1} U1'``; blocks are divided by ``w_s`` and, with per-slice right factors, ``U2`` is
+    folded per slice (``G'_s U2'^T B_s^{-1}``, stored ``U2 = I``). ``weighted_energy``/``weighted_kept``
+    keep the objective's closed form; ``energy``/``kept_energy`` describe the plain weights
+    (``kept_energy`` is ``energy`` minus the plain squared error, from a reconstruction when a metric
+    makes ``U1`` non-orthonormal).
+    """
+    u1, u2 = layer.u1, layer.u2
+    right = metric is not None and metric.right is not None
+    if metric is not None:
+        u1 = metric.basis(u1)
+    kept = {}
     for name in groups.names:
-        block = layer.groups[name].block
-        kept += float(np.sum((block * weights[groups.span(name)][:, None, None]) ** 2))
-    layer.weighted_energy, layer.weighted_kept = weighted_energy, kept
+        span = groups.span(name)
+        block = layer.groups[name].block  # [n, k, R2], weighted domain
+        if right:
+            block = metric.unright(block, layer.u2, span)  # [n, k, d_h]
+        kept[name] = CoreGroup(rows=layer.groups[name].rows, block=block / weights[span][:, None, None])
+    if right:
+        u2 = np.eye(u2.shape[0])
+    energy = float(np.sum(dense**2))
+    stored = LayerCore(u1, u2, kept, energy, 0.0, layer.nnz, layer.energy, layer.kept_energy)
+    if metric is None:
+        stored.kept_energy = float(sum(np.sum(g.block**2) for g in kept.values()))  # orthonormal U1: exact
+    else:
+        stored.kept_energy = energy - float(np.sum((dense - reconstruct_layer(stored, groups)) ** 2))
+    return stored
 
 
 def _core_budget(size_fraction: float, dense_entries: int, factors) -> float:
@@ -260,19 +315,27 @@ def _core_budget(size_fraction: float, dense_entries: int, factors) -> float:
     return left
 
 
-def _select(factors, cores, energies, weighted_energies, groups, request, dense_entries) -> list[LayerCore]:
-    """Stage II: one-shot top-k under the budget or the explicit density.
+def reconstruct_layer(layer: LayerCore, groups: SliceGroups) -> np.ndarray:
+    """Dense ``[S, d, d_h]`` rebuilt from a stored layer (reference and error accounting only)."""
+    parts = []
+    for name in groups.names:
+        group = layer.groups[name]
+        u1 = layer.u1 if group.rows is None else layer.u1[:, group.rows]
+        parts.append(reconstruct(u1, group.block, layer.u2))
+    return np.concatenate(parts)
 
-    Selection ranks the weighted HOOI cores (``factors[i].core``); the layers store the unweighted
-    ``cores[i]``. A per-group weight does not reorder the rows of a group, so row layers keep the
-    same rows either way; element masks are taken from the weighted scores.
+
+def _select(factors, energies, scales_global, groups, request, dense_entries) -> list[LayerCore]:
+    """Stage II: one-shot top-k under the budget or the explicit density, on the weighted HOOI cores.
+
+    ``energies`` are the weighted layer energies; ``scales_global`` divide the scores when all layers
+    share one budget (the paper's normalised score ``g^2 / E``, or 1 in loss units).
     """
     scopes = [list(range(len(factors)))] if request.budget == "global" else [[i] for i in range(len(factors))]
     layers: list[LayerCore | None] = [None] * len(factors)
     for scope in scopes:
         scores = [factors[i].core for i in scope]
-        # a per-layer budget ranks by g^2; a global one by g^2 / E_layer (the paper's normalised score)
-        scales = [weighted_energies[i] for i in scope] if request.budget == "global" else [1.0] * len(scope)
+        scales = [scales_global[i] for i in scope] if request.budget == "global" else [1.0] * len(scope)
         r1, r2 = factors[scope[0]].ranks
         if request.granularity == "row":
             row_energy = [np.sum(c**2, axis=2) for c in scores]
@@ -286,7 +349,7 @@ def _select(factors, cores, energies, weighted_energies, groups, request, dense_
                 _, counts = _row_kept(row_energy, scales, groups, r2, budget, index_cost=1)
             for i, count in zip(scope, counts):
                 f = factors[i]
-                layers[i] = build_row_layer(f.u1, f.u2, cores[i], energies[i], groups, count)
+                layers[i] = build_row_layer(f.u1, f.u2, f.core, energies[i], groups, count)
         else:
             if request.core_density is not None:
                 masks = element_masks_for_density(scores, scales, request.core_density)
@@ -295,5 +358,5 @@ def _select(factors, cores, energies, weighted_energies, groups, request, dense_
                 masks = element_masks_for_budget(scores, scales, groups, budget)
             for i, mask in zip(scope, masks):
                 f = factors[i]
-                layers[i] = build_element_layer(f.u1, f.u2, cores[i], energies[i], groups, mask)
+                layers[i] = build_element_layer(f.u1, f.u2, f.core, energies[i], groups, mask)
     return layers  # type: ignore[return-value]

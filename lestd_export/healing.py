@@ -1,0 +1,88 @@
+"""Healing (DESIGN.md 2.5): distil the compressed model against the dense one (logit KL), updating
+only the stored values of the compressed attention (``U1``, ``U2``, core blocks) with the sparsity
+structure (kept rows, ranks) fixed. Adam, cosine-decayed learning rate, fixed data order and seed:
+the same inputs give the same healed model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+HEAL_SEQ_LEN = 256  # shorter sequences: more steps of fresh data per minute on a CPU
+LEARNING_RATE = 2e-4
+
+
+def stored_parameters(model) -> list:
+    """The parameters of the compressed attention modules (factors and core blocks, not biases)."""
+    from .modules import CoreOutput, LatentAttention, LatentQKV
+
+    found = {}
+    for module in model.modules():
+        if isinstance(module, (LatentAttention, LatentQKV, CoreOutput)):
+            for name, param in module.named_parameters(recurse=False):
+                if name != "bias" and param is not None:
+                    found[id(param)] = param
+    return list(found.values())
+
+
+def _kl(student_logits, teacher_logits):
+    import torch.nn.functional as F
+
+    vocab = student_logits.shape[-1]
+    return F.kl_div(F.log_softmax(student_logits.reshape(-1, vocab).float(), -1),
+                    F.log_softmax(teacher_logits.reshape(-1, vocab).float(), -1),
+                    log_target=True, reduction="batchmean")
+
+
+def heal(model, teacher, sequences: np.ndarray, steps: int, *, progress: bool = True, seed: int = 0) -> dict:
+    """Distil ``model`` towards ``teacher`` on ``sequences [n, T]`` for ``steps`` Adam steps (one
+    sequence of :data:`HEAL_SEQ_LEN` tokens per step, cycling). Returns the healing record."""
+    import torch
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    chunks = sequences[:, :sequences.shape[1] // HEAL_SEQ_LEN * HEAL_SEQ_LEN] if sequences.shape[1] >= HEAL_SEQ_LEN \
+        else sequences
+    chunks = torch.from_numpy(np.ascontiguousarray(chunks).reshape(-1, min(HEAL_SEQ_LEN, sequences.shape[1])))
+    held = chunks[: min(2, len(chunks))]  # loss_before / loss_after are measured on these
+
+    params = stored_parameters(model)
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+
+    def held_loss() -> float:
+        with torch.no_grad():
+            return float(np.mean([_kl(model(c[None], use_cache=False).logits,
+                                      teacher(c[None], use_cache=False).logits).item() for c in held]))
+
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(params, lr=LEARNING_RATE)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    was_training = model.training
+    try:
+        before = held_loss()
+        with tqdm(range(steps), desc="healing (KL to the dense model)", unit="step", disable=not progress) as bar:
+            for step in bar:
+                batch = chunks[step % len(chunks)][None]
+                with torch.no_grad():
+                    target = teacher(batch, use_cache=False).logits
+                loss = _kl(model(batch, use_cache=False).logits, target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                bar.set_postfix(kl=f"{loss.item():.4f}")
+        after = held_loss()
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+        model.train(was_training)
+        model.eval()
+    return {"tokens": int(chunks.numel()), "steps": steps, "seconds": round(time.perf_counter() - started, 1),
+            "loss_before": before, "loss_after": after, "loss": "KL(dense || compressed) per token, held batch",
+            "learning_rate": LEARNING_RATE, "seq_len": int(chunks.shape[1])}

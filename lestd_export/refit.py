@@ -1,0 +1,69 @@
+"""The sequential refit pass (DESIGN.md 2.5): install the planned layers one by one, each with its
+kept core values re-solved against the dense model's outputs on the inputs of the already-compressed
+model, so that errors do not accumulate (GPTQ-style replay of single decoder layers).
+
+Per layer ``i``: run the dense layer on the dense stream (its attention input ``Xd``, heads ``Hd``
+and output), run it on the compressed stream up to the attention input (``Xc``), refit Q/K/V,
+install the compressed layer, run it up to the output projection (``Hc``, now produced by the
+refit Q/K/V), refit O, then advance the compressed stream through the finished layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .calibration import CalibrationData, LayerReplay, gram, projection_modules
+from .numerics.pruning import CoreGroup, LayerCore, SliceGroups
+from .numerics.refit import refit_input_group, refit_output_group
+
+
+def _relative(before: float, after: float, target: float) -> dict:
+    scale = target if target > 0 else 1.0
+    return {"before": float(np.sqrt(max(before, 0.0) / scale)), "after": float(np.sqrt(max(after, 0.0) / scale))}
+
+
+def sequential_refit(model, spec, groups: SliceGroups, tensors: list[np.ndarray], cores: list[LayerCore],
+                     data: CalibrationData, install: Callable[[int, LayerCore], object], *, damping: float = 1e-6,
+                     progress: bool = True) -> list[dict]:
+    """Refit and install every layer in order; ``install(i, core)`` swaps in layer ``i`` and returns its
+    output-projection module (whose ``weight`` is then updated). Returns per layer and group the
+    relative calibration output error before and after the refit."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .surgery import output_weight
+
+    replay = LayerReplay(model, spec, data)
+    dense_stream = replay.inputs
+    compressed_stream = list(replay.inputs)
+    errors = []
+    for i in tqdm(range(len(cores)), desc="refit (layer by layer)", unit="layer", disable=not progress):
+        attention = getattr(replay.layers[i], spec.attention)
+        first, out = projection_modules(attention, spec)
+        dense_next, (xd, hd) = replay.run(i, dense_stream, watch=(first, out))
+        _, (xc,) = replay.run(i, compressed_stream, watch=(first,), stop_at=first)
+        c_cc, c_cd, c_dd = gram(xc), gram(xc, xd), gram(xd)
+        core, record = cores[i], {}
+        for name in ("q", "k", "v"):
+            group = core.groups[name]
+            basis = core.u1 if group.rows is None else core.u1[:, group.rows]
+            result = refit_input_group(basis, core.u2, group.block, tensors[i][groups.span(name)],
+                                       c_cc, c_cd, c_dd, damping)
+            core.groups[name] = CoreGroup(group.rows, result.block)
+            record[name] = _relative(result.error_before, result.error_after, result.target)
+        output = install(i, core)
+        _, (hc,) = replay.run(i, compressed_stream, watch=(output,), stop_at=output)
+        group = core.groups["o"]
+        basis = core.u1 if group.rows is None else core.u1[:, group.rows]
+        result = refit_output_group(basis, core.u2, group.block, tensors[i][groups.span("o")],
+                                    gram(hc), gram(hc, hd), gram(hd), damping)
+        core.groups["o"] = CoreGroup(group.rows, result.block)
+        record["o"] = _relative(result.error_before, result.error_after, result.target)
+        with torch.no_grad():
+            output.weight.copy_(torch.from_numpy(output_weight(core)).to(output.weight.dtype))
+        compressed_stream, _ = replay.run(i, compressed_stream)
+        dense_stream = dense_next
+        errors.append(record)
+    return errors
