@@ -53,6 +53,14 @@ REGISTRY: dict[str, ArchSpec] = {
                  rotary="none", uses_position_ids=False),
         ArchSpec("opt", "model.decoder.layers", "self_attn", o="out_proj", rotary="none"),
         ArchSpec("gptj", "transformer.h", "attn", o="out_proj", rotary="partial"),
+        # q/k norms (olmo2: over the full projected width), soft-capping, sliding-window layers, NoPE
+        # layers and scaled embeddings live in the original forward, which the compressed modules wrap
+        ArchSpec("gemma2", "model.layers", "self_attn"),
+        ArchSpec("gemma3_text", "model.layers", "self_attn"),
+        ArchSpec("phi3", "model.layers", "self_attn", fused_qkv="qkv_proj"),  # nn.Linear rows Q | K | V
+        ArchSpec("granite", "model.layers", "self_attn"),
+        ArchSpec("olmo2", "model.layers", "self_attn"),
+        ArchSpec("smollm3", "model.layers", "self_attn"),
     )
 }
 

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import torch
-from transformers import (AutoModelForCausalLM, GPT2Config, GPTJConfig, LlamaConfig, MistralConfig, OPTConfig,
-                          Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config, GPTJConfig, GraniteConfig,
+                          LlamaConfig, MistralConfig, Olmo2Config, OPTConfig, Phi3Config, Qwen2Config, Qwen3Config,
+                          SmolLM3Config)
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=128, initializer_range=0.2, tie_word_embeddings=False)
+TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # the defaults of several configs exceed VOCAB
+# Gemma: head_dim 24 != 64 / 4, a sliding-window layer (window 4 < the test sequences) then a full one,
+# attention and final-logit soft-capping on (scaled embeddings and q/k norms are always on)
+GEMMA = dict(**COMMON, **TOKENS, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=24, sliding_window=4,
+             layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=8.0,
+             final_logit_softcapping=8.0)
 
 # name -> config; every model_type in the registry must appear at least once (tests/test_architectures.py)
 TINY_CONFIGS = {
@@ -23,6 +30,18 @@ TINY_CONFIGS = {
                              word_embed_proj_dim=64, max_position_embeddings=128, init_std=0.2),
     "gptj": lambda: GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128,
                                initializer_range=0.2, tie_word_embeddings=False),
+    "gemma2": lambda: Gemma2Config(**GEMMA),
+    "gemma3_text": lambda: Gemma3TextConfig(**GEMMA, rope_local_base_freq=100.0),
+    # fused qkv_proj [Q | K | V] with GQA, partial rotary
+    "phi3": lambda: Phi3Config(**COMMON, **TOKENS, num_key_value_heads=2, partial_rotary_factor=0.5),
+    # attention scale, embedding / residual / logit multipliers; q/k/v/o biases
+    "granite": lambda: GraniteConfig(**COMMON, **TOKENS, num_key_value_heads=2, attention_bias=True,
+                                     attention_multiplier=0.1, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                     logits_scaling=2.0),
+    # q_norm / k_norm over the full projected width (not per head)
+    "olmo2": lambda: Olmo2Config(**COMMON, **TOKENS, num_key_value_heads=2),
+    # every 2nd layer without rotary embeddings (NoPE)
+    "smollm3": lambda: SmolLM3Config(**COMMON, **TOKENS, num_key_value_heads=2, no_rope_layer_interval=2),
 }
 
 
