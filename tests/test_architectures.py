@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from lestd_export.compress import compress_model, load_compressed, save_compressed
 from lestd_export.config import CompressionConfig
@@ -62,7 +63,7 @@ def test_compressed_generation_with_cache_matches_no_cache_forward(name):
     assert torch.equal(generated, sequence)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "gpt2", "opt"])
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2", "opt", "phi3", "gemma3_text"])
 @pytest.mark.parametrize("config", [CompressionConfig(size_fraction=0.5),
                                     CompressionConfig(size_fraction=0.5, granularity="element", budget="global"),
                                     CompressionConfig(method="tensorllm", size_fraction=0.7),
@@ -116,3 +117,25 @@ def test_a_group_may_keep_no_rows():
         logits = model(tokens()).logits
     assert torch.isfinite(logits).all()
     assert min(kept) == 0, kept  # the case under test actually occurs
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3_text"])
+def test_gemma_tiny_models_exercise_sliding_windows_and_soft_capping(name):
+    """The tiny Gemma configs must make the features under test matter on the test sequences (length 9)."""
+    ids = tokens()
+
+    def logits(**overrides):
+        torch.manual_seed(0)
+        config = TINY_CONFIGS[name]()
+        config.update(overrides)
+        config._attn_implementation = "eager"
+        with torch.no_grad():
+            return AutoModelForCausalLM.from_config(config).eval()(ids).logits
+
+    reference = logits()
+    changed = {"sliding_window": 1000, "final_logit_softcapping": None}
+    if name == "gemma2":
+        changed["attn_logit_softcapping"] = None
+    for key, value in changed.items():
+        assert (logits(**{key: value}) - reference).norm() / reference.norm() > 1e-3, key
+    assert tiny_model(name).model.layers[0].self_attn.head_dim != 64 // 4

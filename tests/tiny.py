@@ -12,7 +12,7 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden
               max_position_embeddings=128, initializer_range=0.2, tie_word_embeddings=False)
 TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # the defaults of several configs exceed VOCAB
 # Gemma: head_dim 24 != 64 / 4, a sliding-window layer (window 4 < the test sequences) then a full one,
-# attention and final-logit soft-capping on (scaled embeddings and q/k norms are always on)
+# attention (gemma2) and final-logit soft-capping active, scaled embeddings
 GEMMA = dict(**COMMON, **TOKENS, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=24, sliding_window=4,
              layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=8.0,
              final_logit_softcapping=8.0)
@@ -31,7 +31,8 @@ TINY_CONFIGS = {
     "gptj": lambda: GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128,
                                initializer_range=0.2, tie_word_embeddings=False),
     "gemma2": lambda: Gemma2Config(**GEMMA),
-    "gemma3_text": lambda: Gemma3TextConfig(**GEMMA, rope_local_base_freq=100.0),
+    # Gemma 3's attention ignores attn_logit_softcapping (transformers 4.57); its q_norm/k_norm act per head
+    "gemma3_text": lambda: Gemma3TextConfig(**{**GEMMA, "attn_logit_softcapping": None}, rope_local_base_freq=100.0),
     # fused qkv_proj [Q | K | V] with GQA, partial rotary
     "phi3": lambda: Phi3Config(**COMMON, **TOKENS, num_key_value_heads=2, partial_rotary_factor=0.5),
     # attention scale, embedding / residual / logit multipliers; q/k/v/o biases
