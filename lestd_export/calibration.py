@@ -151,8 +151,9 @@ def load_calibration(source: str, model, tokenizer, tokens: int = DEFAULT_TOKENS
     started = time.perf_counter()
     config = getattr(model, "config", None)
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    seq_len = min(seq_len, tokens, positions - 1 if positions else seq_len)  # "self" adds a start token
+    seq_len = min(seq_len, tokens, positions or seq_len)
     if source == "self":
+        seq_len = min(seq_len, positions - 1) if positions else seq_len  # sampling adds a start token
         sequences = _sample_from_model(model, tokenizer, tokens, seq_len)
         return CalibrationData(sequences[:, :seq_len], "self (sampled from the model)", time.perf_counter() - started)
     if source == "default":

@@ -54,6 +54,7 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
     from tqdm.auto import tqdm
 
     from .numerics.lowrank import svd_layers
+    from .numerics.metric import layer_metric
     from .numerics.planner import TuckerRequest, compress_layers, reconstruct_layer
     from .surgery import install_core_attention, install_low_rank, read_attention, slice_groups
 
@@ -85,8 +86,9 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
                                         tol=config.hooi_tol, max_iter=config.hooi_max_iter,
                                         objective=config.objective)
                 tensors = [w.slice_tensor(shape) for w in weights]
-                metrics = None if statistics is None else [_tucker_metric(s, groups, shape, config.damping)
-                                                           for s in statistics]
+                metrics = None if statistics is None else [
+                    layer_metric(s.x_gram, s.h_gram, groups.sizes, shape.head_dim, config.damping,
+                                 config.input_whitening) for s in statistics]
                 sensitivities = None if statistics is None else [s.grad_sq for s in statistics]
                 cores = compress_layers(tensors, groups, request, bar.update, metrics, sensitivities)
         except ValueError as error:
@@ -117,7 +119,7 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
             from .refit import sequential_refit
 
             output_errors = sequential_refit(model, spec, groups, tensors, cores, calibration, install,
-                                             progress=progress)
+                                             target=config.refit_target, progress=progress)
             for core, dense in zip(cores, tensors):  # the refit changed the values: recount the plain error
                 core.kept_energy = core.energy - float(np.sum((dense - reconstruct_layer(core, groups)) ** 2))
         else:
@@ -169,12 +171,6 @@ def _calibrate(model, config: CompressionConfig, tokenizer, spec, shape, progres
         return data, statistics, None, None
     heal_data = load_calibration(config.calibration, model, tokenizer, config.heal_tokens)
     return data, statistics, copy.deepcopy(model), heal_data
-
-
-def _tucker_metric(statistics, groups, shape, damping: float):
-    from .numerics.metric import layer_metric
-
-    return layer_metric(statistics.x_gram, statistics.h_gram, groups.sizes, shape.head_dim, damping)
 
 
 def _svd_metrics(statistics, damping: float) -> list:

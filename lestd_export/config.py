@@ -13,6 +13,7 @@ GRANULARITIES = ("row", "element")
 BUDGETS = ("layer", "global")
 OBJECTIVES = ("balanced", "frobenius", "fisher")
 DEFAULT_SIZE_FRACTION = 0.7
+REFIT_TARGETS = ("dense", "self")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class CompressionConfig:
     calibration_tokens: int = 2048
     damping: float = 0.01  # ridge on the calibration Gram matrices, relative to their mean diagonal
     refit: bool = True  # with calibration: least-squares refit of the kept core values, layer by layer
+    refit_target: str = "dense"  # "dense": the dense model's outputs; "self": the dense layer on the compressed inputs
+    input_whitening: float = 0.0  # power p of the input Gram in the shared left metric (0: none, 1: full whitening)
     heal: bool = False  # with calibration: distil the compressed model against the dense one
     heal_tokens: int = 4096
     heal_steps: int = 60
@@ -102,6 +105,10 @@ class CompressionConfig:
             bad(f"calibration tokens must be an integer >= 128, got {self.calibration_tokens!r}")
         if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping > 0):
             bad(f"damping must be a positive number, got {self.damping!r}")
+        if self.refit_target not in REFIT_TARGETS:
+            bad(f"unknown refit target {self.refit_target!r}; choose one of {', '.join(REFIT_TARGETS)}")
+        if not (isinstance(self.input_whitening, (int, float)) and 0 <= self.input_whitening <= 1):
+            bad(f"input whitening must lie in [0, 1], got {self.input_whitening!r}")
         if self.heal and self.calibration == "none":
             bad("--heal distils on calibration data: give a --calibration source")
         if not (isinstance(self.heal_tokens, int) and self.heal_tokens >= 128 and isinstance(self.heal_steps, int)

@@ -25,11 +25,13 @@ def _relative(before: float, after: float, target: float) -> dict:
 
 
 def sequential_refit(model, spec, groups: SliceGroups, tensors: list[np.ndarray], cores: list[LayerCore],
-                     data: CalibrationData, install: Callable[[int, LayerCore], object], *, damping: float = 1e-6,
-                     progress: bool = True) -> list[dict]:
+                     data: CalibrationData, install: Callable[[int, LayerCore], object], *, target: str = "dense",
+                     damping: float = 1e-6, progress: bool = True) -> list[dict]:
     """Refit and install every layer in order; ``install(i, core)`` swaps in layer ``i`` and returns its
-    output-projection module (whose ``weight`` is then updated). Returns per layer and group the
-    relative calibration output error before and after the refit."""
+    output-projection module (whose ``weight`` is then updated). ``target``: ``dense`` fits the dense
+    model's outputs (``Xd W``), ``self`` the dense weights applied to the compressed model's own
+    inputs (``Xc W``, ``Hc W_O``: GPTQ's choice). Returns per layer and group the relative calibration output error
+    before and after the refit (against that target)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -44,6 +46,8 @@ def sequential_refit(model, spec, groups: SliceGroups, tensors: list[np.ndarray]
         first, out = projection_modules(attention, spec)
         dense_next, (xd, hd) = replay.run(i, dense_stream, watch=(first, out))
         _, (xc,) = replay.run(i, compressed_stream, watch=(first,), stop_at=first)
+        if target == "self":
+            xd = xc
         c_cc, c_cd, c_dd = gram(xc), gram(xc, xd), gram(xd)
         core, record = cores[i], {}
         for name in ("q", "k", "v"):
@@ -55,6 +59,8 @@ def sequential_refit(model, spec, groups: SliceGroups, tensors: list[np.ndarray]
             record[name] = _relative(result.error_before, result.error_after, result.target)
         output = install(i, core)
         _, (hc,) = replay.run(i, compressed_stream, watch=(output,), stop_at=output)
+        if target == "self":  # the dense output projection on the compressed model's heads
+            hd = hc
         group = core.groups["o"]
         basis = core.u1 if group.rows is None else core.u1[:, group.rows]
         result = refit_output_group(basis, core.u2, group.block, tensors[i][groups.span("o")],

@@ -28,22 +28,50 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--budget", choices=BUDGETS, default="layer",
                        help="share the budget per layer (default) or globally by normalised importance")
     group.add_argument("--objective", choices=OBJECTIVES, default=None,
-                       help="weight-error norm the planner minimises: balanced (lestd default: each q/k/v/o head "
-                            "group by its relative error, invariant to Q/K and V/O rescaling) or frobenius (the "
-                            "papers' plain norm; the only one for tensorllm)")
+                       help="norm the planner minimises: balanced (lestd default: each q/k/v/o head group by its "
+                            "relative error, invariant to Q/K and V/O rescaling), fisher (needs calibration: each "
+                            "group by its measured loss sensitivity, layers compared in loss units) or frobenius "
+                            "(the papers' plain norm; the only one for tensorllm)")
+    group.add_argument("--calibration", default=None, metavar="SOURCE",
+                       help="activation data for data-aware compression: default (offline: Python standard-library "
+                            "docstrings, disjoint from eval's default text), a UTF-8 text file, wikitext2 (needs "
+                            "'datasets' and network), self (samples of the model), or none (the papers' data-free "
+                            "method). Default: 'default' for lestd, 'none' for the baselines")
+    group.add_argument("--calibration-tokens", type=int, default=2048, metavar="N",
+                       help="calibration tokens (default 2048, in sequences of up to 512)")
+    group.add_argument("--no-refit", action="store_true",
+                       help="with calibration: skip the layer-by-layer least-squares refit of the kept values")
+    group.add_argument("--heal", action="store_true",
+                       help="with calibration: distil the compressed model against the dense one (logit KL), "
+                            "updating only stored values; about 5-10 minutes on 2 cores with the defaults")
+    group.add_argument("--heal-tokens", type=int, default=4096, metavar="N", help="healing tokens (default 4096)")
+    group.add_argument("--heal-steps", type=int, default=60, metavar="N",
+                       help="healing steps of one 256-token sequence each (default 60)")
+    group.add_argument("--damping", type=float, default=0.01,
+                       help="ridge added to calibration Gram matrices, relative to their mean diagonal (default 0.01)")
     group.add_argument("--hooi-tol", type=float, default=1e-6, help="HOOI stop: relative change of ||G||^2")
     group.add_argument("--hooi-max-iter", type=int, default=10, help="HOOI stop: maximum sweeps")
+
+
+def default_calibration(method: str) -> str:
+    """The CLI's calibration source when none is given: calibrated LeSTD, data-free baselines."""
+    return "default" if method == "lestd" else "none"
 
 
 def config_from_args(args: argparse.Namespace) -> CompressionConfig:
     """A validated config from the compression flags (raises InvalidConfigError)."""
     return CompressionConfig(method=args.method, size_fraction=args.size_fraction, ranks=args.ranks,
                              core_density=args.core_density, granularity=args.granularity, budget=args.budget,
-                             objective=args.objective, hooi_tol=args.hooi_tol, hooi_max_iter=args.hooi_max_iter)
+                             objective=args.objective, hooi_tol=args.hooi_tol, hooi_max_iter=args.hooi_max_iter,
+                             calibration=args.calibration or default_calibration(args.method),
+                             calibration_tokens=args.calibration_tokens, refit=not args.no_refit, heal=args.heal,
+                             heal_tokens=args.heal_tokens, heal_steps=args.heal_steps, damping=args.damping)
 
 
 def compression_flags_given(args: argparse.Namespace) -> bool:
     """Whether any compression flag differs from its default (exporting a checkpoint takes none)."""
     defaults = {"method": "lestd", "size_fraction": None, "ranks": None, "core_density": None,
-                "granularity": "row", "budget": "layer", "objective": None, "hooi_tol": 1e-6, "hooi_max_iter": 10}
+                "granularity": "row", "budget": "layer", "objective": None, "hooi_tol": 1e-6, "hooi_max_iter": 10,
+                "calibration": None, "calibration_tokens": 2048, "no_refit": False, "heal": False,
+                "heal_tokens": 4096, "heal_steps": 60, "damping": 0.01}
     return any(getattr(args, key) != value for key, value in defaults.items())

@@ -18,6 +18,8 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, help="output directory (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the compression report (also written to "
+                        "DIR/compression_report.json) instead of a summary")
     add_compression_flags(parser)
     parser.set_defaults(run=run)
 
@@ -30,10 +32,25 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_output_dir(args.output, args.overwrite)
     loaded = load_model(args.model)
-    report = compress_model(loaded.model, config, progress=not args.quiet, source=loaded.source)
+    report = compress_model(loaded.model, config, tokenizer=loaded.tokenizer, progress=not args.quiet,
+                            source=loaded.source)
     save_compressed(loaded, report, args.output, overwrite=args.overwrite)
-    summary = {k: report[k] for k in ("method", "size_fraction", "params", "seconds")}
-    summary["relative_weight_error"] = report["relative_weight_error"]["overall"]
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {args.output}")
+    print(json.dumps(report, indent=2) if args.json else summary(report, args.output))
     return 0
+
+
+def summary(report: dict, out: Path) -> str:
+    """What was compressed, how far, where it went and what to run next."""
+    from ..compress import REPORT_FILE, WEIGHTS_FILE
+
+    fraction = report["size_fraction"]
+    requested = "" if fraction["requested"] is None else f" (requested {fraction['requested']:g})"
+    return "\n".join([
+        f"compressed with {report['method']}: attention at {fraction['with_indices']:.3f} of its dense size"
+        f"{requested}, relative weight error {report['relative_weight_error']['overall']:.3f}, "
+        f"{report['seconds']:.1f} s",
+        f"  checkpoint: {out} ({WEIGHTS_FILE} {(out / WEIGHTS_FILE).stat().st_size / 2**20:.1f} MB)",
+        f"  report: {out / REPORT_FILE}",
+        "next:",
+        f"  lestd-export export {out} -o {out}-onnx",
+        f"  lestd-export eval {out}"])

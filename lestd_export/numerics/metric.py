@@ -39,7 +39,7 @@ def cholesky_factor(gram: np.ndarray, damping: float) -> np.ndarray:
 class LayerMetric:
     """``||A (W_s - What_s) B_s||_F`` per slice of a layer tensor ``[S, d, d_h]``."""
 
-    left: np.ndarray  # A [d, d] upper triangular (L^T)
+    left: np.ndarray  # A [d, d]: L^T (upper triangular), a symmetric Gram power, or I
     right: np.ndarray | None = None  # [S, d_h, d_h] lower triangular B_s, or None (identity)
 
     def apply(self, w: np.ndarray) -> np.ndarray:
@@ -59,14 +59,32 @@ class LayerMetric:
         return np.stack([np.linalg.solve(b.T, f.T).T for b, f in zip(self.right[span], folded)])  # f B_s^{-1}
 
 
+def gram_power(gram: np.ndarray, power: float, damping: float) -> np.ndarray:
+    """Symmetric ``(gram + damping mean(diag) I)^power`` via an eigendecomposition."""
+    gram = np.asarray(gram, dtype=np.float64)
+    eigvals, eigvecs = np.linalg.eigh(gram + damping * (float(np.mean(np.diag(gram))) or 1.0) * np.eye(len(gram)))
+    return (eigvecs * np.clip(eigvals, 1e-300, None) ** power) @ eigvecs.T
+
+
 def layer_metric(x_gram: np.ndarray, h_gram: np.ndarray | None, sizes: tuple[int, int, int, int], head_dim: int,
-                 damping: float) -> LayerMetric:
+                 damping: float, input_power: float = 1.0) -> LayerMetric:
     """Metric from a layer's input Gram ``[d, d]`` and head Gram ``[h d_h, h d_h]`` (block diagonal part).
 
+    ``input_power`` ``p`` sets the shared left factor: ``A = L^T`` (Cholesky) at ``p = 1`` (the
+    Q/K/V output error exactly), ``A = I`` at ``p = 0``, the symmetric ``C^{p/2}`` between. The left
+    factor is shared with the output heads, whose ``d`` mode is the output side: in trained models a
+    few input dimensions carry hundreds of times the median energy, and full whitening then spends
+    the output heads' budget on those dimensions (measured in ``benchmarks/calibration_quality.py``).
     ``sizes`` are the q, k, v, o slice counts; Q/K/V slices get ``B_s = I``, output head ``i`` gets
     the Cholesky factor of its diagonal block of the head Gram. ``h_gram=None``: no right factors.
     """
-    left = cholesky_factor(x_gram, damping).T
+    d = len(x_gram)
+    if input_power == 1.0:
+        left = cholesky_factor(x_gram, damping).T
+    elif input_power == 0.0:
+        left = np.eye(d)
+    else:
+        left = gram_power(x_gram, input_power / 2, damping)
     if h_gram is None:
         return LayerMetric(left)
     n_q, n_k, n_v, n_o = sizes
