@@ -12,6 +12,7 @@ against PyTorch ourselves (left-padded batch, prefill and cached decode) and wri
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -62,6 +63,49 @@ class _SharedFactorNotices(logging.Filter):
         return True
 
 
+@contextlib.contextmanager
+def quiet_tracing():
+    """Silences what tracing a Hugging Face model always prints and a user cannot act on: torch's
+    TracerWarnings (Python branches on traced shapes, which optimum's dynamic axes cover) and the
+    exporter's note on advanced indexing, plus optimum's notices about the shared ``U1``. Errors and
+    other warnings pass."""
+    import warnings
+
+    import torch
+    from optimum.onnx import transformations_utils
+
+    notices = _SharedFactorNotices()
+    transformations_utils.logger.addFilter(notices)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
+            yield
+    finally:
+        transformations_utils.logger.removeFilter(notices)
+
+
+@contextlib.contextmanager
+def tied_head_reads_embedding(model):
+    """While exporting, a tied bias-free ``lm_head`` is a :class:`~lestd_export.modules.TiedOutputEmbedding`:
+    the graph then reads the one stored embedding, which ONNX Runtime cannot fold into a transposed copy."""
+    from torch import nn
+
+    from .modules import TiedOutputEmbedding
+
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = (isinstance(head, nn.Linear) and head.bias is None and isinstance(embedding, nn.Embedding)
+            and head.weight is embedding.weight)
+    if not tied:
+        yield
+        return
+    model.set_output_embeddings(TiedOutputEmbedding(embedding))
+    try:
+        yield
+    finally:
+        model.set_output_embeddings(head)
+
+
 def export_model(loaded: LoadedModel, out_dir: Path, *, opset: int = DEFAULT_OPSET, validate: bool = True,
                  optimize: bool = False, overwrite: bool = False, tolerance: float = 1e-3,
                  decode_steps: int = 8) -> dict:
@@ -71,19 +115,13 @@ def export_model(loaded: LoadedModel, out_dir: Path, *, opset: int = DEFAULT_OPS
     """
     from optimum.exporters.onnx import onnx_export_from_model
 
-    from optimum.onnx import transformations_utils
-
     check_opset(opset)
     started = time.perf_counter()
     with atomic_output_dir(Path(out_dir), overwrite) as staging:
-        notices = _SharedFactorNotices()
-        transformations_utils.logger.addFilter(notices)
-        try:
+        with quiet_tracing(), tied_head_reads_embedding(loaded.model):
             onnx_export_from_model(loaded.model, staging, task="text-generation-with-past", opset=opset,
                                    do_validation=False,
                                    preprocessors=[loaded.tokenizer] if loaded.tokenizer else None)
-        finally:
-            transformations_utils.logger.removeFilter(notices)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(staging)
         fusions = optimize_graph(staging / ONNX_FILE) if optimize else None

@@ -273,3 +273,32 @@ class LowRankProjection(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"rank={getattr(self, f'a_{j}').shape[1]}" for j in range(self.num_parts))
+
+
+class _LogitsMatMulT(_MatMulT):
+    """:class:`_MatMulT` whose ONNX output keeps ``w``'s row count (the vocabulary) as a static last axis."""
+
+    @staticmethod
+    def symbolic(g, x, w):
+        out = _MatMulT.symbolic(g, x, w)
+        rank, rows = x.type().dim(), w.type().sizes()[0]
+        if rank is not None:
+            out.setType(x.type().with_sizes([None] * (rank - 1) + [rows]))
+        return out
+
+
+class TiedOutputEmbedding(nn.Module):
+    """A tied ``lm_head`` for export: ``logits = h @ E^T`` on the input embedding ``E [V, d]`` itself.
+
+    Read through ``FusedMatMul(transB=1)`` (as ``U1`` is), so the graph stores ``E`` once: a tied
+    ``nn.Linear`` traces to ``MatMul(h, Transpose(E))``, which ONNX Runtime constant-folds into a second,
+    transposed copy (113 MB on SmolLM2). ``E`` is not registered as a parameter here, so exporters that
+    look for tied parameters see none.
+    """
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self._embedding = (embedding,)  # a tuple: not registered as a submodule
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., d] -> [..., V]
+        return _LogitsMatMulT.apply(hidden, self._embedding[0].weight)

@@ -1,10 +1,11 @@
 """The default model compressed at 0.7, exported, validated, and generated from three ways."""
 
+import onnx
 import pytest
 
 from lestd_export.compress import compress_model
 from lestd_export.config import CompressionConfig
-from lestd_export.export import export_model
+from lestd_export.export import constant_bytes, export_model, ort_optimized_sizes
 from lestd_export.loading import load_model
 from lestd_export.runtime import OrtCausalLM
 
@@ -35,6 +36,14 @@ def test_file_is_smaller_by_what_the_report_predicts(exports):
     predicted = 4 * (params["dense_attention"] - params["stored"])
     saved = exports["dense"]["model_bytes"] - exports["report"]["model_bytes"]
     assert abs(saved - predicted) <= 0.02 * predicted
+
+
+@pytest.mark.parametrize("name", ["dense", "lestd-0.7"])
+def test_optimised_session_holds_no_weight_bytes_beyond_the_file(exports, name, tmp_path):
+    """The tied embedding (113 MB) is read once: ORT_ENABLE_ALL folds no transposed copy of it."""
+    directory = exports["root"] / name
+    graph = onnx.load(str(directory / "model.onnx"))
+    assert sum(ort_optimized_sizes(directory, tmp_path).values()) <= constant_bytes(graph)
 
 
 def test_optimum_ort_loop_and_pytorch_generate_the_same(exports):

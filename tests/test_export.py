@@ -1,10 +1,13 @@
 """Ladder rung 4: ONNX Runtime equals PyTorch, for every registered architecture, dense and compressed."""
 
 import json
+import warnings
 
 import numpy as np
 import onnx
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from lestd_export.cli import main
 from lestd_export.compress import compress_model
@@ -61,6 +64,42 @@ def test_compressed_graph_has_no_dense_weight_even_after_ort_optimisation(tmp_pa
     # layout: a stored weight is never the left operand of a MatMul (that runs as a slow batched GEMV)
     stored = {i.name for i in graph.graph.initializer}
     assert not [n.name for n in graph.graph.node if n.op_type == "MatMul" and n.input[0] in stored]
+
+
+def tiny_tied_model():
+    """qwen2 (GQA) with its lm_head tied to the input embedding, as in SmolLM2 and the small Qwen2 models
+    (not llama-gqa: optimum's ORTModelForCausalLM assumes head_dim = hidden / heads)."""
+    torch.manual_seed(0)
+    config = TINY_CONFIGS["qwen2"]()
+    config.tie_word_embeddings = True
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+@pytest.mark.parametrize("config", [None, ROW_PRUNED], ids=["dense", "lestd"])
+def test_tied_embedding_is_stored_and_read_once_even_after_ort_optimisation(tmp_path, config):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model = tiny_tied_model()
+    if config is not None:
+        compress_model(model, config, progress=False)
+    out = tmp_path / "tied"
+    report = export_model(LoadedModel(model, None, "tied"), out)
+    assert report["parity"]["max_relative_error"] < 1e-4 and report["parity"]["greedy_tokens_equal"]
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the export-time head was swapped back
+    graph = onnx.load(str(out / "model.onnx"))
+    head = next(n for n in graph.graph.node if "logits" in n.output)
+    assert head.op_type == "FusedMatMul" and "model.embed_tokens.weight" in head.input
+    assert graph.graph.output[0].type.tensor_type.shape.dim[-1].dim_value == model.config.vocab_size
+    # a MatMul(h, Transpose(E)) head would be folded into a second, transposed copy of E here
+    assert sum(ort_optimized_sizes(out, tmp_path).values()) <= constant_bytes(graph)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    optimum_model = ORTModelForCausalLM.from_pretrained(out)
+    assert torch.equal(optimum_model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0), expected)
 
 
 def test_full_rank_export_reproduces_the_original_model(tmp_path):
@@ -172,3 +211,23 @@ def test_optional_graph_optimisation_keeps_parity(tmp_path):
     _, _, report = export_tiny(tmp_path, "llama-gqa", ROW_PRUNED, optimize=True)
     assert isinstance(report["fusions"], dict)  # the fusions that fired (none may fire on small graphs)
     assert report["parity"]["max_relative_error"] < 1e-4 and report["parity"]["greedy_tokens_equal"]
+
+
+def test_cli_prints_a_short_summary_and_no_tracer_noise(tmp_path, capsys):
+    tiny = tmp_path / "tiny"
+    tiny_model("llama-gqa").save_pretrained(tiny)
+    out = tmp_path / "onnx"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["export", str(tiny), "-o", str(out), "--dense"]) == 0
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    printed = capsys.readouterr().out
+    assert "{" not in printed and len(printed.splitlines()) <= 8
+    assert "max relative logit error" in printed and "greedy tokens equal" in printed
+    assert f"lestd-export eval {out} --backend onnxruntime" in printed and str(out / "export_report.json") in printed
+    assert main(["export", str(tiny), "-o", str(out), "--dense", "--no-validate", "--overwrite", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads((out / "export_report.json").read_text())
+    checkpoint = tmp_path / "svd"
+    assert main(["compress", str(tiny), "-o", str(checkpoint), "--method", "svd", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "{" not in printed and "relative weight error" in printed and f"lestd-export export {checkpoint}" in printed

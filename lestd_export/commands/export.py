@@ -26,6 +26,8 @@ def register(subparsers) -> None:
                         help="largest relative logit error accepted (default 1e-3: PyTorch's own fp32 rounding "
                              "moves the default model at 0.7 by 3.7e-4 against float64)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--json", action="store_true",
+                        help="print the export report (also written to DIR/export_report.json) instead of a summary")
     add_compression_flags(parser)
     parser.set_defaults(run=run)
 
@@ -40,7 +42,25 @@ def run(args: argparse.Namespace) -> int:
     loaded, _ = load_for_export(args.model, config, args.dense)
     report = export_model(loaded, args.output, opset=args.opset, validate=not args.no_validate,
                           optimize=args.optimize, overwrite=args.overwrite, tolerance=args.tolerance)
-    keys = ("method", "size_fraction", "model_bytes", "largest_initializer", "parity", "fusions")
-    print(json.dumps({k: report.get(k) for k in keys}, indent=2))
-    print(f"wrote {args.output}")
+    print(json.dumps(report, indent=2) if args.json else summary(report, args.output))
     return 0
+
+
+def summary(report: dict, out: Path) -> str:
+    """What a user wants after an export: what was written, how large, whether it matches PyTorch, what next."""
+    from ..export import ONNX_FILE, REPORT_FILE
+
+    what = (f"{report['method']}, attention at {report['size_fraction']['with_indices']:.3f} of its dense size"
+            if report["compressed"] else "the dense model")
+    lines = [f"exported {what} to {out}", f"  {ONNX_FILE}: {report['model_bytes'] / 2**20:.1f} MB"]
+    parity = report.get("parity")
+    if parity is None:
+        lines.append("  parity with PyTorch: not checked (--no-validate)")
+    else:  # a failed check raised before this point
+        lines.append(f"  parity with PyTorch: max relative logit error {parity['max_relative_error']:.1e}, greedy "
+                     f"tokens equal (batch {parity['batch']}, prefill + {parity['decode_steps']} decode steps)")
+    if report.get("fusions") is not None:
+        lines.append(f"  fusions: {', '.join(f'{k} x{v}' for k, v in report['fusions'].items()) or 'none fired'}")
+    lines += [f"  report: {out / REPORT_FILE}", "next:",
+              f"  lestd-export eval {out} --backend onnxruntime", f"  lestd-export bench {out}"]
+    return "\n".join(lines)
