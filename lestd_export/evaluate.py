@@ -208,16 +208,18 @@ def torch_perplexity(model, token_ids, seq_len: int = DEFAULT_SEQ_LEN, max_token
 
 
 def ort_perplexity(export_dir: str | Path, token_ids, seq_len: int = DEFAULT_SEQ_LEN, max_tokens: int | None = None,
-                   progress: bool = True, threads: int | None = None) -> dict:
-    """Perplexity of an ONNX export (``DIR/model.onnx``) through ONNX Runtime, same windows as torch."""
+                   progress: bool = True, threads: int | None = None, model_file: str | Path | None = None) -> dict:
+    """Perplexity of an ONNX export (``DIR/model.onnx``, or ``model_file`` such as a quantised copy in
+    it) through ONNX Runtime, same windows as torch."""
     import numpy as np
     import torch
     from tqdm.auto import tqdm
 
-    from .runtime import OrtCausalLM
+    from .runtime import OrtCausalLM, open_session
 
     batches, predicted = _batches(_as_list(token_ids), seq_len, max_tokens)
-    runner = OrtCausalLM(Path(export_dir), threads=threads)
+    session = None if model_file is None else open_session(Path(model_file), threads=threads)
+    runner = OrtCausalLM(Path(export_dir), threads=threads, session=session)
     nll, num_windows = 0.0, 0
     with tqdm(total=predicted, desc="perplexity (onnxruntime)", unit="tok", disable=not progress,
               leave=False) as bar:
