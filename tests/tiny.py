@@ -31,8 +31,9 @@ TINY_CONFIGS = {
     "gptj": lambda: GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128,
                                initializer_range=0.2, tie_word_embeddings=False),
     "gemma2": lambda: Gemma2Config(**GEMMA),
-    # Gemma 3's attention ignores attn_logit_softcapping (transformers 4.57); its q_norm/k_norm act per head
-    "gemma3_text": lambda: Gemma3TextConfig(**{**GEMMA, "attn_logit_softcapping": None}, rope_local_base_freq=100.0),
+    # Gemma 3 ignores attn_logit_softcapping (transformers 4.57); per-head q/k norms; tied, scaled embedding
+    "gemma3_text": lambda: Gemma3TextConfig(**{**GEMMA, "attn_logit_softcapping": None, "tie_word_embeddings": True},
+                                            rope_local_base_freq=100.0),
     # fused qkv_proj [Q | K | V] with GQA, partial rotary
     "phi3": lambda: Phi3Config(**COMMON, **TOKENS, num_key_value_heads=2, partial_rotary_factor=0.5),
     # attention scale, embedding / residual / logit multipliers; q/k/v/o biases
