@@ -21,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, InvalidConfigError, LestdError
+from .errors import CheckpointError, CorruptFileError, InvalidConfigError, LestdError
 from .export import model_files_bytes
+from .files import check_model_dir, check_onnx, read_json
 
 QUANT_MODES = ("none", "int8", "int4")
 ONNX_FILE = "model.onnx"
+FIX_DIR = "re-export the model (lestd-export export)"
 
 
 class BenchmarkError(LestdError):
@@ -79,8 +81,9 @@ def quantize_int8(export_dir: Path, overwrite: bool = False) -> tuple[Path, dict
     src = check_export_dir(export_dir) / ONNX_FILE
     out = src.with_name("model.int8.onnx")
     sidecar = out.with_suffix(".json")
-    if out.is_file() and sidecar.is_file() and not overwrite:
-        return out, json.loads(sidecar.read_text())
+    cached = _cached_quantization(out, sidecar, overwrite)
+    if cached is not None:
+        return out, cached
     model = onnx.load(str(src), load_external_data=False)
     ranks = _initializer_ranks(model)
     batched = [n.name for n in model.graph.node if n.op_type == "MatMul"
@@ -118,8 +121,9 @@ def quantize_int4(export_dir: Path, overwrite: bool = False) -> tuple[Path, dict
     src = check_export_dir(export_dir) / ONNX_FILE
     out = src.with_name("model.int4.onnx")
     sidecar = out.with_suffix(".json")
-    if out.is_file() and sidecar.is_file() and not overwrite:
-        return out, json.loads(sidecar.read_text())
+    cached = _cached_quantization(out, sidecar, overwrite)
+    if cached is not None:
+        return out, cached
     quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=32, is_symmetric=True,
                                      accuracy_level=4, op_types_to_quantize=("MatMul",))
     quantizer.process()
@@ -134,6 +138,16 @@ def quantize_int4(export_dir: Path, overwrite: bool = False) -> tuple[Path, dict
             "matmul_fp32_left": sum(1 for n in quantized.graph.node if n.op_type == "MatMul")}
     sidecar.write_text(json.dumps(info, indent=2) + "\n")
     return out, info
+
+
+def _cached_quantization(out: Path, sidecar: Path, overwrite: bool) -> dict | None:
+    """The sidecar of a quantised copy made earlier, or None to (re)make it (absent, damaged, or ``overwrite``)."""
+    if overwrite or not out.is_file() or not sidecar.is_file():
+        return None
+    try:
+        return read_json(sidecar)
+    except CorruptFileError:
+        return None  # an interrupted earlier run: quantise again
 
 
 QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
@@ -239,7 +253,7 @@ def _size_fraction(export_dir: Path) -> float | None:
     report = export_dir / "export_report.json"
     if not report.is_file():
         return None
-    fraction = json.loads(report.read_text()).get("size_fraction")
+    fraction = read_json(report, FIX_DIR).get("size_fraction")
     return fraction.get("with_indices") if isinstance(fraction, dict) else fraction
 
 
@@ -284,6 +298,8 @@ def run_benchmark(dirs: list[Path], baseline: Path | None = None, provider: str 
             raise InvalidConfigError(f"--{name} must be >= {low} (got {value})")
     for d in [*dirs, *([baseline] if baseline else [])]:
         check_export_dir(d)
+        check_model_dir(d, FIX_DIR)
+        check_onnx(Path(d) / ONNX_FILE, FIX_DIR)
     check_provider(provider, Path(baseline or dirs[0]) / ONNX_FILE, threads)
     variants = build_variants([Path(d) for d in dirs], quantize or ["none"], Path(baseline) if baseline else None)
 

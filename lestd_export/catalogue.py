@@ -6,14 +6,18 @@ Each entry says where the weights come from (``source``) and which settings we r
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from .errors import CorruptFileError, ModelNotFoundError
+from .files import read_json
 
 DEFAULT_ALIAS = "smollm2-135m"
+SOURCE_KEYS = {  # source type -> the keys it needs
+    "package-gguf": ("package", "file", "distribution", "version", "sha256"),  # see loading.package_gguf
+    "hub": ("repo",),
+}
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,12 @@ def entry(alias: str) -> CatalogueEntry:
     if not path.is_file():
         known = ", ".join(list_aliases()) or f"none (no catalogue at {catalogue_dir()})"
         raise ModelNotFoundError(f"unknown model alias {alias!r}; known aliases: {known}")
-    data = json.loads(path.read_text())
+    data = read_json(path, "fix the catalogue file, or set LESTD_MODELS_DIR to another catalogue folder")
+    source = data.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if "alias" not in data or kind not in SOURCE_KEYS or any(key not in source for key in SOURCE_KEYS[kind]):
+        kinds = " or ".join(f"{k} ({', '.join(keys)})" for k, keys in SOURCE_KEYS.items())
+        raise CorruptFileError(f"{path} is not a complete catalogue entry: it needs 'alias' and a 'source' of type "
+                               f"{kinds}; fix the file, or set LESTD_MODELS_DIR to another catalogue folder")
     return CatalogueEntry(alias=data["alias"], name=data.get("name", alias), description=data.get("description", ""),
                           source=data["source"], recommended=data.get("recommended", {}))

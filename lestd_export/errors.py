@@ -30,3 +30,7 @@ class CheckpointError(LestdError):
 
 class OutputExistsError(LestdError):
     """The output path exists and ``overwrite`` was not requested."""
+
+
+class CorruptFileError(CheckpointError):
+    """A file the tool reads is truncated, corrupt or not of the kind its name says."""

@@ -14,12 +14,12 @@ Text is tokenised without special tokens (no BOS), so every window is plain text
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import CheckpointError, InvalidConfigError, LestdError
+from .files import check_model_dir, read_json
 from .loading import COMPRESSION_KEY
 
 BACKENDS = ("torch", "onnxruntime")
@@ -28,6 +28,7 @@ DEFAULT_SEQ_LEN = 512
 BATCH_WINDOWS = 4  # windows per forward pass
 REPORT_FILE = "compression_report.json"  # written next to a compressed checkpoint (see compress.py)
 ONNX_FILE = "model.onnx"
+FIX_DIR = "re-create the directory (lestd-export export / compress)"
 RESULT_KEYS = ("perplexity", "tokens", "seq_len", "backend", "text_source", "model", "size_fraction")
 
 
@@ -74,7 +75,13 @@ def load_text(text_file: str | Path | None = None, dataset: str | None = None) -
         if not path.is_file():
             raise TextSourceError(f"text file {path} does not exist (or is not a file): pass an existing UTF-8 "
                                   "text file, or leave --text-file out to use the default text")
-        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise TextSourceError(f"text file {path} is not UTF-8 text (invalid byte at offset {error.start}): "
+                                  "pass a plain text file") from None
+        if "\x00" in text:
+            raise TextSourceError(f"text file {path} holds NUL bytes: it is binary, not text; pass a plain text file")
         if not text.strip():
             raise TextSourceError(f"text file {path} is empty: pass a file with some text in it")
         return text, str(path)
@@ -249,12 +256,12 @@ def size_fraction_of_dir(path: Path) -> float | None:
     path = Path(path)
     config = path / "config.json"
     if config.is_file():
-        fraction = _fraction_from(json.loads(config.read_text()).get(COMPRESSION_KEY))
+        fraction = _fraction_from(read_json(config, FIX_DIR).get(COMPRESSION_KEY))
         if fraction is not None:
             return fraction
     report = path / REPORT_FILE
     if report.is_file():
-        return _fraction_from(json.loads(report.read_text()))
+        return _fraction_from(read_json(report, FIX_DIR))
     return None
 
 
@@ -311,13 +318,10 @@ def evaluate(target: str | Path | None, backend: str = "torch", text_file: str |
         if not (export_dir / ONNX_FILE).is_file():
             raise CheckpointError(f"{export_dir} holds no {ONNX_FILE}: pass an export directory "
                                   "(lestd-export export ...), or use --backend torch for a model")
-        from transformers import AutoTokenizer
+        from .loading import load_tokenizer
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(export_dir)
-        except (OSError, ValueError, TypeError):
-            tokenizer = None
-        ids = tokenize(tokenizer, text, max_tokens)
+        check_model_dir(export_dir, FIX_DIR)
+        ids = tokenize(load_tokenizer(export_dir), text, max_tokens)
         result = ort_perplexity(export_dir, ids, seq_len, max_tokens, progress)
         model_name = str(export_dir)
         fraction = size_fraction_of_dir(export_dir)

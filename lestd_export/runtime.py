@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, InvalidConfigError
+from .errors import CheckpointError, CorruptFileError, InvalidConfigError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -53,7 +53,8 @@ def open_session(model_path: Path, provider: str = "cpu", threads: int | None = 
         return ort.InferenceSession(str(model_path), sess_options=session_options(threads, optimization),
                                     providers=[PROVIDERS[provider]])
     except Exception as error:  # onnxruntime raises its own untyped exceptions for invalid graphs
-        raise CheckpointError(f"onnxruntime cannot load {model_path}: {str(error).splitlines()[0]}") from None
+        raise CorruptFileError(f"onnxruntime cannot load {model_path} ({str(error).splitlines()[0][:200]}): the file "
+                               "is truncated, corrupt or not an ONNX model; re-export it (lestd-export export)") from None
 
 
 @dataclass
@@ -83,7 +84,13 @@ class OrtCausalLM:
     def config(self) -> dict:
         """The export's ``config.json`` (``{}`` when absent)."""
         file = self.path / "config.json"
-        return json.loads(file.read_text()) if file.is_file() else {}
+        if not file.is_file():
+            return {}
+        try:
+            return json.loads(file.read_bytes().decode("utf-8"))
+        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+            raise CorruptFileError(f"{file} is not valid JSON ({str(error)[:200]}): the file is truncated or "
+                                   "corrupt; re-export the model") from None
 
     def _kv_dims(self, shape: list) -> tuple[int, int]:
         """``(kv_heads, head_dim)`` of a past input ``[batch, kv_heads, past, head_dim]``, from the graph
