@@ -37,7 +37,7 @@ def read_json(path: Path, fix: str = "restore or re-create it") -> dict:
     except UnicodeDecodeError:
         raise CorruptFileError(f"{path} is not JSON text (it is not UTF-8): the file is corrupt; {fix}") from None
     except json.JSONDecodeError as error:
-        raise CorruptFileError(f"{path} is not valid JSON ({error.msg}, line {error.lineno}): the file is "
+        raise CorruptFileError(f"{path} is not valid JSON ({error}): the file is "
                                f"truncated or corrupt; {fix}") from None
     if not isinstance(data, dict):
         raise CorruptFileError(f"{path} holds a JSON {type(data).__name__}, not an object: {fix}")

@@ -102,8 +102,9 @@ def _load_checkpoint(path: Path) -> LoadedModel:
     except LestdError:
         raise
     except (*LOAD_ERRORS, TypeError) as error:  # a compression section or weights that do not fit together
-        raise CheckpointError(f"{path} is not a readable compressed checkpoint ({first_line(error)}): re-create "
-                              "it with `lestd-export compress`") from None
+        why = f"no {error} in its compression section" if isinstance(error, KeyError) else first_line(error)
+        raise CheckpointError(f"{path} is not a readable compressed checkpoint ({why}): re-create it with "
+                              "`lestd-export compress`") from None
     harmonise_special_tokens(loaded.model, loaded.tokenizer)
     return loaded
 
