@@ -1,11 +1,19 @@
 """Quality sweep: perplexity versus achieved size fraction for LeSTD and the baselines (DESIGN.md 4).
 
 The model is loaded once; every run compresses a fresh deep copy of the pristine model and scores
-it on the same tokens as the dense model. Each finished run is cached as its own JSON file, keyed by
-a hash of the model (source and weight fingerprint), the tokens (text source, max_tokens and a hash
-of the ids), the window length, the run's settings and the source of the modules that compute it
-(:data:`CODE_MODULES`), so an interrupted sweep resumes where it stopped, a wider sweep only computes
-the new rows, and rows computed by older code are never reused.
+it on the same tokens as the dense model. Each method runs data-free and/or calibrated (SVD then
+is SVD-LLM whitening; TensorLLM and LeSTD minimise the output error and refit), LeSTD and TensorLLM
+optionally healed; with ``ort_baselines`` the dense model is also exported and scored through ONNX
+Runtime in fp32, dynamic int8 and int4 (MatMulNBits), the quantisations users already pick.
+
+Each finished run is cached as its own JSON file, keyed by a hash of the model (source and weight
+fingerprint), the tokens (text source, max_tokens and a hash of the ids), the window length, the
+run's settings and the source of the modules that compute it (:data:`CODE_MODULES`), so an
+interrupted sweep resumes where it stopped, a wider sweep only computes the new rows, and rows
+computed by older code are never reused.
+
+Sizes: ``size_fraction`` counts the attention weights (see compress.py); ``model_bytes`` the whole
+model, fp32 for PyTorch rows (every parameter once, tied embeddings once), file bytes for ONNX rows.
 """
 
 from __future__ import annotations
@@ -24,12 +32,18 @@ from pathlib import Path
 from .compress import compress_model
 from .config import BUDGETS, GRANULARITIES, METHODS, CompressionConfig, parse_choices
 from .errors import InvalidConfigError
-from .evaluate import DEFAULT_SEQ_LEN, check_lengths, load_text, tokenize, tokens_digest, torch_perplexity
+from .evaluate import (DEFAULT_SEQ_LEN, check_lengths, load_text, ort_perplexity, tokenize, tokens_digest,
+                       torch_perplexity)
 from .io import check_output_files, write_json
 
-CACHE_VERSION = 1
-ROW_KEYS = ("method", "granularity", "budget", "size_fraction", "requested_fraction", "perplexity",
-            "relative_weight_error", "seconds")
+CACHE_VERSION = 2  # 2: calibration / heal axes, model_bytes, ONNX Runtime rows
+ROW_KEYS = ("method", "granularity", "budget", "calibration", "heal", "size_fraction", "requested_fraction",
+            "model_bytes", "perplexity", "relative_weight_error", "seconds")
+CALIBRATION_SOURCES = ("none", "default", "wikitext2", "self")  # or a text file path
+MIN_CALIBRATION_TOKENS = 128
+HEAL_CHOICES = {"no": False, "yes": True}
+ORT_VARIANTS = ("fp32", "int8", "int4")
+ORT_EXPORT_DIR = "onnx-dense-{key}"
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -52,8 +66,50 @@ def parse_fractions(value: str | Sequence[float]) -> list[float]:
     return list(dict.fromkeys(fractions))
 
 
-def run_settings(fractions, methods, granularities, budgets) -> list[dict]:
-    """One entry per run: LeSTD over every granularity x budget; TensorLLM and SVD with their defaults."""
+def parse_calibrations(value: str | Sequence[str]) -> list[str]:
+    """``"none,default"`` or a sequence -> unique calibration sources (:data:`CALIBRATION_SOURCES` or
+    existing text files)."""
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
+    items = [v for v in items if v]
+    if not items:
+        raise InvalidConfigError(f"no calibration given; choose from {', '.join(CALIBRATION_SOURCES)} "
+                                 "or text file paths, e.g. --calibration none,default")
+    for item in items:
+        if item not in CALIBRATION_SOURCES and not Path(item).expanduser().is_file():
+            raise InvalidConfigError(f"unknown calibration {item!r}: choose from {', '.join(CALIBRATION_SOURCES)} "
+                                     "or give an existing text file")
+    return list(dict.fromkeys(items))
+
+
+def parse_heal(value: str | Sequence[bool | str]) -> list[bool]:
+    """``"no,yes"`` or a sequence of booleans / ``"no"``/``"yes"`` -> unique heal settings."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [v.strip() if isinstance(v, str) else v for v in items]
+    items = [v for v in items if v != ""]
+    if not items:
+        raise InvalidConfigError("no heal setting given; choose from no, yes")
+    parsed = []
+    for item in items:
+        if isinstance(item, bool):
+            parsed.append(item)
+        elif item in HEAL_CHOICES:
+            parsed.append(HEAL_CHOICES[item])
+        else:
+            raise InvalidConfigError(f"unknown heal setting {item!r}; choose from no, yes")
+    return list(dict.fromkeys(parsed))
+
+
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:16]
+
+
+def run_settings(fractions, methods, granularities, budgets, calibrations=("none",), heal=(False,),
+                 calibration_tokens: int = 2048) -> list[dict]:
+    """One entry per run: method x setting x calibration x heal x fraction. LeSTD runs over every
+    granularity x budget, TensorLLM and SVD with their defaults. Healing needs calibration and updates
+    only Tucker-compressed modules, so data-free and SVD runs are never healed (one unhealed run
+    stands for the heal axis there). A calibrated run records its token count and, for a text file,
+    a digest of the file (so an edited file is not served from the cache)."""
     runs = []
     for method in methods:
         if method == "lestd":
@@ -61,9 +117,17 @@ def run_settings(fractions, methods, granularities, budgets) -> list[dict]:
         else:
             settings = [(None, None)]
         for granularity, budget in settings:
-            for f in fractions:
-                runs.append({"method": method, "granularity": granularity, "budget": budget,
-                             "requested_fraction": f})
+            for calibration in calibrations:
+                healable = calibration != "none" and method != "svd"
+                for healed in dict.fromkeys(h and healable for h in heal):
+                    for f in fractions:
+                        run = {"method": method, "granularity": granularity, "budget": budget,
+                               "calibration": calibration, "heal": healed, "requested_fraction": f}
+                        if calibration != "none":
+                            run["calibration_tokens"] = calibration_tokens
+                        if calibration not in CALIBRATION_SOURCES:
+                            run["calibration_sha256"] = _file_digest(calibration)
+                        runs.append(run)
     return runs
 
 
@@ -73,7 +137,10 @@ def _config(run: dict) -> CompressionConfig:
         extra["granularity"] = run["granularity"]
     if run["budget"] is not None:
         extra["budget"] = run["budget"]
-    return CompressionConfig(method=run["method"], size_fraction=run["requested_fraction"], **extra)
+    if run["calibration"] != "none":
+        extra["calibration_tokens"] = run["calibration_tokens"]
+    return CompressionConfig(method=run["method"], size_fraction=run["requested_fraction"],
+                             calibration=run["calibration"], heal=run["heal"], **extra)
 
 
 # ------------------------------------------------------------------------------------------- cache
@@ -97,18 +164,35 @@ def model_fingerprint(model) -> str:
 
 
 # modules whose code decides a row's numbers: a change to any of them invalidates the cache
-CODE_MODULES = ("compress.py", "config.py", "evaluate.py", "modules.py", "registry.py", "surgery.py",
-                "numerics/lowrank.py", "numerics/planner.py", "numerics/pruning.py", "numerics/tucker.py")
+CODE_MODULES = ("calibration.py", "compress.py", "config.py", "evaluate.py", "healing.py", "modules.py", "refit.py",
+                "registry.py", "surgery.py", "numerics/lowrank.py", "numerics/metric.py", "numerics/planner.py",
+                "numerics/pruning.py", "numerics/refit.py", "numerics/tucker.py")
+# ... and those that decide the ONNX Runtime rows (with the versions of the packages that export and quantise)
+ORT_CODE_MODULES = ("bench.py", "export.py", "runtime.py")
+ORT_PACKAGES = ("onnx", "onnxruntime", "optimum-onnx", "torch", "transformers")
 
 
-def code_fingerprint() -> str:
-    """A hash of the source of :data:`CODE_MODULES`, so rows computed by older code are not reused."""
+def code_fingerprint(modules: Sequence[str] = CODE_MODULES) -> str:
+    """A hash of the source of ``modules``, so rows computed by older code are not reused."""
     root = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for name in CODE_MODULES:
+    for name in modules:
         file = root / name
         digest.update(name.encode() + b"\0" + (file.read_bytes() if file.is_file() else b"") + b"\0")
     return digest.hexdigest()[:16]
+
+
+def _export_fingerprint() -> str:
+    """What decides the dense ONNX export and its quantised copies: code and package versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return code_fingerprint(ORT_CODE_MODULES) + ":" + ",".join(f"{p}={installed(p)}" for p in ORT_PACKAGES)
 
 
 def _key(context: dict, run: dict) -> str:
@@ -133,16 +217,34 @@ def _read_cached(path: Path) -> dict | None:
 # ------------------------------------------------------------------------------------------- sweep
 
 
+def parameter_count(model) -> int:
+    """Parameters of ``model``, each shared tensor (a tied embedding) counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def compressed_model_bytes(dense_parameters: int, report: dict) -> int:
+    """fp32 bytes of the whole compressed model: the dense model with its attention weights replaced
+    by what is stored (factors, core values, int32 indices at 4 bytes each)."""
+    params = report["params"]
+    return 4 * (dense_parameters - params["dense_attention"] + params["stored"])
+
+
 def sweep(model_arg: str | None = None, fractions: Sequence[float] | str = (0.9, 0.8, 0.7, 0.6, 0.5),
           methods: Sequence[str] | str = METHODS, granularities: Sequence[str] | str = ("row",),
           budgets: Sequence[str] | str = ("layer",), max_tokens: int | None = 8192, seq_len: int = DEFAULT_SEQ_LEN,
           cache_dir: str | Path | None = None, progress: bool = True, text_file: str | Path | None = None,
-          dataset: str | None = None) -> dict:
-    """Perplexity of the dense model and of every (method, setting, fraction) run on the same tokens.
+          dataset: str | None = None, calibrations: Sequence[str] | str = ("none",),
+          heal: Sequence[bool | str] | str = (False,), calibration_tokens: int = 2048,
+          ort_baselines: bool = False) -> dict:
+    """Perplexity of the dense model and of every (method, setting, calibration, heal, fraction) run
+    on the same tokens (see :func:`run_settings`); with ``ort_baselines``, also of the dense model
+    exported to ONNX and scored by ONNX Runtime in fp32, dynamic int8 and int4 (MatMulNBits).
 
-    Returns ``{"model", "dense_perplexity", "tokens", "seq_len", "max_tokens", "text_source",
-    "code_fingerprint", "rows"}``;
-    each row has :data:`ROW_KEYS` (plus ``error`` when a run could not meet its request).
+    Returns ``{"model", "dense_perplexity", "dense_model_bytes", "tokens", "seq_len", "max_tokens",
+    "text_source", "code_fingerprint", "rows"}``; each compression row has :data:`ROW_KEYS` (plus
+    ``error`` when a run could not meet its request, ``calibration_seconds`` and ``healing`` where
+    the run calibrated / healed); the ONNX Runtime rows come last, with method ``onnxruntime``, a
+    ``variant`` among :data:`ORT_VARIANTS`, ``perplexity``, ``model_bytes`` (file bytes) and ``seconds``.
     """
     from tqdm.auto import tqdm
 
@@ -152,7 +254,12 @@ def sweep(model_arg: str | None = None, fractions: Sequence[float] | str = (0.9,
     methods = parse_choices(methods, METHODS, "method(s)")
     granularities = parse_choices(granularities, GRANULARITIES, "granularity(ies)")
     budgets = parse_choices(budgets, BUDGETS, "budget scope(s)")
-    runs = run_settings(fractions, methods, granularities, budgets)
+    calibrations = parse_calibrations(calibrations)
+    heal = parse_heal(heal)
+    if not (isinstance(calibration_tokens, int) and calibration_tokens >= MIN_CALIBRATION_TOKENS):
+        raise InvalidConfigError(f"calibration tokens must be an integer >= {MIN_CALIBRATION_TOKENS}, "
+                                 f"got {calibration_tokens!r}")
+    runs = run_settings(fractions, methods, granularities, budgets, calibrations, heal, calibration_tokens)
     for run in runs:
         _config(run)  # validate every run before loading anything
     text, text_source = load_text(text_file, dataset)
@@ -162,7 +269,8 @@ def sweep(model_arg: str | None = None, fractions: Sequence[float] | str = (0.9,
     ids = tokenize(loaded.tokenizer, text, max_tokens)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    context = {"model": loaded.source, "weights": model_fingerprint(loaded.model), "text_source": text_source,
+    weights = model_fingerprint(loaded.model)
+    context = {"model": loaded.source, "weights": weights, "text_source": text_source,
                "max_tokens": max_tokens, "tokens": tokens_digest(ids), "seq_len": seq_len,
                "code": code_fingerprint()}
 
@@ -175,13 +283,15 @@ def sweep(model_arg: str | None = None, fractions: Sequence[float] | str = (0.9,
                 write_json(path, {"context": context, "run": run, "row": row})
         return row
 
+    base = loaded.model
+    dense_parameters = parameter_count(base)
+
     def dense() -> dict:
         started = time.perf_counter()
-        result = torch_perplexity(loaded.model, ids, seq_len, progress=progress)
-        return {"perplexity": result["perplexity"], "tokens": result["tokens"],
+        result = torch_perplexity(base, ids, seq_len, progress=progress)
+        return {"perplexity": result["perplexity"], "tokens": result["tokens"], "model_bytes": 4 * dense_parameters,
                 "seconds": time.perf_counter() - started}
 
-    base = loaded.model
     dense_row = cached_or_run({"method": "dense"}, dense)
 
     def compressed(run: dict):
@@ -189,10 +299,13 @@ def sweep(model_arg: str | None = None, fractions: Sequence[float] | str = (0.9,
             started = time.perf_counter()
             model = copy.deepcopy(base)
             row = {"method": run["method"], "granularity": run["granularity"], "budget": run["budget"],
+                   "calibration": run["calibration"], "heal": run["heal"],
                    "requested_fraction": run["requested_fraction"]}
-            failed = {**row, "size_fraction": None, "perplexity": None, "relative_weight_error": None}
+            failed = {**row, "size_fraction": None, "model_bytes": None, "perplexity": None,
+                      "relative_weight_error": None}
             try:
-                report = compress_model(model, _config(run), progress=False, source=loaded.source)
+                report = compress_model(model, _config(run), tokenizer=loaded.tokenizer, progress=False,
+                                        source=loaded.source)
             except InvalidConfigError as error:  # e.g. a fraction too small for any rank: record (and cache)
                 return {**failed, "seconds": time.perf_counter() - started, "error": str(error)}
             try:
@@ -203,57 +316,116 @@ def sweep(model_arg: str | None = None, fractions: Sequence[float] | str = (0.9,
                 return {**failed, "seconds": time.perf_counter() - started, "transient": True,
                         "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
             del model
-            return {**row, "size_fraction": report["size_fraction"]["with_indices"],
-                    "perplexity": result["perplexity"],
-                    "relative_weight_error": report["relative_weight_error"]["overall"],
-                    "seconds": time.perf_counter() - started}
+            row.update(size_fraction=report["size_fraction"]["with_indices"],
+                       model_bytes=compressed_model_bytes(dense_parameters, report),
+                       perplexity=result["perplexity"],
+                       relative_weight_error=report["relative_weight_error"]["overall"])
+            if "calibration" in report:
+                row["calibration_seconds"] = report["calibration"]["seconds"]
+            if "healing" in report:
+                row["healing"] = report["healing"]
+            return {**row, "seconds": time.perf_counter() - started}
         return compute
 
     rows = []
     with tqdm(total=len(runs), desc="sweep", unit="run", disable=not progress) as bar:
         for run in runs:
-            name = run["method"] if run["granularity"] is None else f"lestd/{run['granularity']}/{run['budget']}"
-            bar.set_postfix_str(f"{name} f={run['requested_fraction']:g}")
+            bar.set_postfix_str(f"{setting_name(run)} f={run['requested_fraction']:g}")
             rows.append(cached_or_run(run, compressed(run)))
             bar.update(1)
-    return {"model": loaded.source, "dense_perplexity": dense_row["perplexity"], "tokens": dense_row["tokens"],
-            "seq_len": seq_len, "max_tokens": max_tokens, "text_source": text_source,
-            "code_fingerprint": context["code"], "rows": rows}
+    if ort_baselines:
+        rows += _ort_rows(loaded, weights, ids, seq_len, cache, cached_or_run, progress)
+    return {"model": loaded.source, "dense_perplexity": dense_row["perplexity"],
+            "dense_model_bytes": dense_row["model_bytes"], "tokens": dense_row["tokens"], "seq_len": seq_len,
+            "max_tokens": max_tokens, "text_source": text_source, "code_fingerprint": context["code"], "rows": rows}
+
+
+def _ort_rows(loaded, weights: str, ids: list[int], seq_len: int, cache: Path, cached_or_run, progress: bool) -> list:
+    """The dense model through ONNX Runtime: fp32, dynamic int8 and int4, each a cached row.
+
+    The export (``validate=False``: the fp32 row itself checks it end to end, on the sweep's windows
+    against the torch dense row) and its quantised copies live in a cache directory keyed by the
+    model's weights and what decides the export; it is built once, on the first missing row.
+    """
+    from .bench import quantize_int4, quantize_int8
+    from .export import ONNX_FILE, export_model, model_files_bytes
+
+    export_key = _key({"model": loaded.source, "weights": weights, "export": _export_fingerprint()},
+                      {"method": "onnxruntime-export"})
+    export_dir = cache / ORT_EXPORT_DIR.format(key=export_key)
+    builders = {"fp32": None, "int8": quantize_int8, "int4": quantize_int4}
+
+    def model_file(variant: str) -> Path:
+        if not (export_dir / ONNX_FILE).is_file():  # the staging rename makes a present file a complete export
+            export_model(loaded, export_dir, validate=False, overwrite=True)
+        builder = builders[variant]
+        return export_dir / ONNX_FILE if builder is None else builder(export_dir)[0]
+
+    def scored(variant: str):
+        def compute() -> dict:
+            started = time.perf_counter()
+            file = model_file(variant)
+            result = ort_perplexity(export_dir, ids, seq_len, progress=progress, model_file=file)
+            return {"method": "onnxruntime", "variant": variant, "granularity": None, "budget": None,
+                    "calibration": None, "heal": None, "requested_fraction": None, "size_fraction": None,
+                    "model_bytes": model_files_bytes(file), "perplexity": result["perplexity"],
+                    "relative_weight_error": None, "seconds": time.perf_counter() - started}
+        return compute
+
+    return [cached_or_run({"method": "onnxruntime", "variant": v, "export": export_key}, scored(v))
+            for v in ORT_VARIANTS]
 
 
 # ----------------------------------------------------------------------------------------- outputs
 
 
 def setting_name(row: dict) -> str:
-    if row.get("granularity") is None and row.get("budget") is None:
-        return row["method"]
-    return f"{row['method']} ({row['granularity']}, {row['budget']} budget)"
+    """A run's label: method, then its LeSTD setting, calibration and healing where they apply."""
+    if row["method"] == "onnxruntime":
+        return f"ONNX Runtime {row['variant']} (dense)"
+    parts = []
+    if row.get("granularity") is not None or row.get("budget") is not None:
+        parts.append(f"{row['granularity']}, {row['budget']} budget")
+    calibration = row.get("calibration") or "none"
+    if calibration != "none":
+        name = calibration if calibration in CALIBRATION_SOURCES else Path(calibration).name
+        parts.append(f"calibrated: {name}" + (", healed" if row.get("heal") else ""))
+    return row["method"] + (f" ({'; '.join(parts)})" if parts else "")
 
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _mb(value) -> float | None:
+    return None if value is None else value / 2**20
+
+
 def to_markdown(result: dict) -> str:
-    """The sweep as a markdown table (one line per run), with the dense baseline on top."""
+    """The sweep as a markdown table (one line per run, ONNX Runtime rows last), dense baseline on top."""
     dense = result["dense_perplexity"]
     lines = [
         f"Perplexity sweep: model `{result['model']}`, text {result['text_source']}, "
         f"{result['tokens']} predicted tokens, windows of {result['seq_len']} tokens.",
         "",
-        f"Dense perplexity: **{dense:.3f}** (size fraction 1.0).",
+        f"Dense perplexity: **{dense:.3f}** (size fraction 1.0, {_fmt(_mb(result.get('dense_model_bytes')), '.1f')} "
+        "MB in fp32). Model MB: the whole model, fp32 for PyTorch rows, the ONNX file(s) for ONNX Runtime rows.",
         "",
-        "| method | granularity | budget | requested | size fraction (with indices) | perplexity | x dense "
-        "| rel. weight error | seconds |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| method | granularity | budget | calibration | heal | requested | size fraction (with indices) | model MB "
+        "| perplexity | x dense | rel. weight error | seconds |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         ppl = row.get("perplexity")
         ratio = None if ppl is None else ppl / dense
         note = f" ({row['error']})" if row.get("error") else ""
+        method = f"{row['method']} {row['variant']}" if row.get("variant") else row["method"]
+        heal = None if row.get("heal") is None else ("yes" if row["heal"] else "no")
         lines.append(
-            f"| {row['method']} | {row.get('granularity') or '-'} | {row.get('budget') or '-'} "
-            f"| {row['requested_fraction']:.2f} | {_fmt(row.get('size_fraction'), '.4f')} "
+            f"| {method} | {row.get('granularity') or '-'} | {row.get('budget') or '-'} "
+            f"| {row.get('calibration') or '-'} | {heal or '-'} "
+            f"| {_fmt(row.get('requested_fraction'), '.2f')} | {_fmt(row.get('size_fraction'), '.4f')} "
+            f"| {_fmt(_mb(row.get('model_bytes')), '.1f')} "
             f"| {_fmt(ppl, '.3f')}{note} | {_fmt(ratio, '.3f')} | {_fmt(row.get('relative_weight_error'), '.4f')} "
             f"| {_fmt(row.get('seconds'), '.1f')} |")
     return "\n".join(lines) + "\n"
@@ -271,34 +443,75 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+ORT_MARKERS = {"fp32": "X", "int8": "P", "int4": "*"}
+
+
 def plot_pareto(result: dict, path: str | Path) -> None:
-    """Perplexity versus achieved size fraction, one line per method/setting, dense as a horizontal line."""
+    """Two panels, one line per method/setting/calibration/heal, dense as a horizontal line.
+
+    Left: perplexity versus the achieved size fraction of the attention weights. Right: perplexity
+    versus whole-model MB, with the dense model's ONNX Runtime fp32, int8 and int4 as single points.
+    Data-free runs are dotted, calibrated ones solid; a panel turns log-scale beyond a 10x spread.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, list[tuple[float, float]]] = {}
+    by_fraction: dict[str, list[tuple[float, float]]] = {}
+    by_bytes: dict[str, list[tuple[float, float]]] = {}
+    ort: dict[str, tuple[float, float]] = {}
+    calibrated: dict[str, bool] = {}
     for row in result["rows"]:
-        if row.get("perplexity") is not None and row.get("size_fraction") is not None:
-            series.setdefault(setting_name(row), []).append((row["size_fraction"], row["perplexity"]))
+        if row.get("perplexity") is None:
+            continue
+        name = setting_name(row)
+        if row["method"] == "onnxruntime":
+            ort[row["variant"]] = (_mb(row["model_bytes"]), row["perplexity"])
+            continue
+        calibrated[name] = (row.get("calibration") or "none") != "none"
+        if row.get("size_fraction") is not None:
+            by_fraction.setdefault(name, []).append((row["size_fraction"], row["perplexity"]))
+        if row.get("model_bytes") is not None:
+            by_bytes.setdefault(name, []).append((_mb(row["model_bytes"]), row["perplexity"]))
     dense = result["dense_perplexity"]
-    values = [p for points in series.values() for _, p in points] + [dense]
+    names = list(dict.fromkeys([*by_fraction, *by_bytes]))
+    colors = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors
+    markers = "osD^v<>ph8"
+    style = {name: dict(color=colors[i % len(colors)], marker=markers[i % len(markers)],
+                        linestyle="-" if calibrated[name] else ":", label=name) for i, name in enumerate(names)}
 
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
-    markers = "osD^v<>ph*"
-    for i, (name, points) in enumerate(series.items()):
-        points.sort()
-        ax.plot([x for x, _ in points], [y for _, y in points], marker=markers[i % len(markers)], label=name)
-    ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense ({dense:.2f})")
-    if max(values) / min(values) > 10:
-        ax.set_yscale("log")
-    ax.set_xlabel("achieved size fraction of the attention weights (with int32 indices)")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title(f"{result['model']}: perplexity vs size ({result['tokens']} tokens, seq {result['seq_len']})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 6.2), dpi=110)
+    for ax, series in ((left, by_fraction), (right, by_bytes)):
+        for name, points in series.items():
+            points.sort()
+            ax.plot([x for x, _ in points], [y for _, y in points], markersize=5, **style[name])
+        ax.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense ({dense:.2f})")
+    if result.get("dense_model_bytes"):
+        right.plot([_mb(result["dense_model_bytes"])], [dense], "o", color="black", markersize=6)
+        right.annotate("dense", (_mb(result["dense_model_bytes"]), dense), textcoords="offset points",
+                       xytext=(6, -12), fontsize=8)
+    for variant, (x, y) in ort.items():
+        right.scatter([x], [y], marker=ORT_MARKERS.get(variant, "X"), s=150, color="black", edgecolor="white",
+                      zorder=5, label=f"ONNX Runtime {variant} (dense model)")
+        right.annotate(variant, (x, y), textcoords="offset points", xytext=(8, 4), fontsize=8)
+    for ax, series, extra in ((left, by_fraction, []), (right, by_bytes, [y for _, y in ort.values()])):
+        values = [p for points in series.values() for _, p in points] + extra + [dense]
+        if max(values) / min(values) > 10:
+            ax.set_yscale("log")
+        ax.set_ylabel("perplexity (lower is better)")
+        ax.grid(True, which="both", alpha=0.3)
+    left.set_xlabel("achieved size fraction of the attention weights (with int32 indices)")
+    left.set_title("attention compression at a matched size", fontsize=10)
+    right.set_xlabel("whole-model size, MB (PyTorch rows: fp32 parameters; ONNX Runtime: file bytes)")
+    right.set_title("whole model: compression vs ONNX Runtime quantisation", fontsize=10)
+    fig.suptitle(f"{result['model']}: perplexity vs size ({result['tokens']} tokens, seq {result['seq_len']})")
+    handles = {}  # one legend for both panels: label -> first handle
+    for ax in (left, right):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.028 * math.ceil(len(handles) / 3), 1, 1))
     _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
