@@ -32,7 +32,7 @@ PROSE_FILES = ("/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/G
 # name -> settings on top of the size fraction (what the CLI defaults give is "calibrated")
 VARIANTS = {
     "data-free-refit": dict(calibration="default", input_whitening=0.0, objective="balanced"),
-    "refit-self": dict(calibration="default", refit_target="self"),
+    "refit-model": dict(calibration="default", refit_target="model"),
     "white-0.2": dict(calibration="default", input_whitening=0.2),
     "white-1-refit": dict(calibration="default", input_whitening=1.0),
     "data-free": dict(calibration="none"),
@@ -41,6 +41,8 @@ VARIANTS = {
     "calibrated": dict(calibration="default"),
     "calibrated-fisher": dict(calibration="default", objective="fisher"),
     "calibrated-fisher-global": dict(calibration="default", objective="fisher", budget="global"),
+    "calibrated-global": dict(calibration="default", budget="global"),
+    "calibrated-4k": dict(calibration="default", calibration_tokens=4096),
     "calibrated-healed": dict(calibration="default", heal=True),
     "tensorllm-calibrated": dict(method="tensorllm", calibration="default"),
     "svd-llm": dict(method="svd", calibration="default"),

@@ -13,7 +13,7 @@ GRANULARITIES = ("row", "element")
 BUDGETS = ("layer", "global")
 OBJECTIVES = ("balanced", "frobenius", "fisher")
 DEFAULT_SIZE_FRACTION = 0.7
-REFIT_TARGETS = ("dense", "self")
+REFIT_TARGETS = ("layer", "model")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class CompressionConfig:
     calibration_tokens: int = 2048
     damping: float = 0.01  # ridge on the calibration Gram matrices, relative to their mean diagonal
     refit: bool = True  # with calibration: least-squares refit of the kept core values, layer by layer
-    refit_target: str = "dense"  # "dense": the dense model's outputs; "self": the dense layer on the compressed inputs
+    refit_target: str = "layer"  # "layer": the dense layer on the compressed model's inputs; "model": the dense model's outputs
     input_whitening: float = 0.0  # power p of the input Gram in the shared left metric (0: none, 1: full whitening)
     heal: bool = False  # with calibration: distil the compressed model against the dense one
     heal_tokens: int = 4096

@@ -286,4 +286,5 @@ def load_for_export(model_arg: str | None, config, dense: bool) -> tuple[LoadedM
         return loaded, None
     if dense:
         return loaded, None
-    return loaded, compress_model(loaded.model, config or CompressionConfig(), source=loaded.source)
+    return loaded, compress_model(loaded.model, config or CompressionConfig(calibration="default"),
+                                  tokenizer=loaded.tokenizer, source=loaded.source)

@@ -35,8 +35,17 @@ class _MatMulT(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w):
+    def forward(x, w):
         return torch.matmul(x, w.t())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [..., b]
+        x, w = ctx.saved_tensors
+        return grad @ w, grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
 
     @staticmethod
     def symbolic(g, x, w):
@@ -51,8 +60,17 @@ class _TMatMul(torch.autograd.Function):
     """``x^T @ w`` for ``x [a, N]``, ``w [a, b]``, exported as ``Gemm(transA=1)`` (no Transpose node)."""
 
     @staticmethod
-    def forward(ctx, x, w):
+    def forward(x, w):
         return x.t() @ w
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [N, b]
+        x, w = ctx.saved_tensors
+        return w @ grad.t(), x @ grad
 
     @staticmethod
     def symbolic(g, x, w):
@@ -63,8 +81,17 @@ class _TMatMulT(torch.autograd.Function):
     """``x^T @ w^T`` for ``x [a, N]``, ``w [b, a]``: ``Gemm(transA=1, transB=1)``."""
 
     @staticmethod
-    def forward(ctx, x, w):
+    def forward(x, w):
         return x.t() @ w.t()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [N, b]
+        x, w = ctx.saved_tensors
+        return w.t() @ grad.t(), grad.t() @ x.t()
 
     @staticmethod
     def symbolic(g, x, w):
@@ -78,9 +105,18 @@ class _ScatterRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, values, rows, u1):
+    def forward(values, rows, u1):
         out = values.new_zeros(u1.shape[1], values.shape[1])
         return out.index_copy(0, rows.long(), values)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [R1, N]
+        (rows,) = ctx.saved_tensors
+        return grad.index_select(0, rows.long()), None, None
 
     @staticmethod
     def symbolic(g, values, rows, u1):
@@ -99,8 +135,16 @@ class _ReshapeLike(torch.autograd.Function):
     """``y [N, c] -> [*lead, c]`` with ``lead = like.shape[:-1]``: Shape, Slice, Concat, Reshape."""
 
     @staticmethod
-    def forward(ctx, y, like):
+    def forward(y, like):
         return y.reshape(*like.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.shape = inputs[0].shape
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.reshape(ctx.shape), None
 
     @staticmethod
     def symbolic(g, y, like):

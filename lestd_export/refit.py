@@ -25,12 +25,13 @@ def _relative(before: float, after: float, target: float) -> dict:
 
 
 def sequential_refit(model, spec, groups: SliceGroups, tensors: list[np.ndarray], cores: list[LayerCore],
-                     data: CalibrationData, install: Callable[[int, LayerCore], object], *, target: str = "dense",
+                     data: CalibrationData, install: Callable[[int, LayerCore], object], *, target: str = "layer",
                      damping: float = 1e-6, progress: bool = True) -> list[dict]:
     """Refit and install every layer in order; ``install(i, core)`` swaps in layer ``i`` and returns its
-    output-projection module (whose ``weight`` is then updated). ``target``: ``dense`` fits the dense
-    model's outputs (``Xd W``), ``self`` the dense weights applied to the compressed model's own
-    inputs (``Xc W``, ``Hc W_O``: GPTQ's choice). Returns per layer and group the relative calibration output error
+    output-projection module (whose ``weight`` is then updated). ``target``: ``layer`` fits the dense
+    layer's weights applied to the compressed model's own inputs (``Xc W``, ``Hc W_O``: GPTQ's
+    choice, the default), ``model`` the dense model's outputs (``Xd W``: it also tries to undo the
+    upstream layers' errors, and measured worse: x2.52 vs x1.69 perplexity at 0.7). Returns per layer and group the relative calibration output error
     before and after the refit (against that target)."""
     import torch
     from tqdm.auto import tqdm
@@ -46,7 +47,7 @@ def sequential_refit(model, spec, groups: SliceGroups, tensors: list[np.ndarray]
         first, out = projection_modules(attention, spec)
         dense_next, (xd, hd) = replay.run(i, dense_stream, watch=(first, out))
         _, (xc,) = replay.run(i, compressed_stream, watch=(first,), stop_at=first)
-        if target == "self":
+        if target == "layer":
             xd = xc
         c_cc, c_cd, c_dd = gram(xc), gram(xc, xd), gram(xd)
         core, record = cores[i], {}
@@ -59,7 +60,7 @@ def sequential_refit(model, spec, groups: SliceGroups, tensors: list[np.ndarray]
             record[name] = _relative(result.error_before, result.error_after, result.target)
         output = install(i, core)
         _, (hc,) = replay.run(i, compressed_stream, watch=(output,), stop_at=output)
-        if target == "self":  # the dense output projection on the compressed model's heads
+        if target == "layer":  # the dense output projection on the compressed model's heads
             hd = hc
         group = core.groups["o"]
         basis = core.u1 if group.rows is None else core.u1[:, group.rows]

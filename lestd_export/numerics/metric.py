@@ -41,6 +41,7 @@ class LayerMetric:
 
     left: np.ndarray  # A [d, d]: L^T (upper triangular), a symmetric Gram power, or I
     right: np.ndarray | None = None  # [S, d_h, d_h] lower triangular B_s, or None (identity)
+    input_gram: np.ndarray | None = None  # [d, d] C of the Q/K/V input: row gains after the refit (planner)
 
     def apply(self, w: np.ndarray) -> np.ndarray:
         """``W'_s = A W_s B_s``, shape ``[S, d, d_h]``."""
@@ -86,11 +87,11 @@ def layer_metric(x_gram: np.ndarray, h_gram: np.ndarray | None, sizes: tuple[int
     else:
         left = gram_power(x_gram, input_power / 2, damping)
     if h_gram is None:
-        return LayerMetric(left)
+        return LayerMetric(left, None, x_gram)
     n_q, n_k, n_v, n_o = sizes
     eye = np.eye(head_dim)
     right = [eye] * (n_q + n_k + n_v)
     for i in range(n_o):
         block = h_gram[i * head_dim:(i + 1) * head_dim, i * head_dim:(i + 1) * head_dim]
         right.append(cholesky_factor(block, damping))
-    return LayerMetric(left, np.stack(right))
+    return LayerMetric(left, np.stack(right), x_gram)

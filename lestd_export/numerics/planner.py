@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .metric import LayerMetric
+from .refit import refit_gains
 from .pruning import (
     CoreGroup,
     LayerCore,
@@ -121,14 +122,18 @@ def rank_grid(full: int, steps: int) -> np.ndarray:
 
 
 def _row_kept(row_energy: list[np.ndarray], scales: list[float], groups: SliceGroups, rank2: int,
-              budget: float, index_cost: int) -> tuple[float, list[dict[str, int]]]:
+              budget: float, index_cost: int, gains: list[dict] | None = None) -> tuple[float, list[dict[str, int]]]:
     """Allocate core rows of several layers (equal ranks) under one budget of stored entries.
 
     Returns the kept energy (sum over layers of kept / scale) and the per-layer row counts.
+    ``gains`` (per layer, group -> gains in row order) override the groups' sorted row energies.
     """
+    override = gains
     gains, costs = [], []
-    for energy, scale in zip(row_energy, scales):
-        for size, gain in zip(groups.sizes, row_gains(energy, groups)):
+    for j, (energy, scale) in enumerate(zip(row_energy, scales)):
+        for name, size, gain in zip(groups.names, groups.sizes, row_gains(energy, groups)):
+            if override is not None and name in override[j]:
+                gain = override[j][name]
             gains.append(gain / scale)
             costs.append(row_cost(size, rank2, index_cost))
     counts = allocate(gains, costs, budget)
@@ -266,7 +271,10 @@ def compress_layers(tensors: Sequence[np.ndarray], groups: SliceGroups, request:
     if request.method == "tensorllm":
         layers = [build_dense_layer(f.u1, f.u2, f.core, e, groups) for f, e in zip(factors, weighted_energies)]
     else:
-        layers = _select(factors, weighted_energies, global_scales, groups, request, dense_entries)
+        gains = None
+        if metrics is not None and metrics[0].input_gram is not None and request.granularity == "row":
+            gains = [_refit_row_gains(f, m, w, x, groups) for f, m, w, x in zip(factors, metrics, tensors, weights)]
+        layers = _select(factors, weighted_energies, global_scales, groups, request, dense_entries, gains)
     return [to_stored(layer, w, x, None if metrics is None else metrics[i], groups)
             for i, (layer, w, x) in enumerate(zip(layers, tensors, weights))]
 
@@ -325,11 +333,29 @@ def reconstruct_layer(layer: LayerCore, groups: SliceGroups) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _select(factors, energies, scales_global, groups, request, dense_entries) -> list[LayerCore]:
+def _refit_row_gains(factors, metric: LayerMetric, dense: np.ndarray, weights: np.ndarray,
+                     groups: SliceGroups) -> dict[str, np.ndarray]:
+    """Per Q/K/V group, the weighted output energy each further row (in the group's row order) keeps
+    *after* the least-squares refit (:func:`~.refit.refit_gains`); the refit lowers Q/K/V errors far
+    more than the output heads' (whose optimum given the rows is the projection the plan already
+    makes), so allocating on these gains moves rows to where the refit cannot help."""
+    basis = metric.basis(factors.u1)
+    gains = {}
+    for name in groups.names[:3]:
+        span = groups.span(name)
+        order = np.argsort(-np.sum(factors.core[span] ** 2, axis=(0, 2)), kind="stable")
+        weight = float(weights[span][0]) ** 2  # uniform within a group
+        gains[name] = weight * refit_gains(basis[:, order], metric.input_gram, dense[span])
+    return gains
+
+
+def _select(factors, energies, scales_global, groups, request, dense_entries, gains=None) -> list[LayerCore]:
     """Stage II: one-shot top-k under the budget or the explicit density, on the weighted HOOI cores.
 
     ``energies`` are the weighted layer energies; ``scales_global`` divide the scores when all layers
-    share one budget (the paper's normalised score ``g^2 / E``, or 1 in loss units).
+    share one budget (the paper's normalised score ``g^2 / E``, or 1 in loss units). ``gains`` (per
+    layer, group -> per-row gains in the group's row order) replace the row energies in the budget
+    allocation where given.
     """
     scopes = [list(range(len(factors)))] if request.budget == "global" else [[i] for i in range(len(factors))]
     layers: list[LayerCore | None] = [None] * len(factors)
@@ -346,7 +372,8 @@ def _select(factors, energies, scales_global, groups, request, dense_entries) ->
                 budget = len(scope) * _core_budget(request.size_fraction, dense_entries, factors[scope[0]])
                 if _dense_core_fits(len(scope), groups.total, r1, r2, budget):
                     budget = np.inf
-                _, counts = _row_kept(row_energy, scales, groups, r2, budget, index_cost=1)
+                _, counts = _row_kept(row_energy, scales, groups, r2, budget, index_cost=1,
+                                      gains=None if gains is None else [gains[i] for i in scope])
             for i, count in zip(scope, counts):
                 f = factors[i]
                 layers[i] = build_row_layer(f.u1, f.u2, f.core, energies[i], groups, count)

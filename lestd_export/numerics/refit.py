@@ -74,3 +74,18 @@ def refit_output_group(basis: np.ndarray, u2: np.ndarray, block: np.ndarray, den
     if after >= before:
         return RefitResult(block, before, before, target)
     return RefitResult(new.reshape(h, rank2, k).transpose(0, 2, 1), before, after, target)
+
+
+def refit_gains(basis: np.ndarray, gram: np.ndarray, dense: np.ndarray, damping: float = 1e-6) -> np.ndarray:
+    """Output energy captured by each further column of ``basis [d, R1]`` (in that order) after the
+    least-squares refit of a Q/K/V group ``dense [n, d, d_h]`` with inputs of Gram ``gram [d, d]``.
+
+    Keeping the first ``k`` columns leaves the error ``||X W||^2 / N - sum(gains[:k])``: the gains
+    are the squared rows of ``R^{-T} P^T C W`` with ``P^T C P = R^T R`` (Gram-Schmidt in the metric ``C``).
+    """
+    targets = dense.transpose(1, 0, 2).reshape(dense.shape[1], -1)  # [d, n d_h]
+    inner = basis.T @ gram @ basis
+    inner = inner + damping * (float(np.mean(np.diag(inner))) or 1.0) * np.eye(len(inner))
+    upper = np.linalg.cholesky(inner).T  # R: inner = R^T R
+    z = np.linalg.solve(upper.T, basis.T @ gram @ targets)  # [R1, n d_h]
+    return np.sum(z**2, axis=1)
