@@ -44,8 +44,8 @@ def check_opset(opset: int) -> None:
 
 class _SharedFactorNotices(logging.Filter):
     """Drops optimum's tied-weight notices about ``U1``: one parameter used by two modules, exported
-    once on purpose, which optimum reports in four lines per layer. Its other notices (e.g. the tied
-    embedding) pass, their header re-attached to their first line."""
+    once on purpose, which optimum reports in four lines per layer. Its other notices pass, their
+    header re-attached to their first line."""
 
     def __init__(self):
         super().__init__()
