@@ -34,7 +34,7 @@ from .files import check_model_dir, first_line, gguf_special_tokens, read_json
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 COMPRESSION_KEY = "lestd_compression"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")  # PyTorch weights of a Hugging Face directory
 GGUF_CACHE_VERSION = 2  # part of the cache key: 2 = tokenizer special tokens harmonised
 # what transformers and safetensors raise for a directory whose files do not make a model
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError)

@@ -3,26 +3,12 @@
 import onnx
 import pytest
 
-from lestd_export.compress import compress_model
-from lestd_export.config import CompressionConfig
-from lestd_export.export import constant_bytes, export_model, ort_optimized_sizes
-from lestd_export.loading import load_model
+from lestd_export.export import constant_bytes, ort_optimized_sizes
 from lestd_export.runtime import OrtCausalLM
 
 pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    root = tmp_path_factory.mktemp("default-export")
-    dense = load_model(None)
-    dense_report = export_model(dense, root / "dense", validate=False)
-    compressed = load_model(None)
-    compression = compress_model(compressed.model, CompressionConfig(size_fraction=0.7), progress=False)
-    report = export_model(compressed, root / "lestd-0.7")
-    return {"root": root, "dense": dense_report, "report": report, "compression": compression,
-            "model": compressed}
+# the `exports` fixture (dense and 0.7 exports of the default model) is in conftest.py, shared with test_tokenizer.py
 
 
 def test_compressed_default_model_matches_pytorch(exports):
