@@ -2,7 +2,7 @@
 
 Sources (``--calibration``): ``default`` (offline: the docstrings of a fixed list of standard-library
 modules, English technical prose that shares no window with the default evaluation text, the
-language reference in ``pydoc_data.topics``), a UTF-8 text file, ``wikitext2`` (train split, where
+language reference in ``pydoc_data.topics``; for a model without a tokenizer, its own samples), a UTF-8 text file, ``wikitext2`` (train split, where
 ``datasets`` and the network are available), ``self`` (sequences sampled from the model itself), or
 ``none`` (the papers' data-free method).
 
@@ -15,7 +15,6 @@ replays single decoder layers on cached hidden states (:class:`LayerReplay`).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import time
@@ -64,7 +63,9 @@ class CalibrationData:
     @property
     def sha256(self) -> str:
         """Digest of the token ids (comma-separated decimal), as ``eval --json`` records its tokens."""
-        return hashlib.sha256(",".join(map(str, self.sequences.ravel().tolist())).encode()).hexdigest()
+        from .evaluate import tokens_sha256
+
+        return tokens_sha256(self.sequences.ravel().tolist())
 
     def batches(self) -> Iterator[np.ndarray]:
         for start in range(0, len(self.sequences), BATCH_SEQUENCES):
@@ -152,6 +153,8 @@ def load_calibration(source: str, model, tokenizer, tokens: int = DEFAULT_TOKENS
     config = getattr(model, "config", None)
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     seq_len = min(seq_len, tokens, positions or seq_len)
+    if source == "default" and tokenizer is None:  # nothing to tokenise text with: the model's own samples
+        source = "self"
     if source == "self":
         seq_len = min(seq_len, positions - 1) if positions else seq_len  # sampling adds a start token
         sequences = _sample_from_model(model, tokenizer, tokens, seq_len)

@@ -29,7 +29,8 @@ BATCH_WINDOWS = 4  # windows per forward pass
 REPORT_FILE = "compression_report.json"  # written next to a compressed checkpoint (see compress.py)
 ONNX_FILE = "model.onnx"
 FIX_DIR = "re-create the directory (lestd-export export / compress)"
-RESULT_KEYS = ("perplexity", "tokens", "seq_len", "backend", "text_source", "model", "size_fraction")
+RESULT_KEYS = ("perplexity", "tokens", "seq_len", "backend", "text_source", "model", "size_fraction",
+               "tokens_sha256")
 
 
 class TextSourceError(LestdError):
@@ -118,10 +119,14 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
     return ids if max_tokens is None else ids[:max_tokens]
 
 
+def tokens_sha256(token_ids: Sequence[int]) -> str:
+    """SHA-256 of token ids written as comma-separated decimals (recorded by eval and calibration)."""
+    return hashlib.sha256(",".join(map(str, list(token_ids))).encode()).hexdigest()
+
+
 def tokens_digest(token_ids: Sequence[int]) -> str:
-    """A short hash of a token sequence (for cache keys and reports)."""
-    data = ",".join(map(str, list(token_ids))).encode()
-    return hashlib.sha256(data).hexdigest()[:16]
+    """A short hash of a token sequence (for cache keys): the first 16 hex digits of :func:`tokens_sha256`."""
+    return tokens_sha256(token_ids)[:16]
 
 
 # ------------------------------------------------------------------------------------------ windows
@@ -327,5 +332,6 @@ def evaluate(target: str | Path | None, backend: str = "torch", text_file: str |
         fraction = size_fraction_of_dir(export_dir)
         fraction = 1.0 if fraction is None else fraction
     out = {"perplexity": result["perplexity"], "tokens": result["tokens"], "seq_len": seq_len,
-           "backend": backend, "text_source": source, "model": model_name, "size_fraction": fraction}
+           "backend": backend, "text_source": source, "model": model_name, "size_fraction": fraction,
+           "tokens_sha256": tokens_sha256(ids if max_tokens is None else ids[:max_tokens])}
     return {**out, "tasks": result["tasks"]} if "tasks" in result else out

@@ -61,3 +61,19 @@ def test_size_fraction_0_9_generates_with_finite_perplexity(default_model, eval_
     assert math.isfinite(perplexity) and perplexity > dense_perplexity * 0.99
     generated = greedy(model, default_model.tokenizer)
     assert len(generated) == 8
+
+
+def test_default_calibration_tokens_and_default_evaluation_windows_are_disjoint(default_model):
+    """Checked by digest: no calibration sequence is an evaluation window, and no 32-token span is shared."""
+    from lestd_export.calibration import load_calibration
+    from lestd_export.evaluate import tokens_sha256, windows
+
+    data = load_calibration("default", default_model.model, default_model.tokenizer)
+    evaluation = tokenize(default_model.tokenizer, default_text())  # eval's default: the whole text, windows of 512
+    window_digests = {tokens_sha256(evaluation[a:b]) for a, b in windows(len(evaluation), 512)}
+    assert not {tokens_sha256(seq.tolist()) for seq in data.sequences} & window_digests
+    span = 32
+    evaluation_spans = {tokens_sha256(evaluation[i:i + span]) for i in range(len(evaluation) - span + 1)}
+    calibration = data.sequences.ravel().tolist()
+    assert not any(tokens_sha256(calibration[i:i + span]) in evaluation_spans
+                   for i in range(len(calibration) - span + 1))

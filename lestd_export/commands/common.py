@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import BUDGETS, GRANULARITIES, METHODS, OBJECTIVES, CompressionConfig, parse_ranks
+from ..config import BUDGETS, GRANULARITIES, METHODS, OBJECTIVES, REFIT_TARGETS, CompressionConfig, parse_ranks
 
 MODEL_HELP = ("model: catalogue alias (default: smollm2-135m), local Hugging Face directory, .gguf file, "
               "or hub id org/name (needs network)")
@@ -41,6 +41,12 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
                        help="calibration tokens (default 2048, in sequences of up to 512)")
     group.add_argument("--no-refit", action="store_true",
                        help="with calibration: skip the layer-by-layer least-squares refit of the kept values")
+    group.add_argument("--refit-target", choices=REFIT_TARGETS, default="layer",
+                       help="what the refit fits: layer (default: the dense layer on the compressed model's "
+                            "inputs) or model (the dense model's outputs)")
+    group.add_argument("--input-whitening", type=float, default=0.0, metavar="P",
+                       help="power of the input Gram in the shared basis's metric, 0..1 (default 0; 1 whitens "
+                            "the input side exactly but shifts the output heads' budget to outlier dimensions)")
     group.add_argument("--heal", action="store_true",
                        help="with calibration: distil the compressed model against the dense one (logit KL), "
                             "updating only stored values; about 5-10 minutes on 2 cores with the defaults")
@@ -64,7 +70,8 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
                              core_density=args.core_density, granularity=args.granularity, budget=args.budget,
                              objective=args.objective, hooi_tol=args.hooi_tol, hooi_max_iter=args.hooi_max_iter,
                              calibration=args.calibration or default_calibration(args.method),
-                             calibration_tokens=args.calibration_tokens, refit=not args.no_refit, heal=args.heal,
+                             calibration_tokens=args.calibration_tokens, refit=not args.no_refit,
+                             refit_target=args.refit_target, input_whitening=args.input_whitening, heal=args.heal,
                              heal_tokens=args.heal_tokens, heal_steps=args.heal_steps, damping=args.damping)
 
 
@@ -73,5 +80,6 @@ def compression_flags_given(args: argparse.Namespace) -> bool:
     defaults = {"method": "lestd", "size_fraction": None, "ranks": None, "core_density": None,
                 "granularity": "row", "budget": "layer", "objective": None, "hooi_tol": 1e-6, "hooi_max_iter": 10,
                 "calibration": None, "calibration_tokens": 2048, "no_refit": False, "heal": False,
-                "heal_tokens": 4096, "heal_steps": 60, "damping": 0.01}
+                "heal_tokens": 4096, "heal_steps": 60, "damping": 0.01, "refit_target": "layer",
+                "input_whitening": 0.0}
     return any(getattr(args, key) != value for key, value in defaults.items())
