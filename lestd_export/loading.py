@@ -245,11 +245,11 @@ def harmonise_special_tokens(model, tokenizer, recorded: dict | None = None) -> 
     """Make ``tokenizer``'s bos/eos/pad/unk tokens the ones the model generates with, and give it a pad token.
 
     Each id comes from ``recorded`` (a GGUF's own metadata, see :func:`lestd_export.files.gguf_special_tokens`)
-    where given, else the generation config, else the config; it is adopted where the tokenizer knows it
-    as a special (added) token. Without a recorded pad id the pad token is the tokenizer's own, else eos;
-    the generation config gets the pad id when it has none. ``recorded`` BOS/EOS flags are applied, and
-    padding goes left (a decoder-only model generates from left-padded batches). Saved directories
-    (checkpoint, export) then agree: tokenizer files, ``config.json`` and ``generation_config.json``.
+    where given, else the generation config, else the config, and is adopted where the tokenizer knows it
+    as a special (added) token. A tokenizer still without a pad token pads with eos, and a generation
+    config without a pad id gets the tokenizer's. ``recorded`` BOS/EOS flags are applied, and padding
+    goes left (a decoder-only model generates from left-padded batches). Saved directories (checkpoint,
+    export) then agree: tokenizer files, ``config.json`` and ``generation_config.json``.
     """
     if tokenizer is None:
         return
