@@ -15,12 +15,12 @@ import argparse
 import copy
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from lestd_export.bench import machine_info
 from lestd_export.compress import compress_model
 from lestd_export.config import CompressionConfig
 from lestd_export.evaluate import default_text, tokenize, tokens_digest, torch_perplexity
@@ -31,29 +31,17 @@ PROSE_FILES = ("/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/G
 
 # name -> settings on top of the size fraction (what the CLI defaults give is "calibrated")
 VARIANTS = {
-    "data-free-refit": dict(calibration="default", input_whitening=0.0, objective="balanced"),
-    "refit-model": dict(calibration="default", refit_target="model"),
-    "white-0.2": dict(calibration="default", input_whitening=0.2),
-    "white-1-refit": dict(calibration="default", input_whitening=1.0),
     "data-free": dict(calibration="none"),
     "whitened": dict(calibration="default", refit=False, input_whitening=1.0),
     "right-metric": dict(calibration="default", refit=False),
     "calibrated": dict(calibration="default"),
+    "refit-model": dict(calibration="default", refit_target="model"),
     "calibrated-fisher": dict(calibration="default", objective="fisher"),
-    "calibrated-fisher-global": dict(calibration="default", objective="fisher", budget="global"),
     "calibrated-global": dict(calibration="default", budget="global"),
-    "calibrated-4k": dict(calibration="default", calibration_tokens=4096),
     "calibrated-healed": dict(calibration="default", heal=True),
     "tensorllm-calibrated": dict(method="tensorllm", calibration="default"),
     "svd-llm": dict(method="svd", calibration="default"),
 }
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:
@@ -61,6 +49,8 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--fractions", default="0.9,0.7,0.5")
     parser.add_argument("--variants", default="data-free,calibrated,calibrated-fisher")
+    parser.add_argument("--runs", default=None, metavar="F:VARIANT,...",
+                        help="explicit (fraction, variant) pairs instead of fractions x variants, e.g. 0.5:calibrated-healed")
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--calibration-tokens", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "calibration_quality.json")
@@ -71,7 +61,7 @@ def main() -> None:
     prose = "\n\n".join(Path(p).read_text() for p in PROSE_FILES)
     texts = {"default": tokenize(loaded.tokenizer, default_text(), args.max_tokens),
              "prose": tokenize(loaded.tokenizer, prose, args.max_tokens)}
-    result = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
+    result = {"machine": machine_info("cpu", torch.get_num_threads()),
               "model": loaded.source, "max_tokens": args.max_tokens,
               "texts": {name: {"tokens": len(ids), "sha256": tokens_digest(ids)} for name, ids in texts.items()},
               "prose_files": list(PROSE_FILES), "dense": {}, "runs": []}
@@ -79,27 +69,30 @@ def main() -> None:
         result["dense"][name] = torch_perplexity(loaded.model, ids, progress=False)["perplexity"]
     print(json.dumps(result["dense"]))
 
-    for fraction in [float(f) for f in args.fractions.split(",")]:
-        for variant in args.variants.split(","):
-            settings = dict(VARIANTS[variant], size_fraction=fraction)
-            if args.calibration_tokens and settings.get("calibration", "none") != "none":
-                settings["calibration_tokens"] = args.calibration_tokens
-            model = copy.deepcopy(loaded.model)
-            started = time.perf_counter()
-            report = compress_model(model, CompressionConfig(**settings), tokenizer=loaded.tokenizer, progress=False)
-            seconds = time.perf_counter() - started
-            row = {"variant": variant, "size_fraction": fraction, "settings": settings, "compress_seconds": seconds,
-                   "achieved": report["size_fraction"]["with_indices"],
-                   "relative_weight_error": report["relative_weight_error"]["overall"],
-                   "calibration": report.get("calibration"), "healing": report.get("healing")}
-            for name, ids in texts.items():
-                ppl = torch_perplexity(model, ids, progress=False)["perplexity"]
-                row[name] = {"perplexity": ppl, "ratio": ppl / result["dense"][name]}
-            result["runs"].append(row)
-            print(f"{fraction} {variant:28s} default x{row['default']['ratio']:.3f} prose x{row['prose']['ratio']:.3f} "
-                  f"({seconds:.0f} s)", flush=True)
-            write_json(args.out, result)
-            del model
+    if args.runs:
+        runs = [(float(item.split(":")[0]), item.split(":")[1]) for item in args.runs.split(",")]
+    else:
+        runs = [(float(f), v) for f in args.fractions.split(",") for v in args.variants.split(",")]
+    for fraction, variant in runs:
+        settings = dict(VARIANTS[variant], size_fraction=fraction)
+        if args.calibration_tokens and settings.get("calibration", "none") != "none":
+            settings["calibration_tokens"] = args.calibration_tokens
+        model = copy.deepcopy(loaded.model)
+        started = time.perf_counter()
+        report = compress_model(model, CompressionConfig(**settings), tokenizer=loaded.tokenizer, progress=False)
+        seconds = time.perf_counter() - started
+        row = {"variant": variant, "size_fraction": fraction, "settings": settings, "compress_seconds": seconds,
+               "achieved": report["size_fraction"]["with_indices"],
+               "relative_weight_error": report["relative_weight_error"]["overall"],
+               "calibration": report.get("calibration"), "healing": report.get("healing")}
+        for name, ids in texts.items():
+            ppl = torch_perplexity(model, ids, progress=False)["perplexity"]
+            row[name] = {"perplexity": ppl, "ratio": ppl / result["dense"][name]}
+        result["runs"].append(row)
+        print(f"{fraction} {variant:28s} default x{row['default']['ratio']:.3f} prose x{row['prose']['ratio']:.3f} "
+              f"({seconds:.0f} s)", flush=True)
+        write_json(args.out, result)
+        del model
 
 
 if __name__ == "__main__":

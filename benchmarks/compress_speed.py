@@ -7,24 +7,17 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from lestd_export.bench import machine_info
 from lestd_export.compress import compress_model
 from lestd_export.config import CompressionConfig
 from lestd_export.io import write_json
 from lestd_export.loading import load_model
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:
@@ -45,8 +38,7 @@ def main() -> None:
         report = compress_model(model, CompressionConfig(size_fraction=args.size_fraction), progress=False)
         seconds.append(time.perf_counter() - started)
     result = {
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "python": platform.python_version(), "torch": torch.__version__},
+        "machine": machine_info("cpu", torch.get_num_threads()),
         "model": loaded.source, "size_fraction": report["size_fraction"],
         "load_seconds": load_seconds, "compress_seconds": seconds,
         "compress_seconds_median": statistics.median(seconds),

@@ -127,8 +127,12 @@ def _sample_from_model(model, tokenizer, tokens: int, seq_len: int, seed: int = 
 
     n = max(1, -(-tokens // seq_len))
     start = tokenizer.bos_token_id if tokenizer is not None and tokenizer.bos_token_id is not None else 0
+    from transformers.utils import logging as hf_logging
+
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its "right-padding detected" notice misreads a BOS start as padding
     try:
         with torch.no_grad():
             ids = torch.full((n, 1), start, dtype=torch.long)
@@ -137,6 +141,7 @@ def _sample_from_model(model, tokenizer, tokens: int, seq_len: int, seed: int = 
                                  pad_token_id=start)
     finally:
         torch.random.set_rng_state(generator_state)
+        hf_logging.set_verbosity(verbosity)
     return out[:, 1:seq_len + 1].numpy().astype(np.int64)
 
 

@@ -27,7 +27,15 @@ def _param(tensor: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=False)
 
 
-class _MatMulT(torch.autograd.Function):
+class _SavesInputs(torch.autograd.Function):
+    """Base of the two-input products below: keeps both inputs for the backward pass (healing)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+
+class _MatMulT(_SavesInputs):
     """``x [..., a] @ w^T`` for ``w [b, a]``, exported as ONNX Runtime's ``FusedMatMul(transB=1)``.
 
     Reads the stored ``w``: a plain ``MatMul(x, Transpose(w))`` would be constant-folded (by the
@@ -37,10 +45,6 @@ class _MatMulT(torch.autograd.Function):
     @staticmethod
     def forward(x, w):
         return torch.matmul(x, w.t())
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad):  # grad [..., b]
@@ -56,16 +60,12 @@ class _MatMulT(torch.autograd.Function):
         return out
 
 
-class _TMatMul(torch.autograd.Function):
+class _TMatMul(_SavesInputs):
     """``x^T @ w`` for ``x [a, N]``, ``w [a, b]``, exported as ``Gemm(transA=1)`` (no Transpose node)."""
 
     @staticmethod
     def forward(x, w):
         return x.t() @ w
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad):  # grad [N, b]
@@ -77,16 +77,12 @@ class _TMatMul(torch.autograd.Function):
         return g.op("Gemm", x, w, transA_i=1)
 
 
-class _TMatMulT(torch.autograd.Function):
+class _TMatMulT(_SavesInputs):
     """``x^T @ w^T`` for ``x [a, N]``, ``w [b, a]``: ``Gemm(transA=1, transB=1)``."""
 
     @staticmethod
     def forward(x, w):
         return x.t() @ w.t()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad):  # grad [N, b]
