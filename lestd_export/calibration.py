@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import DEFAULT_CALIBRATION_TOKENS as DEFAULT_TOKENS
 from .errors import LestdError
 
 SOURCES = ("default", "wikitext2", "self", "none")
-DEFAULT_TOKENS = 2048
 MIN_TOKENS = 128  # fewer tokens than this cannot estimate a d x d Gram matrix usefully
 SEQ_LEN = 512  # calibration sequence length (the evaluation windows' length)
 BATCH_SEQUENCES = 4  # sequences per forward pass

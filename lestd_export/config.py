@@ -14,6 +14,8 @@ BUDGETS = ("layer", "global")
 OBJECTIVES = ("balanced", "frobenius", "fisher")
 DEFAULT_SIZE_FRACTION = 0.7
 REFIT_TARGETS = ("layer", "model")
+# 2048 measured worse at 0.5: x2.57 / x2.75 against x2.38 / x2.67 (default text / prose, 4096 tokens each)
+DEFAULT_CALIBRATION_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class CompressionConfig:
     hooi_max_iter: int = 10
     objective: str | None = None  # None: the method's default (lestd: balanced, tensorllm: frobenius)
     calibration: str = "none"  # "none" (data-free), "default", "wikitext2", "self" or a text file path
-    calibration_tokens: int = 2048
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
     damping: float = 0.01  # ridge on the calibration Gram matrices, relative to their mean diagonal
     refit: bool = True  # with calibration: least-squares refit of the kept core values, layer by layer
     refit_target: str = "layer"  # "layer": the dense layer on the compressed model's inputs; "model": the dense model's outputs

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .compress import compress_model
-from .config import BUDGETS, GRANULARITIES, METHODS, CompressionConfig, parse_choices
+from .config import BUDGETS, DEFAULT_CALIBRATION_TOKENS, GRANULARITIES, METHODS, CompressionConfig, parse_choices
 from .errors import InvalidConfigError
 from .evaluate import (DEFAULT_SEQ_LEN, check_lengths, load_text, ort_perplexity, tokenize, tokens_digest,
                        torch_perplexity)
@@ -104,7 +104,7 @@ def _file_digest(path: str) -> str:
 
 
 def run_settings(fractions, methods, granularities, budgets, calibrations=("none",), heal=(False,),
-                 calibration_tokens: int = 2048) -> list[dict]:
+                 calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS) -> list[dict]:
     """One entry per run: method x setting x calibration x heal x fraction. LeSTD runs over every
     granularity x budget, TensorLLM and SVD with their defaults. Healing needs calibration and updates
     only Tucker-compressed modules, so data-free and SVD runs are never healed (one unhealed run
@@ -234,7 +234,7 @@ def sweep(model_arg: str | None = None, fractions: Sequence[float] | str = (0.9,
           budgets: Sequence[str] | str = ("layer",), max_tokens: int | None = 8192, seq_len: int = DEFAULT_SEQ_LEN,
           cache_dir: str | Path | None = None, progress: bool = True, text_file: str | Path | None = None,
           dataset: str | None = None, calibrations: Sequence[str] | str = ("none",),
-          heal: Sequence[bool | str] | str = (False,), calibration_tokens: int = 2048,
+          heal: Sequence[bool | str] | str = (False,), calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
           ort_baselines: bool = False) -> dict:
     """Perplexity of the dense model and of every (method, setting, calibration, heal, fraction) run
     on the same tokens (see :func:`run_settings`); with ``ort_baselines``, also of the dense model

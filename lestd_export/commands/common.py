@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import BUDGETS, GRANULARITIES, METHODS, OBJECTIVES, REFIT_TARGETS, CompressionConfig, parse_ranks
+from ..config import BUDGETS, DEFAULT_CALIBRATION_TOKENS, GRANULARITIES, METHODS, OBJECTIVES, REFIT_TARGETS, CompressionConfig, parse_ranks
 
 MODEL_HELP = ("model: catalogue alias (default: smollm2-135m), local Hugging Face directory, .gguf file, "
               "or hub id org/name (needs network)")
@@ -37,8 +37,8 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
                             "docstrings, disjoint from eval's default text), a UTF-8 text file, wikitext2 (needs "
                             "'datasets' and network), self (samples of the model), or none (the papers' data-free "
                             "method). Default: 'default' for lestd, 'none' for the baselines")
-    group.add_argument("--calibration-tokens", type=int, default=2048, metavar="N",
-                       help="calibration tokens (default 2048, in sequences of up to 512)")
+    group.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS, metavar="N",
+                       help=f"calibration tokens (default {DEFAULT_CALIBRATION_TOKENS}, in sequences of up to 512)")
     group.add_argument("--no-refit", action="store_true",
                        help="with calibration: skip the layer-by-layer least-squares refit of the kept values")
     group.add_argument("--refit-target", choices=REFIT_TARGETS, default="layer",
@@ -79,7 +79,7 @@ def compression_flags_given(args: argparse.Namespace) -> bool:
     """Whether any compression flag differs from its default (exporting a checkpoint takes none)."""
     defaults = {"method": "lestd", "size_fraction": None, "ranks": None, "core_density": None,
                 "granularity": "row", "budget": "layer", "objective": None, "hooi_tol": 1e-6, "hooi_max_iter": 10,
-                "calibration": None, "calibration_tokens": 2048, "no_refit": False, "heal": False,
+                "calibration": None, "calibration_tokens": DEFAULT_CALIBRATION_TOKENS, "no_refit": False, "heal": False,
                 "heal_tokens": 4096, "heal_steps": 60, "damping": 0.01, "refit_target": "layer",
                 "input_whitening": 0.0}
     return any(getattr(args, key) != value for key, value in defaults.items())

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..config import DEFAULT_CALIBRATION_TOKENS
 from .common import MODEL_HELP
 from .eval import add_text_flags
 
@@ -30,8 +31,8 @@ def register(subparsers) -> None:
     parser.add_argument("--calibration", default="none,default", metavar="C,C,...",
                         help="calibration sources among none (data-free), default, wikitext2, self or text file "
                              "paths; calibrated svd is SVD-LLM whitening (default none,default: both forms)")
-    parser.add_argument("--calibration-tokens", type=int, default=2048, metavar="N",
-                        help="calibration tokens per calibrated run (default 2048)")
+    parser.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS, metavar="N",
+                        help=f"calibration tokens per calibrated run (default {DEFAULT_CALIBRATION_TOKENS})")
     parser.add_argument("--heal", default="no", metavar="no,yes",
                         help="heal settings among no, yes; healing applies to calibrated lestd and tensorllm "
                              "runs only (default no)")
