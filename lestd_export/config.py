@@ -61,8 +61,8 @@ class CompressionConfig:
     refit_target: str = "layer"  # "layer": the dense layer on the compressed model's inputs; "model": the dense model's outputs
     input_whitening: float = 0.0  # power p of the input Gram in the shared left metric (0: none, 1: full whitening)
     heal: bool = False  # with calibration: distil the compressed model against the dense one
-    heal_tokens: int = 4096
-    heal_steps: int = 60
+    heal_tokens: int = 16384
+    heal_steps: int = 300
 
     def __post_init__(self):
         def bad(message: str):

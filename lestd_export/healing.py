@@ -46,7 +46,7 @@ def heal(model, teacher, sequences: np.ndarray, steps: int, *, progress: bool = 
     chunks = sequences[:, :sequences.shape[1] // HEAL_SEQ_LEN * HEAL_SEQ_LEN] if sequences.shape[1] >= HEAL_SEQ_LEN \
         else sequences
     chunks = torch.from_numpy(np.ascontiguousarray(chunks).reshape(-1, min(HEAL_SEQ_LEN, sequences.shape[1])))
-    held = chunks[: min(2, len(chunks))]  # loss_before / loss_after are measured on these
+    held = chunks[: min(2, len(chunks))]  # loss_before / loss_after are measured on these (training data)
 
     params = stored_parameters(model)
     flags = {id(p): p.requires_grad for p in model.parameters()}
@@ -84,5 +84,5 @@ def heal(model, teacher, sequences: np.ndarray, steps: int, *, progress: bool = 
         model.train(was_training)
         model.eval()
     return {"tokens": int(chunks.numel()), "steps": steps, "seconds": round(time.perf_counter() - started, 1),
-            "loss_before": before, "loss_after": after, "loss": "KL(dense || compressed) per token, held batch",
+            "loss_before": before, "loss_after": after, "loss": "KL(dense || compressed) per token on the first two healing sequences",
             "learning_rate": LEARNING_RATE, "seq_len": int(chunks.shape[1])}

@@ -49,10 +49,10 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
                             "the input side exactly but shifts the output heads' budget to outlier dimensions)")
     group.add_argument("--heal", action="store_true",
                        help="with calibration: distil the compressed model against the dense one (logit KL), "
-                            "updating only stored values; about 5-10 minutes on 2 cores with the defaults")
-    group.add_argument("--heal-tokens", type=int, default=4096, metavar="N", help="healing tokens (default 4096)")
-    group.add_argument("--heal-steps", type=int, default=60, metavar="N",
-                       help="healing steps of one 256-token sequence each (default 60)")
+                            "updating only stored values; about 10 minutes on 2 cores with the defaults")
+    group.add_argument("--heal-tokens", type=int, default=16384, metavar="N", help="healing tokens (default 16384)")
+    group.add_argument("--heal-steps", type=int, default=300, metavar="N",
+                       help="healing steps of one 256-token sequence each (default 300)")
     group.add_argument("--damping", type=float, default=0.01,
                        help="ridge added to calibration Gram matrices, relative to their mean diagonal (default 0.01)")
     group.add_argument("--hooi-tol", type=float, default=1e-6, help="HOOI stop: relative change of ||G||^2")
@@ -80,6 +80,6 @@ def compression_flags_given(args: argparse.Namespace) -> bool:
     defaults = {"method": "lestd", "size_fraction": None, "ranks": None, "core_density": None,
                 "granularity": "row", "budget": "layer", "objective": None, "hooi_tol": 1e-6, "hooi_max_iter": 10,
                 "calibration": None, "calibration_tokens": DEFAULT_CALIBRATION_TOKENS, "no_refit": False, "heal": False,
-                "heal_tokens": 4096, "heal_steps": 60, "damping": 0.01, "refit_target": "layer",
+                "heal_tokens": 16384, "heal_steps": 300, "damping": 0.01, "refit_target": "layer",
                 "input_whitening": 0.0}
     return any(getattr(args, key) != value for key, value in defaults.items())
