@@ -246,3 +246,17 @@ def test_default_calibration_text_is_not_the_default_evaluation_text():
     # no 200-character span of the calibration text occurs in the evaluation text
     spans = {calibration[i:i + 200] for i in range(0, len(calibration) - 200, 97)}
     assert not any(span in evaluation for span in spans)
+
+
+def test_healing_that_raises_the_loss_restores_the_starting_values(monkeypatch):
+    import lestd_export.healing as healing
+
+    ids = torch.arange(8)[None]
+    plain = tiny_model("llama-gqa")
+    compress_model(plain, CompressionConfig(size_fraction=0.5, **SELF), progress=False)
+    monkeypatch.setattr(healing, "LEARNING_RATE", 50.0)  # diverges
+    healed = tiny_model("llama-gqa")
+    report = compress_model(healed, CompressionConfig(size_fraction=0.5, heal=True, heal_tokens=256, heal_steps=3,
+                                                      **SELF), progress=False)
+    assert report["healing"]["kept"] is False and report["healing"]["loss_after"] >= report["healing"]["loss_before"]
+    assert torch.allclose(healed(ids).logits, plain(ids).logits, atol=1e-6)
