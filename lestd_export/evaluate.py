@@ -222,16 +222,20 @@ def torch_perplexity(model, token_ids, seq_len: int = DEFAULT_SEQ_LEN, max_token
 def ort_perplexity(export_dir: str | Path, token_ids, seq_len: int = DEFAULT_SEQ_LEN, max_tokens: int | None = None,
                    progress: bool = True, threads: int | None = None, model_file: str | Path | None = None) -> dict:
     """Perplexity of an ONNX export (``DIR/model.onnx``, or ``model_file`` such as a quantised copy in
-    it) through ONNX Runtime, same windows as torch."""
+    it) or of an onnxruntime-genai directory (its decoder graph) through ONNX Runtime, same windows as torch."""
     import numpy as np
     import torch
     from tqdm.auto import tqdm
 
+    from .genai import is_genai_dir, open_genai_onnx
     from .runtime import OrtCausalLM, open_session
 
     batches, predicted = _batches(_as_list(token_ids), seq_len, max_tokens)
     session = None if model_file is None else open_session(Path(model_file), threads=threads)
-    runner = OrtCausalLM(Path(export_dir), threads=threads, session=session)
+    if is_genai_dir(Path(export_dir)):
+        runner = open_genai_onnx(Path(export_dir), threads=threads, session=session)
+    else:
+        runner = OrtCausalLM(Path(export_dir), threads=threads, session=session)
     nll, num_windows = 0.0, 0
     with tqdm(total=predicted, desc="perplexity (onnxruntime)", unit="tok", disable=not progress,
               leave=False) as bar:
@@ -291,7 +295,7 @@ def zero_shot(model, tokenizer, tasks: Sequence[str], limit: int | None = None) 
             for task, metrics in results["results"].items()}
 
 
-def evaluate(target: str | Path | None, backend: str = "torch", text_file: str | Path | None = None,
+def evaluate(target: str | Path | None, backend: str | None = None, text_file: str | Path | None = None,
              dataset: str | None = None, seq_len: int = DEFAULT_SEQ_LEN, max_tokens: int | None = None,
              progress: bool = True, tasks: Sequence[str] = ()) -> dict:
     """Perplexity of ``target`` on a text; returns exactly the fields in :data:`RESULT_KEYS`, plus
@@ -299,8 +303,15 @@ def evaluate(target: str | Path | None, backend: str = "torch", text_file: str |
 
     ``torch``: ``target`` is any model argument of :func:`lestd_export.loading.load_model` (alias,
     Hugging Face dir, .gguf, compressed checkpoint; None = the default model). ``onnxruntime``:
-    ``target`` is an export directory holding ``model.onnx``, ``config.json`` and tokenizer files.
+    ``target`` is an export directory holding ``model.onnx``, ``config.json`` and tokenizer files, or an
+    onnxruntime-genai directory (``genai_config.json``, its decoder graph, tokenizer files). ``backend``
+    None: onnxruntime for an onnxruntime-genai directory, torch otherwise.
     """
+    from .genai import is_genai_dir
+
+    genai = target is not None and is_genai_dir(Path(target).expanduser())
+    if backend is None:
+        backend = "onnxruntime" if genai else "torch"
     if backend not in BACKENDS:
         raise InvalidConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if tasks and backend != "torch":
@@ -320,7 +331,7 @@ def evaluate(target: str | Path | None, backend: str = "torch", text_file: str |
         if target is None:
             raise InvalidConfigError("--backend onnxruntime needs an export directory as TARGET")
         export_dir = Path(target).expanduser()
-        if not (export_dir / ONNX_FILE).is_file():
+        if not genai and not (export_dir / ONNX_FILE).is_file():
             raise CheckpointError(f"{export_dir} holds no {ONNX_FILE}: pass an export directory "
                                   "(lestd-export export ...), or use --backend torch for a model")
         from .loading import load_tokenizer

@@ -29,9 +29,11 @@ def register(subparsers) -> None:
         description="Perplexity over non-overlapping windows, with PyTorch (any model argument, compressed "
                     "checkpoints included) or ONNX Runtime (an export directory holding model.onnx).")
     parser.add_argument("target", nargs="?", default=None,
-                        help=f"torch backend: {MODEL_HELP}; onnxruntime backend: an export directory")
-    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
-                        help="torch (default) or onnxruntime")
+                        help=f"torch backend: {MODEL_HELP}; onnxruntime backend: an export directory or an "
+                             "onnxruntime-genai directory (genai_config.json)")
+    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default=None,
+                        help="torch or onnxruntime (default: onnxruntime for an onnxruntime-genai directory, "
+                             "torch otherwise)")
     add_text_flags(parser)
     parser.add_argument("--tasks", default=None, metavar="LIST",
                         help="comma list of lm-eval-harness tasks (e.g. hellaswag,piqa) for zero-shot accuracy "
