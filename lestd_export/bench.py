@@ -5,6 +5,10 @@ interleaved A/B/A/B across variants, every variant gets the same provider, threa
 Quantised variants are made with ONNX Runtime's own tools and cached beside the model:
 ``DIR/model.int8.onnx`` (``quantize_dynamic``) and ``DIR/model.int4.onnx`` (``MatMulNBitsQuantizer``,
 block 32, symmetric, accuracy_level 4), each with a ``.json`` sidecar saying which nodes were quantised.
+An onnxruntime-genai directory (``genai_config.json``) is a variant run by genai's own C++ generation loop
+(CPU, unquantised by us: its builder makes the int4 model); ``genai_baselines`` adds the builder's fp32 and
+int4 models of a given model. Every record also gets a short perplexity (the quality column): the same
+tokens of the default evaluation text for every variant, through ONNX Runtime, and its ratio to the baseline.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import numpy as np
 from .errors import CheckpointError, CorruptFileError, InvalidConfigError, LestdError
 from .export import model_files_bytes
 from .files import check_model_dir, check_onnx, read_json
+from .genai import decoder_file, is_genai_dir
 
 QUANT_MODES = ("none", "int8", "int4")
 ONNX_FILE = "model.onnx"
 FIX_DIR = "re-export the model (lestd-export export)"
+QUALITY_TOKENS = 1024  # default-text tokens of the quality column (0: no quality column)
 
 
 class BenchmarkError(LestdError):
@@ -42,15 +48,23 @@ class Variant:
     quantization: str = "none"
     is_baseline: bool = False
     quantized_nodes: dict = field(default_factory=dict)
+    runtime: str = "onnxruntime"  # or "genai": onnxruntime-genai's generation loop over a genai directory
 
 
 # ----------------------------------------------------------------------------------------- variants
 
 def check_export_dir(path: Path) -> Path:
+    """``path`` when it is an export directory (``model.onnx``) or an onnxruntime-genai directory."""
     path = Path(path)
-    if not (path / ONNX_FILE).is_file():
-        raise CheckpointError(f"{path} has no {ONNX_FILE}: pass a directory produced by `lestd-export export`")
+    if not is_genai_dir(path) and not (path / ONNX_FILE).is_file():
+        raise CheckpointError(f"{path} has no {ONNX_FILE}: pass a directory produced by `lestd-export export` "
+                              "or an onnxruntime-genai directory (genai_config.json)")
     return path
+
+
+def model_file_of(path: Path) -> Path:
+    """The ONNX file a variant directory runs: a genai directory's decoder file, else ``model.onnx``."""
+    return decoder_file(path) if is_genai_dir(path) else Path(path) / ONNX_FILE
 
 
 def _weight_matmuls(model) -> int:
@@ -154,7 +168,9 @@ QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
 
 
 def build_variants(dirs: list[Path], quantize: list[str], baseline: Path | None = None) -> list[Variant]:
-    """Unquantised and quantised variants of each dir; the baseline is the unquantised ``baseline`` (or first dir)."""
+    """Unquantised and quantised variants of each dir; the baseline is the unquantised ``baseline`` (or first dir).
+
+    An onnxruntime-genai directory gives one variant, run by genai's loop (``quantize`` does not apply to it)."""
     dirs = [check_export_dir(d) for d in dirs]
     if baseline is not None:
         baseline = check_export_dir(baseline)
@@ -165,13 +181,17 @@ def build_variants(dirs: list[Path], quantize: list[str], baseline: Path | None 
     variants = []
     for d in dirs:
         is_base = d.resolve() == baseline.resolve()
-        for mode in quantize if not is_base or "none" in quantize else ["none", *quantize]:
+        genai = is_genai_dir(d)
+        modes = ["none"] if genai else quantize if not is_base or "none" in quantize else ["none", *quantize]
+        for mode in modes:
             stem = d.name or str(d)
             name = stem if mode == "none" else f"{stem}+{mode}"
             names[name] += 1
             if names[name] > 1:
                 name = f"{name}#{names[name]}"
-            if mode == "none":
+            if genai:
+                variants.append(Variant(name, d, decoder_file(d), "none", is_base, runtime="genai"))
+            elif mode == "none":
                 variants.append(Variant(name, d, d / ONNX_FILE, "none", is_base))
             else:
                 path, info = QUANTIZERS[mode](d)
@@ -187,7 +207,7 @@ def run_worker(variant: Variant, provider: str, threads: int | None, batch: int,
     command = [sys.executable, "-m", "lestd_export.bench_worker", str(variant.export_dir),
                "--model-file", str(variant.model_file), "--provider", provider, "--batch", str(batch),
                "--prompt-len", str(prompt_len), "--gen-len", str(gen_len), "--warmup", str(warmup),
-               "--seed", str(seed)]
+               "--seed", str(seed), "--runtime", variant.runtime]
     if threads:
         command += ["--threads", str(threads)]
     env = dict(os.environ)
@@ -205,11 +225,12 @@ def _stats(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def summarise(variant: Variant, runs: list[dict], size_fraction: float | None) -> dict:
+def summarise(variant: Variant, runs: list[dict], size_fraction: float | None, quality: dict | None = None) -> dict:
     latencies = [t for run in runs for t in run["latencies_ms"]]
     first = runs[0]
     return {
         "variant": variant.name, "path": str(variant.model_file), "export_dir": str(variant.export_dir),
+        "runtime": "onnxruntime-genai" if variant.runtime == "genai" else "onnxruntime",
         "quantization": variant.quantization, "is_baseline": variant.is_baseline,
         "provider": first["provider"], "threads": first["threads"], "batch": first["batch"],
         "prompt_len": first["prompt_len"], "gen_len": first["gen_len"], "repeats": len(runs),
@@ -225,6 +246,7 @@ def summarise(variant: Variant, runs: list[dict], size_fraction: float | None) -
         "finite_logits": all(r["finite_logits"] for r in runs),
         "pids": [r["pid"] for r in runs],
         "quantized_nodes": variant.quantized_nodes or None,
+        "quality": quality,
     }
 
 
@@ -232,7 +254,8 @@ def compute_ratios(records: list[dict]) -> dict:
     """Per variant, vs the record with ``is_baseline``: speedups, bytes ratio, bytes-bound fraction.
 
     ``bytes_ratio`` = baseline bytes / variant bytes (what a purely memory-bound decode would gain);
-    ``bytes_bound_fraction`` = decode_speedup / bytes_ratio (1.0: the size saving fully turned into speed).
+    ``bytes_bound_fraction`` = decode_speedup / bytes_ratio (1.0: the size saving fully turned into speed);
+    ``perplexity_ratio`` = variant perplexity / baseline perplexity (None without the quality column).
     """
     base = next((r for r in records if r["is_baseline"]), None)
     if base is None:
@@ -243,10 +266,48 @@ def compute_ratios(records: list[dict]) -> dict:
                   if record.get("decode_tokens_per_s") and base.get("decode_tokens_per_s") else None)
         prefill = record["prefill_tokens_per_s"]["median"] / base["prefill_tokens_per_s"]["median"]
         bytes_ratio = base["model_bytes"] / record["model_bytes"]
+        quality, base_quality = record.get("quality"), base.get("quality")
         ratios[record["variant"]] = {
             "decode_speedup": decode, "prefill_speedup": prefill, "bytes_ratio": bytes_ratio,
-            "bytes_bound_fraction": decode / bytes_ratio if decode is not None else None}
+            "bytes_bound_fraction": decode / bytes_ratio if decode is not None else None,
+            "perplexity_ratio": quality["perplexity"] / base_quality["perplexity"] if quality and base_quality
+            else None}
     return ratios
+
+
+def _context_length(directory: Path) -> int | None:
+    """The longest sequence a variant's model was built for (genai ``context_length`` or config.json)."""
+    if is_genai_dir(directory):
+        return read_json(directory / "genai_config.json").get("model", {}).get("context_length")
+    config = directory / "config.json"
+    return read_json(config, FIX_DIR).get("max_position_embeddings") if config.is_file() else None
+
+
+def measure_quality(variants: list[Variant], tokens: int = QUALITY_TOKENS, threads: int | None = None,
+                    progress: bool = True) -> tuple[dict[str, dict], dict]:
+    """Perplexity of every variant on the same ``tokens`` tokens of the default evaluation text (tokenised by
+    the first variant directory with tokenizer files), through ONNX Runtime on ``eval``'s windows (512 tokens,
+    or the shortest context a variant was built for). Returns ``({variant: {"perplexity", "tokens"}}, info)``;
+    ``info`` says what was scored (``tokens_sha256``), or ``{"skipped": why}`` with no results."""
+    from tqdm.auto import tqdm
+
+    from .evaluate import DEFAULT_SEQ_LEN, default_text, ort_perplexity, tokenize, tokens_sha256
+    from .loading import load_tokenizer
+
+    source = next((v.export_dir for v in variants if load_tokenizer(v.export_dir) is not None), None)
+    if source is None:
+        return {}, {"skipped": "no variant directory holds tokenizer files"}
+    ids = tokenize(load_tokenizer(source), default_text(), tokens)
+    contexts = [c for c in (_context_length(v.export_dir) for v in variants) if isinstance(c, int)]
+    seq_len = min([DEFAULT_SEQ_LEN, len(ids), *contexts])
+    results = {}
+    for variant in tqdm(variants, desc="quality", unit="variant", file=sys.stderr, disable=not progress):
+        scored = ort_perplexity(variant.export_dir, ids, seq_len, progress=False, threads=threads,
+                                model_file=variant.model_file)
+        results[variant.name] = {"perplexity": scored["perplexity"], "tokens": scored["tokens"]}
+    info = {"text_source": "default (Python language reference, pydoc_data.topics)", "tokenizer": str(source),
+            "text_tokens": len(ids), "seq_len": seq_len, "tokens_sha256": tokens_sha256(ids)}
+    return results, info
 
 
 def _size_fraction(export_dir: Path) -> float | None:
@@ -259,6 +320,8 @@ def _size_fraction(export_dir: Path) -> float | None:
 
 def machine_info(provider: str, threads: int | None) -> dict:
     import onnxruntime as ort
+
+    from .genai import genai_version
 
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
@@ -274,7 +337,8 @@ def machine_info(provider: str, threads: int | None) -> dict:
     except Exception:  # noqa: BLE001 -- torch is optional for the runtime
         torch_version = None
     return {"cpu": cpu, "cores": os.cpu_count(), "onnxruntime": ort.__version__, "torch": torch_version,
-            "python": platform.python_version(), "provider": provider, "threads": threads}
+            "onnxruntime_genai": genai_version(), "python": platform.python_version(), "provider": provider,
+            "threads": threads}
 
 
 def check_provider(provider: str, model_file: Path, threads: int | None) -> None:
@@ -289,19 +353,37 @@ def check_provider(provider: str, model_file: Path, threads: int | None) -> None
 
 def run_benchmark(dirs: list[Path], baseline: Path | None = None, provider: str = "cpu", threads: int | None = None,
                   batch: int = 1, prompt_len: int = 128, gen_len: int = 64, repeats: int = 3, warmup: int = 1,
-                  quantize: list[str] | None = None, progress: bool = True) -> dict:
-    if not dirs:
-        raise InvalidConfigError("give at least one export directory")
+                  quantize: list[str] | None = None, progress: bool = True, genai_baselines: str | None = None,
+                  quality_tokens: int = QUALITY_TOKENS) -> dict:
+    """Time every variant of ``dirs`` (see module doc) and score its quality; ``genai_baselines``: a model
+    argument whose onnxruntime-genai fp32 and int4 builds are added as variants (built once, cached)."""
+    if not dirs and not genai_baselines:
+        raise InvalidConfigError("give at least one export directory (or --genai-baselines MODEL)")
     for name, value, low in (("batch", batch, 1), ("prompt-len", prompt_len, 1), ("gen-len", gen_len, 0),
-                             ("repeats", repeats, 1), ("warmup", warmup, 0)):
+                             ("repeats", repeats, 1), ("warmup", warmup, 0), ("quality-tokens", quality_tokens, 0)):
         if value < low:
             raise InvalidConfigError(f"--{name} must be >= {low} (got {value})")
+    if quality_tokens == 1:
+        raise InvalidConfigError("--quality-tokens must be 0 (no quality column) or >= 2 (got 1)")
+    dirs = [Path(d) for d in dirs]
     for d in [*dirs, *([baseline] if baseline else [])]:
         check_export_dir(d)
         check_model_dir(d, FIX_DIR)
-        check_onnx(Path(d) / ONNX_FILE, FIX_DIR)
-    check_provider(provider, Path(baseline or dirs[0]) / ONNX_FILE, threads)
-    variants = build_variants([Path(d) for d in dirs], quantize or ["none"], Path(baseline) if baseline else None)
+        check_onnx(model_file_of(Path(d)), FIX_DIR)
+    if genai_baselines is not None:
+        if provider != "cpu":
+            raise InvalidConfigError("--genai-baselines builds onnxruntime-genai models for the CPU: use --provider cpu")
+        from .genai import genai_baselines as build_genai_baselines
+
+        dirs += build_genai_baselines(genai_baselines, progress=progress)
+    first = Path(baseline or dirs[0])
+    if provider != "cpu" and any(is_genai_dir(d) for d in [*dirs, first]):
+        raise InvalidConfigError("onnxruntime-genai directories run on the CPU here (built with -e cpu): "
+                                 "use --provider cpu")
+    check_provider(provider, model_file_of(first), threads)
+    variants = build_variants(dirs, quantize or ["none"], Path(baseline) if baseline else None)
+    quality, quality_info = (measure_quality(variants, quality_tokens, threads, progress) if quality_tokens
+                             else ({}, {"skipped": "--quality-tokens 0"}))
 
     from tqdm.auto import tqdm
 
@@ -313,8 +395,9 @@ def run_benchmark(dirs: list[Path], baseline: Path | None = None, provider: str 
                 runs[variant.name].append(run_worker(variant, provider, threads, batch, prompt_len, gen_len,
                                                      warmup, seed=repeat))
                 bar.update()
-    records = [summarise(v, runs[v.name], _size_fraction(v.export_dir)) for v in variants]
-    return {"machine": machine_info(provider, threads), "records": records, "ratios": compute_ratios(records)}
+    records = [summarise(v, runs[v.name], _size_fraction(v.export_dir), quality.get(v.name)) for v in variants]
+    return {"machine": machine_info(provider, threads), "quality": quality_info, "records": records,
+            "ratios": compute_ratios(records)}
 
 
 # ----------------------------------------------------------------------------------------- reporting
@@ -326,23 +409,33 @@ def _fmt(value, spec: str = ".1f") -> str:
 def to_markdown(result: dict) -> str:
     machine = result["machine"]
     first = result["records"][0]
-    lines = [f"Machine: {machine['cpu']} ({machine['cores']} cores), onnxruntime {machine['onnxruntime']}, "
+    genai = any(r.get("runtime") == "onnxruntime-genai" for r in result["records"])
+    lines = [f"Machine: {machine['cpu']} ({machine['cores']} cores), onnxruntime {machine['onnxruntime']}"
+             f"{', onnxruntime-genai ' + str(machine.get('onnxruntime_genai')) if genai else ''}, "
              f"provider {machine['provider']}, threads {machine['threads']}; batch {first['batch']}, "
              f"prompt {first['prompt_len']}, gen {first['gen_len']}, {first['repeats']} repeats (medians, "
-             "one fresh process per run, A/B interleaved).", "",
-             "| variant | size fraction | MB on disk | prefill tok/s | decode tok/s | p50 ms | p90 ms | TTFT ms "
-             "| peak RSS MB | decode x | prefill x | bytes x | bytes-bound |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "one fresh process per run, A/B interleaved)."]
+    quality = result.get("quality") or {}
+    if "tokens_sha256" in quality:
+        lines.append(f"Quality: perplexity through ONNX Runtime on the same {quality['text_tokens']} tokens of the "
+                     f"default text for every variant ({quality['seq_len']}-token windows, tokens sha256 "
+                     f"{quality['tokens_sha256'][:12]}); ppl x = perplexity / the baseline's.")
+    lines += ["", "| variant | runtime | size fraction | MB on disk | prefill tok/s | decode tok/s | p50 ms | p90 ms "
+                  "| TTFT ms | peak RSS MB | decode x | prefill x | bytes x | bytes-bound | ppl | ppl x |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["records"]:
         q = result["ratios"][r["variant"]]
         lat = r["latency_ms"] or {}
         decode = r["decode_tokens_per_s"] or {}
+        ppl = (r.get("quality") or {}).get("perplexity")
         lines.append(
-            f"| {r['variant']}{' (baseline)' if r['is_baseline'] else ''} | {_fmt(r['size_fraction'], '.3f')} "
+            f"| {r['variant']}{' (baseline)' if r['is_baseline'] else ''} "
+            f"| {'genai' if r.get('runtime') == 'onnxruntime-genai' else 'ort'} | {_fmt(r['size_fraction'], '.3f')} "
             f"| {r['model_bytes'] / 2**20:.1f} | {r['prefill_tokens_per_s']['median']:.0f} "
             f"| {_fmt(decode.get('median'))} | {_fmt(lat.get('p50'), '.2f')} | {_fmt(lat.get('p90'), '.2f')} "
             f"| {r['ttft_ms']:.1f} | {r['peak_rss_mb']:.0f} | {_fmt(q['decode_speedup'], '.2f')} "
-            f"| {q['prefill_speedup']:.2f} | {q['bytes_ratio']:.2f} | {_fmt(q['bytes_bound_fraction'], '.2f')} |")
+            f"| {q['prefill_speedup']:.2f} | {q['bytes_ratio']:.2f} | {_fmt(q['bytes_bound_fraction'], '.2f')} "
+            f"| {_fmt(ppl, '.3f')} | {_fmt(q.get('perplexity_ratio'), '.3f')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -2,7 +2,9 @@
 
 Loads the session, records RSS after load, warms up, measures prefill (one step over B x P random
 prompt tokens) and G cached decode steps, and prints one JSON line on stdout. numpy + onnxruntime +
-psutil only (no torch import), so memory numbers are those of the runtime alone.
+psutil only (no torch import), so memory numbers are those of the runtime alone. ``--runtime genai``
+runs an onnxruntime-genai directory through genai's C++ generation loop instead (same protocol: prefill
+is ``append_tokens`` of the prompt plus the first token, then G timed ``generate_next_token`` steps).
 """
 
 from __future__ import annotations
@@ -97,6 +99,60 @@ def measure(export_dir: Path, model_file: Path, provider: str, threads: int | No
     }
 
 
+def measure_genai(genai_dir: Path, threads: int | None, batch: int, prompt_len: int, gen_len: int, warmup: int,
+                  seed: int = 0) -> dict:
+    """:func:`measure` through onnxruntime-genai's generation loop (greedy; logits checked outside the timings)."""
+    from .genai import GenaiRuntime, decoder_file, genai_version
+
+    rss_before = _rss_mb()
+    started = time.perf_counter()
+    runtime = GenaiRuntime(genai_dir, threads)
+    load_seconds = time.perf_counter() - started
+    rss_after_load = _rss_mb()
+
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, runtime.vocab_size, size=(batch, prompt_len)).astype(np.int32)
+    for _ in range(warmup):
+        runtime.generate(prompt, min(gen_len, 8) or 1)
+
+    # get_logits runs the forward that the next generate_next_token would run, so it is read only where that
+    # forward is already done (after append_tokens) and once after the timed steps (one extra, untimed step)
+    generator = runtime.generator(batch, prompt_len + 2 + gen_len)
+    started = time.perf_counter()
+    generator.append_tokens(prompt)
+    appended = time.perf_counter()
+    finite = bool(np.isfinite(generator.get_logits()).all())
+    restarted = time.perf_counter()
+    generator.generate_next_token()
+    prefill_seconds = appended - started + time.perf_counter() - restarted
+
+    latencies = []
+    for _ in range(gen_len):
+        started = time.perf_counter()
+        generator.generate_next_token()
+        latencies.append(time.perf_counter() - started)
+    finite &= bool(np.isfinite(generator.get_logits()).all())
+
+    decode_seconds = sum(latencies)
+    return {
+        "pid": os.getpid(),
+        "model_file": str(decoder_file(genai_dir)),
+        "runtime": "onnxruntime-genai", "onnxruntime_genai": genai_version(),
+        "provider": "cpu", "threads": threads, "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len,
+        "load_seconds": load_seconds,
+        "rss_before_load_mb": rss_before,
+        "rss_after_load_mb": rss_after_load,
+        "peak_rss_mb": _peak_rss_mb(),
+        "prefill_seconds": prefill_seconds,
+        "ttft_ms": prefill_seconds * 1e3,
+        "prefill_tokens_per_s": batch * prompt_len / prefill_seconds,
+        "decode_seconds": decode_seconds,
+        "decode_tokens_per_s": batch * gen_len / decode_seconds if gen_len else None,
+        "latencies_ms": [t * 1e3 for t in latencies],
+        "finite_logits": finite,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lestd_export.bench_worker", description=__doc__)
     parser.add_argument("export_dir", type=Path)
@@ -108,12 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-len", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runtime", choices=("onnxruntime", "genai"), default="onnxruntime",
+                        help="genai: EXPORT_DIR is an onnxruntime-genai directory, run by genai's loop (cpu)")
     args = parser.parse_args(argv)
     from .errors import LestdError
 
     try:
-        result = measure(args.export_dir, args.model_file or args.export_dir / "model.onnx", args.provider,
-                         args.threads, args.batch, args.prompt_len, args.gen_len, args.warmup, args.seed)
+        if args.runtime == "genai":
+            result = measure_genai(args.export_dir, args.threads, args.batch, args.prompt_len, args.gen_len,
+                                   args.warmup, args.seed)
+        else:
+            result = measure(args.export_dir, args.model_file or args.export_dir / "model.onnx", args.provider,
+                             args.threads, args.batch, args.prompt_len, args.gen_len, args.warmup, args.seed)
     except LestdError as error:
         print(f"bench_worker: {type(error).__name__}: {error}", file=sys.stderr)
         return 2

@@ -67,15 +67,18 @@ def test_each_run_in_its_own_process(result):
 
 
 def test_ratio_arithmetic():
-    def record(name, decode, prefill, size, base=False):
+    def record(name, decode, prefill, size, base=False, ppl=None):
         return {"variant": name, "is_baseline": base, "model_bytes": size,
-                "decode_tokens_per_s": {"median": decode}, "prefill_tokens_per_s": {"median": prefill}}
+                "decode_tokens_per_s": {"median": decode}, "prefill_tokens_per_s": {"median": prefill},
+                "quality": None if ppl is None else {"perplexity": ppl, "tokens": 1000}}
 
     ratios = compute_ratios([record("dense", 100.0, 1000.0, 400, True), record("small", 150.0, 800.0, 200)])
     assert ratios["small"] == pytest.approx({"decode_speedup": 1.5, "prefill_speedup": 0.8, "bytes_ratio": 2.0,
-                                             "bytes_bound_fraction": 0.75})
+                                             "bytes_bound_fraction": 0.75, "perplexity_ratio": None})
     assert ratios["dense"] == pytest.approx({"decode_speedup": 1.0, "prefill_speedup": 1.0, "bytes_ratio": 1.0,
-                                             "bytes_bound_fraction": 1.0})
+                                             "bytes_bound_fraction": 1.0, "perplexity_ratio": None})
+    ratios = compute_ratios([record("dense", 100.0, 1000.0, 400, True, 10.0), record("small", 150.0, 800.0, 200, ppl=12.5)])
+    assert ratios["small"]["perplexity_ratio"] == pytest.approx(1.25)
 
 
 @pytest.mark.parametrize("quantize", [quantize_int8, quantize_int4])
