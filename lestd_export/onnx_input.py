@@ -1,0 +1,587 @@
+"""Compress the attention of an existing decoder ONNX model (``lestd-export MODEL.onnx -o OUT``).
+
+The ONNX counterpart of :func:`~lestd_export.compress.compress_model`, taking a ``model.onnx`` the way
+ONNX Runtime's quantisers do: an onnxruntime-genai build (packed ``qkv_proj`` or separate q/k/v,
+GroupQueryAttention) or an optimum text-generation-with-past export, or a directory holding one.
+
+Pipeline: locate each layer's projections (:mod:`.onnx_sites`), read their dense fp32 weights as
+float64 ``[in, out]`` matrices, stack them into the per-head slice tensors of
+:meth:`.surgery.AttentionWeights.slice_tensor`, capture calibration statistics through ONNX Runtime
+(each site's ``qkv_input`` and ``o_input`` added as outputs of a pruned copy of the graph, float64
+Gram matrices accumulated batch by batch), run the same Stage I/II as ``compress``
+(:func:`~.numerics.planner.compress_layers` with the same metrics), refit the kept values, graft the
+compressed layers into the graph (:mod:`.graft`), optionally quantise, and write the directory.
+
+Refit: ``compress`` refits layer by layer on the inputs of the already-compressed model (a GPTQ-style
+replay of PyTorch decoder layers). Replaying that through ONNX Runtime would take two runs of the
+(partially grafted) graph over the calibration set per layer; here the kept values are refit instead
+against the **dense model's activations** (``Xc = Xd``, ``Hc = Hd``: the Gram matrices captured once):
+Q/K/V by least squares in the input metric, O on the dense heads. Errors of upstream layers are
+therefore not compensated, and ``--refit-target`` makes no difference. Healing and the ``fisher``
+objective need a PyTorch model and are refused, as is ``--method svd`` (the graft takes Tucker cores).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from .config import CompressionConfig
+from .errors import CheckpointError, InvalidConfigError
+from .files import check_onnx, read_json
+from .onnx_sites import AttentionSite, DecoderIO, GraphMappingError
+
+GENAI_CONFIG = "genai_config.json"
+HF_CONFIG = "config.json"
+REPORT_FILE = "compression_report.json"
+STALE_FILES = ("export_report.json", REPORT_FILE)  # reports of the input model: they would describe another model
+QUANTIZE_BITS = {"none": None, "int8": 8, "int4": 4}
+EXTERNAL_DATA_BYTES = 1 << 30  # an input without external data is written inline below this size
+CAPTURE_BATCH = 4  # calibration sequences per ONNX Runtime run
+
+
+class OnnxInputError(CheckpointError):
+    """The ONNX input path, its directory or its config cannot be used."""
+
+
+@dataclass
+class OnnxInput:
+    """A decoder ONNX model read for compression: graph (with weights), config, sites, tokenizer."""
+
+    directory: Path
+    model_file: Path
+    config: dict
+    config_file: Path
+    genai: bool
+    model: object  # onnx.ModelProto, weights loaded
+    io: DecoderIO
+    shape: object  # registry.AttentionShape
+    producer: str
+    sites: list[AttentionSite]
+    external_files: set[str]  # external data files of the input graph (relative to its directory)
+
+    @property
+    def model_type(self) -> str | None:
+        if self.genai:
+            return self.config.get("model", {}).get("type")
+        return self.config.get("model_type")
+
+    @property
+    def max_positions(self) -> int | None:
+        from .onnx_sites import config_head_counts
+
+        return config_head_counts(self.config, self.genai)["max_positions"]
+
+    @property
+    def genai_decoder(self) -> dict | None:
+        return self.config["model"]["decoder"] if self.genai else None
+
+    def input_bytes(self) -> int:
+        return sum((self.directory / name).stat().st_size for name in {self.model_file.name, *self.external_files}
+                   if (self.directory / name).is_file())
+
+
+# ------------------------------------------------------------------------------------------- input
+
+
+def is_onnx_input(path: str | Path) -> bool:
+    """Whether ``path`` names an ``.onnx`` file or a directory holding an ONNX model (the CLI shorthand)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return True
+    return path.is_dir() and ((path / GENAI_CONFIG).is_file() or any(path.glob("*.onnx")))
+
+
+def resolve_input(path: str | Path) -> tuple[Path, Path]:
+    """``(directory, model file)`` for an ``.onnx`` file or a directory holding one (the file that
+    genai_config.json names, else ``model.onnx``, else its only ``.onnx`` file)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise OnnxInputError(f"{path} does not exist: give a decoder .onnx file or the directory holding it")
+    if path.is_file():
+        if path.suffix != ".onnx":
+            raise OnnxInputError(f"{path} is not an .onnx file: give a decoder .onnx file or its directory")
+        return path.parent, path
+    candidates = []
+    if (path / GENAI_CONFIG).is_file():
+        filename = read_json(path / GENAI_CONFIG, "re-create it with the onnxruntime-genai builder").get(
+            "model", {}).get("decoder", {}).get("filename")
+        if isinstance(filename, str):
+            candidates.append(path / filename)
+    candidates.append(path / "model.onnx")
+    for candidate in candidates:
+        if candidate.is_file():
+            return path, candidate
+    found = sorted(path.glob("*.onnx"))
+    if len(found) == 1:
+        return path, found[0]
+    if not found:
+        raise OnnxInputError(f"{path} holds no .onnx model: give a directory with model.onnx (an onnxruntime-genai "
+                             "build or an optimum export); a Hugging Face model goes to `lestd-export compress`")
+    raise OnnxInputError(f"{path} holds several .onnx files ({', '.join(f.name for f in found[:4])}): "
+                         "give the decoder's file itself")
+
+
+def read_config(directory: Path) -> tuple[dict, Path, bool]:
+    """``(config, its file, is genai_config.json)``; the genai config wins when both exist."""
+    for name, genai in ((GENAI_CONFIG, True), (HF_CONFIG, False)):
+        file = directory / name
+        if file.is_file():
+            config = read_json(file, "restore it from the model's original files")
+            if genai and not isinstance(config.get("model", {}).get("decoder"), dict):
+                raise OnnxInputError(f"{file} has no model.decoder section: it is not an onnxruntime-genai config")
+            return config, file, genai
+    raise OnnxInputError(f"{directory} has neither {GENAI_CONFIG} nor {HF_CONFIG}: the head counts and the runtime "
+                         "need them; put the model's config next to its .onnx file")
+
+
+def _external_files(model) -> set[str]:
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    files = set()
+    for init in model.graph.initializer:
+        if uses_external_data(init):
+            files.add(ExternalDataInfo(init).location)
+    return files
+
+
+def open_onnx_input(path: str | Path) -> OnnxInput:
+    """Read, locate and check an ONNX decoder (typed errors; nothing is written)."""
+    import onnx
+
+    from .onnx_sites import decoder_io, head_counts, locate
+
+    directory, model_file = resolve_input(path)
+    fix = "re-create it (onnxruntime-genai builder, or lestd-export export --dense)"
+    check_onnx(model_file, fix)
+    config, config_file, genai = read_config(directory)
+    header = onnx.load(str(model_file), load_external_data=False)
+    external = _external_files(header)
+    missing = [name for name in sorted(external) if not (directory / name).is_file()]
+    if missing:
+        raise OnnxInputError(f"{model_file} keeps its weights in {missing[0]}, which is not in {directory}")
+    io = decoder_io(header, config["model"]["decoder"] if genai else None)
+    shape = head_counts(config, genai, header, io, str(config_file))
+    producer, sites = locate(header, io, shape)  # before reading gigabytes of weights
+    del header
+    try:
+        model = onnx.load(str(model_file))
+    except Exception as error:  # noqa: BLE001 -- truncated external data: onnx raises several types
+        raise OnnxInputError(f"cannot read the weights of {model_file} ({str(error).splitlines()[0][:200]}): "
+                             f"{fix}") from None
+    return OnnxInput(directory, model_file, config, config_file, genai, model, io, shape, producer, sites, external)
+
+
+def read_weights(source: OnnxInput) -> list:
+    """Per layer, :class:`~.surgery.AttentionWeights` (float64, ``y = x W``; biases stay in the graph)."""
+    from .onnx_sites import read_site_weights
+    from .surgery import AttentionWeights
+
+    return [AttentionWeights(read_site_weights(source.model, site, source.shape, str(source.directory)),
+                             dict.fromkeys(("q", "k", "v", "o")))
+            for site in source.sites]
+
+
+# ------------------------------------------------------------------------------------- calibration
+
+
+def capture_model(model, outputs: list[str]):
+    """A copy of ``model`` that computes only ``outputs`` (float tensors of the graph): the nodes they
+    need, the initializers and inputs those read, nothing downstream (no logits, no lm_head)."""
+    import onnx
+    from onnx import helper
+
+    graph = model.graph
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    keep, stack, seen = set(), list(outputs), set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        index = producer.get(name)
+        if index is None or index in keep:
+            continue
+        keep.add(index)
+        node = graph.node[index]
+        stack.extend(i for i in _node_inputs(node) if i)
+    nodes = [graph.node[i] for i in sorted(keep)]
+    used = set(seen)
+    initializers = [init for init in graph.initializer if init.name in used]
+    inputs = [value for value in graph.input if value.name in used]
+    value_outputs = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs]
+    new_graph = helper.make_graph(nodes, graph.name + "-capture", inputs, value_outputs, initializer=initializers)
+    captured = helper.make_model(new_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    for entry in model.metadata_props:
+        captured.metadata_props.append(entry)
+    return captured
+
+
+def _node_inputs(node) -> list[str]:
+    """A node's inputs, including the outer-scope names its subgraphs (If/Loop/Scan) read."""
+    names = list(node.input)
+    for attribute in node.attribute:
+        graphs = list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else [])
+        for sub in graphs:
+            for inner in sub.node:
+                names.extend(_node_inputs(inner))
+    return names
+
+
+def _session(model, work_dir: Path | None = None):
+    """An ONNX Runtime CPU session of an in-memory model (through a temporary file with external data
+    when large, in ``work_dir``, removed once the session holds the weights)."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    size = sum(len(init.raw_data) for init in model.graph.initializer)
+    try:
+        if size < EXTERNAL_DATA_BYTES:
+            return ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                                        providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory(prefix=".lestd-capture-", dir=work_dir) as folder:
+            path = Path(folder) / "capture.onnx"
+            onnx.save_model(model, str(path), save_as_external_data=True, location="capture.onnx.data")
+            return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 -- onnxruntime raises its own untyped errors
+        raise GraphMappingError(f"onnxruntime cannot run the calibration copy of the graph "
+                                f"({str(error).splitlines()[0][:200]})") from None
+
+
+def decoder_feed(session, io: DecoderIO, shape, ids: np.ndarray, genai_decoder: dict | None = None) -> dict:
+    """Inputs for a prefill of ``ids [B, T]`` (no padding, empty cache) of a session's graph inputs."""
+    names = dict(genai_decoder.get("inputs", {})) if genai_decoder else {}
+    batch, length = ids.shape
+    past = {name: pair for pair in io.past.values() for name in pair}
+    feed = {}
+    for value in session.get_inputs():
+        name = value.name
+        if name == names.get("input_ids", "input_ids"):
+            feed[name] = ids.astype(np.int64)
+        elif name == names.get("attention_mask", "attention_mask"):
+            feed[name] = np.ones((batch, length), dtype=np.int64)
+        elif name == names.get("position_ids", "position_ids"):
+            feed[name] = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy()
+        elif name in past:
+            dtype = np.float16 if "float16" in value.type else np.float32
+            feed[name] = np.zeros((batch, shape.kv_heads, 0, shape.head_dim), dtype=dtype)
+        else:
+            raise GraphMappingError(f"the graph has an input {name!r} that a decoder prefill does not know how to "
+                                    "feed (expected input_ids, attention_mask, position_ids and the past key/values)")
+    return feed
+
+
+def collect_onnx_statistics(source: OnnxInput, data, *, progress: bool = True, work_dir: Path | None = None) -> list:
+    """Per layer :class:`~.calibration.LayerStatistics` (input and head Gram matrices, float64) over the
+    calibration ``data``, captured through ONNX Runtime from the dense graph; memory is bounded by one
+    batch of activations plus the Grams."""
+    from tqdm.auto import tqdm
+
+    from .calibration import LayerStatistics
+
+    wanted = []
+    for site in source.sites:
+        wanted += [site.qkv_input, site.o_input]
+    wanted = list(dict.fromkeys(wanted))
+    session = _session(capture_model(source.model, wanted), work_dir)
+    totals = {name: None for name in wanted}
+    count = 0
+    with tqdm(total=data.tokens, desc="calibration statistics (onnxruntime)", unit="tok",
+              disable=not progress) as bar:
+        for start in range(0, len(data.sequences), CAPTURE_BATCH):
+            batch = data.sequences[start:start + CAPTURE_BATCH]
+            values = session.run(wanted, decoder_feed(session, source.io, source.shape, batch, source.genai_decoder))
+            for name, value in zip(wanted, values):
+                x = np.asarray(value, dtype=np.float64).reshape(-1, value.shape[-1])
+                product = x.T @ x
+                totals[name] = product if totals[name] is None else totals[name] + product
+            count += batch.size
+            bar.update(batch.size)
+    del session
+    return [LayerStatistics(totals[site.qkv_input] / count, totals[site.o_input] / count, {}, count)
+            for site in source.sites]
+
+
+def load_onnx_calibration(source: OnnxInput, config: CompressionConfig):
+    """Calibration token sequences for ``config.calibration`` with the input directory's tokenizer."""
+    from .calibration import CalibrationError, load_calibration
+    from .loading import load_tokenizer
+
+    if config.calibration == "none":
+        return None
+    if config.calibration == "self":
+        raise CalibrationError("--calibration self samples a PyTorch model: for an ONNX input calibrate on "
+                               "default, a text file, or none")
+    tokenizer = load_tokenizer(source.directory)
+    if tokenizer is None:
+        raise CalibrationError(f"{source.directory} has no tokenizer files (tokenizer.json, tokenizer_config.json) "
+                               "to tokenise the calibration text: add them, or pass --calibration none")
+    stub = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=source.max_positions))
+    return load_calibration(config.calibration, stub, tokenizer, config.calibration_tokens)
+
+
+# ------------------------------------------------------------------------------------------- refit
+
+
+def dense_refit(cores: list, tensors: list[np.ndarray], statistics: list, groups, damping: float = 1e-6) -> list[dict]:
+    """Refit every layer's kept values against the dense model's activations (see the module doc):
+    Q/K/V on the input Gram, O on the head Gram; a refit is kept only where it lowers the layer's
+    calibration output error. Returns per layer and group the relative output error before and after."""
+    from .numerics.pruning import CoreGroup
+    from .numerics.refit import refit_input_group, refit_output_group
+    from .refit import _relative
+
+    errors = []
+    for core, dense, stats in zip(cores, tensors, statistics):
+        record = {}
+        for name in ("q", "k", "v", "o"):
+            group = core.groups[name]
+            basis = core.u1 if group.rows is None else core.u1[:, group.rows]
+            if name == "o":
+                c = stats.h_gram
+                result = refit_output_group(basis, core.u2, group.block, dense[groups.span(name)], c, c, c, damping)
+            else:
+                c = stats.x_gram
+                result = refit_input_group(basis, core.u2, group.block, dense[groups.span(name)], c, c, c, damping)
+            core.groups[name] = CoreGroup(group.rows, result.block)
+            record[name] = _relative(result.error_before, result.error_after, result.target)
+        errors.append(record)
+    return errors
+
+
+# ---------------------------------------------------------------------------------------- compress
+
+
+def check_config(config: CompressionConfig) -> CompressionConfig:
+    """Refuse what needs a PyTorch model; the graft's layout is the plain one (every weight a MatMul)."""
+    if config.method == "svd":
+        raise InvalidConfigError("an ONNX input is compressed with Tucker cores (lestd or tensorllm): --method svd "
+                                 "is for Hugging Face models (lestd-export compress)")
+    if config.heal:
+        raise InvalidConfigError("--heal distils a PyTorch model: it is not available for an ONNX input")
+    if config.objective == "fisher":
+        raise InvalidConfigError("the fisher objective needs loss gradients of a PyTorch model: use balanced or "
+                                 "frobenius for an ONNX input")
+    if config.granularity == "element":
+        raise InvalidConfigError("element pruning is not grafted into ONNX graphs: use --granularity row")
+    if any(f.name == "layout" for f in fields(config)) and config.layout != "plain":
+        config = replace(config, layout="plain")
+    return config
+
+
+def tucker_request(config: CompressionConfig):
+    """The planner request of ``config`` for the graft's plain layout (what compress builds, plus the
+    storage-aware costs where the planner knows them)."""
+    from .numerics.planner import TuckerRequest
+
+    known = {f.name for f in fields(TuckerRequest)}
+    extra = {}
+    if "index_cost" in known and hasattr(config, "index_cost"):
+        extra["index_cost"] = config.index_cost
+    if "output_copy" in known:
+        extra["output_copy"] = True
+    return TuckerRequest(method=config.method, size_fraction=config.size_fraction, ranks=config.ranks,
+                         core_density=config.core_density, granularity=config.granularity, budget=config.budget,
+                         tol=config.hooi_tol, max_iter=config.hooi_max_iter, objective=config.objective, **extra)
+
+
+def plan_cores(source: OnnxInput, config: CompressionConfig, *, progress: bool = True,
+               work_dir: Path | None = None) -> tuple[list, list[np.ndarray], object, list | None, list | None]:
+    """Weights -> calibrated Stage I/II -> refit. Returns ``(cores, dense tensors, calibration data,
+    statistics, relative output errors)`` (the last three None without calibration)."""
+    from tqdm.auto import tqdm
+
+    from .numerics.metric import layer_metric
+    from .numerics.planner import compress_layers, reconstruct_layer
+    from .surgery import slice_groups
+
+    shape = source.shape
+    groups = slice_groups(shape)
+    if config.ranks is not None:
+        r1, r2 = config.ranks
+        if r1 is not None and r1 > shape.hidden:
+            raise InvalidConfigError(f"R1={r1} exceeds the hidden size d={shape.hidden}: use at most {shape.hidden} "
+                                     "or 'full'")
+        if r2 is not None and r2 > shape.head_dim:
+            raise InvalidConfigError(f"R2={r2} exceeds the head dim d_h={shape.head_dim}: use at most "
+                                     f"{shape.head_dim} or 'full'")
+    tensors = [w.slice_tensor(shape) for w in read_weights(source)]
+    data = load_onnx_calibration(source, config)
+    statistics = None
+    if data is not None:
+        started = time.perf_counter()
+        statistics = collect_onnx_statistics(source, data, progress=progress, work_dir=work_dir)
+        data.seconds += time.perf_counter() - started
+    metrics = None if statistics is None else [
+        layer_metric(s.x_gram, s.h_gram, groups.sizes, shape.head_dim, config.damping, config.input_whitening)
+        for s in statistics]
+    with tqdm(total=len(tensors), desc=f"{config.method}: decomposing layers", unit="layer",
+              disable=not progress) as bar:
+        try:
+            cores = compress_layers(tensors, groups, tucker_request(config), bar.update, metrics, None)
+        except ValueError as error:
+            raise InvalidConfigError(f"cannot meet the request: {error}") from None
+    errors = None
+    if statistics is not None and config.refit:
+        errors = dense_refit(cores, tensors, statistics, groups)
+        for core, dense in zip(cores, tensors):  # the refit changed the values: recount the plain error
+            core.kept_energy = core.energy - float(np.sum((dense - reconstruct_layer(core, groups)) ** 2))
+    return cores, tensors, data, statistics, errors
+
+
+def _entries(cores: list, shape) -> list[dict]:
+    dense = shape.num_slices * shape.hidden * shape.head_dim
+    entries = []
+    for core in cores:
+        o_rows = core.groups["o"].rows
+        entries.append({"ranks": list(core.ranks), "density": core.density(shape.num_slices),
+                        "rows": {n: (None if g.rows is None else len(g.rows)) for n, g in core.groups.items()},
+                        "values": core.value_entries, "indices": core.index_entries,
+                        "output_copy": core.u1.shape[0] * (core.u1.shape[1] if o_rows is None else len(o_rows)),
+                        "factors": core.factor_entries, "dense": dense, "energy": core.energy,
+                        "squared_error": core.squared_error})
+    return entries
+
+
+def _weight_matmuls(model, exclude: set[str]) -> list[str]:
+    """Names of the MatMul nodes (outside ``exclude``) whose right operand is a 2-D fp32 initializer."""
+    from onnx import TensorProto
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        init = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if init is not None and len(init.dims) == 2 and init.data_type == TensorProto.FLOAT and node.name not in exclude:
+            names.append(node.name)
+    return names
+
+
+def compare_logits(reference: Path, candidate: Path, source: OnnxInput, *, batch: int = 2, length: int = 16,
+                   seed: int = 0) -> dict:
+    """Prefill logits of two decoder files on the same random tokens: max absolute and relative difference,
+    top-1 agreement (the candidate against the reference)."""
+    import onnxruntime as ort
+
+    from .runtime import session_options
+
+    logits_name = (source.genai_decoder or {}).get("outputs", {}).get("logits", "logits")
+    results, ids = [], None
+    for path in (reference, candidate):
+        try:
+            session = ort.InferenceSession(str(path), sess_options=session_options(None, "all"),
+                                           providers=["CPUExecutionProvider"])
+        except Exception as error:  # noqa: BLE001 -- onnxruntime raises its own untyped errors
+            raise GraphMappingError(f"onnxruntime cannot load {path} ({str(error).splitlines()[0][:200]})") from None
+        if ids is None:
+            vocab = next(o.shape[-1] for o in session.get_outputs() if o.name == logits_name)
+            ids = np.random.default_rng(seed).integers(0, vocab if isinstance(vocab, int) else 32, size=(batch, length))
+        feed = decoder_feed(session, source.io, source.shape, ids, source.genai_decoder)
+        results.append(session.run([logits_name], feed)[0].astype(np.float64))
+        del session
+    ref, new = results
+    scale = float(np.abs(ref).max()) or 1.0
+    return {"max_abs_logit_difference": float(np.abs(new - ref).max()),
+            "max_relative_logit_difference": float(np.abs(new - ref).max() / scale),
+            "top1_agreement": float(np.mean(ref.argmax(-1) == new.argmax(-1))), "batch": batch, "length": length}
+
+
+def _copy_directory_files(source: OnnxInput, staging: Path) -> list[str]:
+    """Everything in the input directory but the model file, its external data and stale reports."""
+    skip = {source.model_file.name, *source.external_files, *STALE_FILES}
+    copied = []
+    for item in sorted(source.directory.iterdir()):
+        if item.name in skip or item.name.startswith(".") or item.resolve() == staging.resolve():
+            continue
+        if item.is_dir():
+            continue  # sibling folders (other variants, caches) are not part of the model
+        if item.is_file():
+            shutil.copy2(item, staging / item.name)
+            copied.append(item.name)
+    return copied
+
+
+def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConfig, *, quantize: str = "none",
+                  overwrite: bool = False, progress: bool = True, validate: bool = True) -> dict:
+    """Compress the attention of the decoder ONNX at ``path`` into ``out_dir``; returns the report.
+
+    ``out_dir`` receives the input directory's other files (genai_config.json, config.json, tokenizer
+    files...), the new model under the same file name (external data ``<name>.data`` when the input
+    used external data or is large) and ``compression_report.json``; it is written into a staging
+    directory renamed into place when complete. ``quantize`` (``int4``/``int8``) turns every weight
+    MatMul of the result (compressed attention, MLP, lm_head) into MatMulNBits, as the genai builder
+    does. With ``validate`` the written model is loaded by ONNX Runtime and its logits compared with
+    the input's (recorded; a model that does not load is an error and nothing is written).
+    """
+    import onnx
+
+    from .compress import _report
+    from .io import atomic_output_dir, check_output_dir, write_json
+
+    if quantize not in QUANTIZE_BITS:
+        raise InvalidConfigError(f"unknown quantisation {quantize!r}; choose one of {', '.join(QUANTIZE_BITS)}")
+    config = check_config(config)
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    started = time.perf_counter()
+    source = open_onnx_input(path)
+    if out_dir.resolve() == source.directory.resolve():
+        raise InvalidConfigError(f"-o {out_dir} is the input directory: write the compressed model elsewhere")
+    with atomic_output_dir(out_dir, overwrite) as staging:
+        cores, _, data, _, errors = plan_cores(source, config, progress=progress, work_dir=staging.parent)
+        from .graft import LatentLayer, graft_attention
+
+        model = source.model
+        grafted = graft_attention(model, source.sites, [LatentLayer.from_core(core) for core in cores])
+        quantised = None
+        if QUANTIZE_BITS[quantize] is not None:
+            from .graft import quantize_nodes
+
+            nodes = list(grafted) + _weight_matmuls(model, set(grafted))
+            model = quantize_nodes(model, nodes, QUANTIZE_BITS[quantize])
+            quantised = {"bits": QUANTIZE_BITS[quantize], "block_size": 32, "accuracy_level": 4,
+                         "nodes": len(nodes), "attention_nodes": len(grafted)}
+        copied = _copy_directory_files(source, staging)
+        target = staging / source.model_file.name
+        size = sum(len(init.raw_data) for init in model.graph.initializer)
+        external = bool(source.external_files) or size >= EXTERNAL_DATA_BYTES
+        location = source.model_file.name + ".data"
+        if external:
+            onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=location, size_threshold=1024)
+        else:
+            onnx.save_model(model, str(target))
+        del model, source.model
+        written = [target.name] + ([location] if external else [])
+        output_bytes = sum((staging / name).stat().st_size for name in written)
+        vs_input = compare_logits(source.model_file, target, source) if validate else None
+        report = _report(config, _entries(cores, source.shape), source.model_type or "unknown", str(path),
+                         time.perf_counter() - started)
+        report["input"] = {"path": str(path), "model_file": source.model_file.name, "producer": source.producer,
+                           "config": source.config_file.name, "layers": len(source.sites),
+                           "packed_qkv": source.sites[0].packed, "bytes": source.input_bytes(),
+                           "shape": {"hidden": source.shape.hidden, "heads": source.shape.heads,
+                                     "kv_heads": source.shape.kv_heads, "head_dim": source.shape.head_dim}}
+        report["output"] = {"files": written + copied, "model_bytes": output_bytes,
+                            "bytes_fraction": output_bytes / max(source.input_bytes(), 1), "quantize": quantised,
+                            "grafted_matmuls": len(grafted)}
+        report["refit"] = "dense activations" if errors is not None else None
+        if data is not None:
+            report["calibration"] = data.record()
+            if errors is not None:
+                report["calibration"]["relative_output_error"] = errors
+        if vs_input is not None:
+            report["vs_input"] = vs_input
+        report["seconds"] = time.perf_counter() - started
+        write_json(staging / REPORT_FILE, report)
+    return report
+
