@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from .errors import CheckpointError, InvalidConfigError, LestdError
 from .files import read_json
-from .io import atomic_output_dir
+from .io import atomic_output_dir, check_output_dir
 from .runtime import OrtCausalLM, open_session
 
 if TYPE_CHECKING:
@@ -93,10 +93,11 @@ def run_builder(hf_dir: Path, out_dir: Path, precision: str, *, extra_options: d
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if precision not in PRECISIONS:
         raise InvalidConfigError(f"unknown genai precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    require_genai()
+    check_output_dir(out_dir, overwrite)
     if not (hf_dir / "config.json").is_file():
         raise GenaiBuildError(f"{hf_dir} is not a Hugging Face model directory (no config.json): "
                               "give the directory save_pretrained wrote")
-    require_genai()
     options = [f"{key}={value}" for key, value in (extra_options or {}).items()]
     with atomic_output_dir(out_dir, overwrite) as staging:
         cache = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.cache-", dir=staging.parent))
