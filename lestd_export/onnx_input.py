@@ -379,6 +379,19 @@ def check_config(config: CompressionConfig) -> CompressionConfig:
     return config
 
 
+def _storage(config: CompressionConfig, quantize: str | None) -> tuple[CompressionConfig, str]:
+    """One precision for the planner's costs (``config.storage`` where it exists) and the quantiser."""
+    storage = getattr(config, "storage", None)
+    if quantize is None:
+        quantize = "none" if storage in (None, "fp32") else storage
+    if quantize not in QUANTIZE_BITS:
+        raise InvalidConfigError(f"unknown quantisation {quantize!r}; choose one of {', '.join(QUANTIZE_BITS)}")
+    wanted = "fp32" if quantize == "none" else quantize
+    if storage is not None and storage != wanted:
+        config = replace(config, storage=wanted)
+    return config, quantize
+
+
 def tucker_request(config: CompressionConfig):
     """The planner request of ``config`` for the graft's plain layout (what compress builds, plus the
     storage-aware costs where the planner knows them)."""
@@ -510,7 +523,7 @@ def _copy_directory_files(source: OnnxInput, staging: Path) -> list[str]:
     return copied
 
 
-def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConfig, *, quantize: str = "none",
+def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConfig, *, quantize: str | None = None,
                   overwrite: bool = False, progress: bool = True, validate: bool = True) -> dict:
     """Compress the attention of the decoder ONNX at ``path`` into ``out_dir``; returns the report.
 
@@ -519,17 +532,16 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
     used external data or is large) and ``compression_report.json``; it is written into a staging
     directory renamed into place when complete. ``quantize`` (``int4``/``int8``) turns every weight
     MatMul of the result (compressed attention, MLP, lm_head) into MatMulNBits, as the genai builder
-    does. With ``validate`` the written model is loaded by ONNX Runtime and its logits compared with
-    the input's (recorded; a model that does not load is an error and nothing is written).
+    does (None: ``config.storage`` where the config has one, else ``none``). With ``validate`` the
+    written model is loaded by ONNX Runtime and its logits compared with the input's (recorded; a
+    model that does not load is an error and nothing is written).
     """
     import onnx
 
     from .compress import _report
     from .io import atomic_output_dir, check_output_dir, write_json
 
-    if quantize not in QUANTIZE_BITS:
-        raise InvalidConfigError(f"unknown quantisation {quantize!r}; choose one of {', '.join(QUANTIZE_BITS)}")
-    config = check_config(config)
+    config, quantize = _storage(check_config(config), quantize)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
     started = time.perf_counter()

@@ -1,0 +1,77 @@
+"""``lestd-export MODEL.onnx -o DIR`` (``compress-onnx``): compress the attention of an existing decoder ONNX."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import add_compression_flags, config_from_args
+
+VERB = "compress-onnx"
+QUANTIZE = ("none", "int8", "int4")
+INPUT_HELP = ("decoder .onnx file, or a directory holding one (the file genai_config.json names, else model.onnx): "
+              "an onnxruntime-genai build (-p fp32) or an optimum export; its directory needs genai_config.json or "
+              "config.json, and tokenizer files to calibrate on text")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        VERB, help="compress the attention of an existing decoder ONNX (shorthand: lestd-export MODEL.onnx -o DIR)",
+        description="Compress the attention of an existing decoder ONNX model in place of its projections "
+                    "(an onnxruntime-genai build or an optimum export): calibration statistics through ONNX "
+                    "Runtime, LeSTD planned to --size-fraction, the kept values refit against the dense "
+                    "activations, the compressed layers grafted into the graph, optionally quantised. DIR gets "
+                    "the new model, the input directory's other files and compression_report.json. "
+                    "`lestd-export MODEL.onnx ...` and `lestd-export ONNX_DIR ...` run this verb.")
+    parser.add_argument("model", help=INPUT_HELP)
+    parser.add_argument("-o", "--output", required=True, type=Path, help="output directory (must not exist)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the compression report (also written to "
+                        "DIR/compression_report.json) instead of a summary")
+    parser.add_argument("--no-validate", action="store_true",
+                        help="skip loading the result in ONNX Runtime and comparing its logits with the input's")
+    add_compression_flags(parser)
+    if "--quantize" not in parser._option_string_actions:
+        parser.add_argument("--quantize", choices=QUANTIZE, default="none",
+                            help="int4/int8: every weight MatMul of the result (compressed attention, MLP, lm_head) "
+                                 "as MatMulNBits (block 32, accuracy level 4, as the onnxruntime-genai builder "
+                                 "writes); default none (fp32)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..onnx_input import compress_onnx
+
+    config = config_from_args(args)
+    report = compress_onnx(args.model, args.output, config, quantize=args.quantize, overwrite=args.overwrite,
+                           progress=not args.quiet, validate=not args.no_validate)
+    print(json.dumps(report, indent=2) if args.json else summary(report, args.output))
+    return 0
+
+
+def summary(report: dict, out: Path) -> str:
+    """What was compressed, how far, where it went and what to run next."""
+    from ..onnx_input import REPORT_FILE
+
+    fraction = report["size_fraction"]
+    requested = "" if fraction["requested"] is None else f" (requested {fraction['requested']:g})"
+    source, output = report["input"], report["output"]
+    quantised = output["quantize"]
+    lines = [
+        f"compressed the attention of {source['path']} ({source['producer']}, {source['layers']} layers) with "
+        f"{report['method']}: {fraction['with_indices']:.3f} of its dense size{requested}, relative weight error "
+        f"{report['relative_weight_error']['overall']:.3f}, {report['seconds']:.1f} s",
+        f"  model: {out / source['model_file']} ({output['model_bytes'] / 2**20:.1f} MB, "
+        f"{output['bytes_fraction']:.3f} of the input's {source['bytes'] / 2**20:.1f} MB"
+        + (f", int{quantised['bits']} MatMulNBits" if quantised else "") + ")",
+    ]
+    if "vs_input" in report:
+        check = report["vs_input"]
+        lines.append(f"  logits against the input: max relative difference {check['max_relative_logit_difference']:.2e}, "
+                     f"top-1 agreement {check['top1_agreement']:.2f}")
+    backend = "" if source["config"] == "genai_config.json" else " --backend onnxruntime"
+    lines += [f"  report: {out / REPORT_FILE}", "next:", f"  lestd-export eval {out}{backend}",
+              f"  lestd-export bench {out}"]
+    return "\n".join(lines)
