@@ -84,7 +84,8 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
                                         ranks=config.ranks, core_density=config.core_density,
                                         granularity=config.granularity, budget=config.budget,
                                         tol=config.hooi_tol, max_iter=config.hooi_max_iter,
-                                        objective=config.objective)
+                                        objective=config.objective, index_cost=config.index_cost,
+                                        output_copy=config.layout == "plain")
                 tensors = [w.slice_tensor(shape) for w in weights]
                 metrics = None if statistics is None else [
                     layer_metric(s.x_gram, s.h_gram, groups.sizes, shape.head_dim, config.damping,
@@ -130,8 +131,8 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
             entries.append({"ranks": list(core.ranks), "density": core.density(shape.num_slices),
                             "rows": {n: (None if g.rows is None else len(g.rows)) for n, g in core.groups.items()},
                             "values": core.value_entries, "indices": core.index_entries,
-                            "factors": core.factor_entries, "dense": dense_per_layer, "energy": core.energy,
-                            "squared_error": core.squared_error})
+                            "output_copy": _output_copy(core, config), "factors": core.factor_entries,
+                            "dense": dense_per_layer, "energy": core.energy, "squared_error": core.squared_error})
 
     healing = None
     if config.heal:
@@ -181,6 +182,14 @@ def _svd_metrics(statistics, damping: float) -> list:
     return [x, x, x, cholesky_factor(statistics.h_gram, damping).T]
 
 
+def _output_copy(core, config: CompressionConfig) -> int:
+    """Entries of the plain layout's second copy of the ``U1`` rows the output heads keep (graft.py)."""
+    if config.layout != "plain":
+        return 0
+    rows = core.groups["o"].rows
+    return core.u1.shape[0] * (core.u1.shape[1] if rows is None else len(rows))
+
+
 def _layout(entry: dict) -> dict:
     """What reloading needs to rebuild one layer's modules (shapes) and its summary."""
     keys = ("ranks", "rows", "density", "values", "indices", "dense")
@@ -190,8 +199,9 @@ def _layout(entry: dict) -> dict:
 def _report(config: CompressionConfig, entries: list[dict], model_type: str, source: str | None,
             seconds: float) -> dict:
     dense = sum(e["dense"] for e in entries)
-    values = sum(e["values"] for e in entries)
+    values = sum(e["values"] + e.get("output_copy", 0) for e in entries)
     indices = sum(e["indices"] for e in entries)
+    stored = values + config.index_cost * indices  # in stored values of the storage precision
     factors = sum(e["factors"] for e in entries)
     energy = sum(e["energy"] for e in entries)
     error = sum(e["squared_error"] for e in entries)
@@ -201,10 +211,12 @@ def _report(config: CompressionConfig, entries: list[dict], model_type: str, sou
         "model_type": model_type,
         "config": config.to_dict(),
         "size_fraction": {"requested": config.size_fraction, "values_only": values / dense,
-                          "with_indices": (values + indices) / dense},
+                          "with_indices": stored / dense, "storage": config.storage, "layout": config.layout},
         "index_dtype": "int32",
-        "params": {"dense_attention": dense, "stored": values + indices, "factors": factors,
-                   "core_values": values - factors, "indices": indices},
+        "params": {"dense_attention": dense, "stored": stored, "factors": factors,
+                   "output_copy": sum(e.get("output_copy", 0) for e in entries),
+                   "core_values": values - factors - sum(e.get("output_copy", 0) for e in entries),
+                   "indices": indices},
         "ranks": [e["ranks"] for e in entries],
         "density": [e["density"] for e in entries],
         "relative_weight_error": {

@@ -14,6 +14,9 @@ BUDGETS = ("layer", "global")
 OBJECTIVES = ("balanced", "frobenius", "fisher")
 DEFAULT_SIZE_FRACTION = 0.7
 REFIT_TARGETS = ("layer", "model")
+STORAGES = ("fp32", "int8", "int4")  # precision of the stored attention weights in the exported file
+LAYOUTS = ("shared", "plain")
+INDEX_COST = {"fp32": 1, "int8": 4, "int4": 8}  # stored values an int32 row index costs
 # 2048 measured worse at 0.5: x2.57 / x2.75 against x2.38 / x2.67 (default text / prose, 4096 tokens each)
 DEFAULT_CALIBRATION_TOKENS = 4096
 
@@ -35,6 +38,14 @@ class CompressionConfig:
     with ``heal``, distils the compressed model against the dense one for ``heal_steps`` steps on
     ``heal_tokens`` calibration tokens. The library default is ``none`` (explicit data); the CLI
     calibrates ``lestd`` on ``default`` unless told otherwise.
+
+    ``storage``: the precision the export stores the attention weights in (``int8``/``int4``:
+    ONNX Runtime's MatMulNBits, what ``--quantize`` writes); the size fraction then counts in stored
+    values of that precision (an int32 index costs 4 int8 or 8 int4 values). ``layout``: ``shared``
+    reads ``U1`` once on both sides (fp32 optimum exports); ``plain`` makes every stored weight the
+    right operand of a 2-D MatMul, so that quantisers take them all, at the cost of a second copy of
+    the ``U1`` rows the output heads keep (graft.py); quantised storage and onnxruntime-genai
+    models need it, and the planner counts it.
 
     ``objective``: the norm that Stage I and Stage II minimise (numerics/planner.py).
     ``balanced`` (the default for ``lestd``) weights each slice group (q, k, v, o of a layer) by
@@ -63,6 +74,8 @@ class CompressionConfig:
     heal: bool = False  # with calibration: distil the compressed model against the dense one
     heal_tokens: int = 16384
     heal_steps: int = 300
+    storage: str = "fp32"
+    layout: str = "shared"
 
     def __post_init__(self):
         def bad(message: str):
@@ -116,6 +129,15 @@ class CompressionConfig:
         if not (isinstance(self.heal_tokens, int) and self.heal_tokens >= 128 and isinstance(self.heal_steps, int)
                 and self.heal_steps >= 1):
             bad("heal tokens must be >= 128 and heal steps >= 1")
+        if self.storage not in STORAGES:
+            bad(f"unknown storage precision {self.storage!r}; choose one of {', '.join(STORAGES)}")
+        if self.layout not in LAYOUTS:
+            bad(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}")
+        if self.storage != "fp32" and self.layout == "shared":  # quantisers only take plain 2-D MatMul weights
+            object.__setattr__(self, "layout", "plain")
+        if self.layout == "plain" and self.granularity == "element":
+            bad("element pruning is not exported in the plain (quantisable, onnxruntime-genai) layout: "
+                "use --granularity row")
         if self.objective is None and self.method != "svd":
             object.__setattr__(self, "objective", "balanced" if self.method == "lestd" else "frobenius")
         if self.needs_size_fraction:
@@ -125,6 +147,11 @@ class CompressionConfig:
             bad("--size-fraction conflicts with the explicit ranks/density given: drop one of them")
         if self.hooi_max_iter < 0 or not (self.hooi_tol > 0):
             bad("hooi_max_iter must be >= 0 and hooi_tol > 0")
+
+    @property
+    def index_cost(self) -> int:
+        """Stored values one int32 row index costs at this storage precision."""
+        return INDEX_COST[self.storage]
 
     @property
     def needs_size_fraction(self) -> bool:

@@ -269,9 +269,10 @@ def check_parity(model, runtime, steps: int = 8, seed: int = 0) -> dict:
             "passed": tokens_equal}
 
 
-def load_for_export(model_arg: str | None, config, dense: bool) -> tuple[LoadedModel, dict | None]:
+def load_for_export(model_arg: str | None, config, dense: bool, default=None) -> tuple[LoadedModel, dict | None]:
     """Load the model argument; a compressed checkpoint is exported as it is, ``dense`` exports the
-    original model, anything else is compressed with ``config`` (``None``: the default config)."""
+    original model, anything else is compressed with ``config`` (``None``: ``default``, or the
+    calibrated default config)."""
     from .compress import compress_model
     from .config import CompressionConfig
     from .loading import load_model
@@ -286,5 +287,5 @@ def load_for_export(model_arg: str | None, config, dense: bool) -> tuple[LoadedM
         return loaded, None
     if dense:
         return loaded, None
-    return loaded, compress_model(loaded.model, config or CompressionConfig(calibration="default"),
+    return loaded, compress_model(loaded.model, config or default or CompressionConfig(calibration="default"),
                                   tokenizer=loaded.tokenizer, source=loaded.source)

@@ -53,10 +53,17 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--heal-tokens", type=int, default=16384, metavar="N", help="healing tokens (default 16384)")
     group.add_argument("--heal-steps", type=int, default=300, metavar="N",
                        help="healing steps of one 256-token sequence each (default 300)")
+    group.add_argument("--quantize", choices=tuple(QUANTIZE), default="none",
+                       help="store the attention weights (and, on export, every MatMul weight) as int8 or int4 "
+                            "(ONNX Runtime MatMulNBits, block 32, accuracy level 4, as the onnxruntime-genai builder "
+                            "writes); the size fraction then holds for the quantised file. Default none (fp32)")
     group.add_argument("--damping", type=float, default=0.01,
                        help="ridge added to calibration Gram matrices, relative to their mean diagonal (default 0.01)")
     group.add_argument("--hooi-tol", type=float, default=1e-6, help="HOOI stop: relative change of ||G||^2")
     group.add_argument("--hooi-max-iter", type=int, default=10, help="HOOI stop: maximum sweeps")
+
+
+QUANTIZE = {"none": "fp32", "int8": "int8", "int4": "int4"}  # --quantize -> CompressionConfig.storage
 
 
 def default_calibration(method: str) -> str:
@@ -72,11 +79,14 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
                              calibration=args.calibration or default_calibration(args.method),
                              calibration_tokens=args.calibration_tokens, refit=not args.no_refit,
                              refit_target=args.refit_target, input_whitening=args.input_whitening, heal=args.heal,
-                             heal_tokens=args.heal_tokens, heal_steps=args.heal_steps, damping=args.damping)
+                             heal_tokens=args.heal_tokens, heal_steps=args.heal_steps, damping=args.damping,
+                             storage=QUANTIZE[args.quantize],
+                             layout="plain" if getattr(args, "format", "optimum") == "genai" else "shared")
 
 
 def compression_flags_given(args: argparse.Namespace) -> bool:
-    """Whether any compression flag differs from its default (exporting a checkpoint takes none)."""
+    """Whether any compression flag differs from its default (exporting a checkpoint takes none;
+    ``--quantize`` is also an export setting and does not count)."""
     defaults = {"method": "lestd", "size_fraction": None, "ranks": None, "core_density": None,
                 "granularity": "row", "budget": "layer", "objective": None, "hooi_tol": 1e-6, "hooi_max_iter": 10,
                 "calibration": None, "calibration_tokens": DEFAULT_CALIBRATION_TOKENS, "no_refit": False, "heal": False,

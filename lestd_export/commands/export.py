@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import MODEL_HELP, add_compression_flags, compression_flags_given, config_from_args
+from .common import MODEL_HELP, QUANTIZE, add_compression_flags, compression_flags_given, config_from_args
 
 
 def register(subparsers) -> None:
@@ -18,6 +18,10 @@ def register(subparsers) -> None:
     parser.add_argument("model", nargs="?", default=None, help=MODEL_HELP + ", or a compressed checkpoint")
     parser.add_argument("-o", "--output", required=True, type=Path, help="output directory (must not exist)")
     parser.add_argument("--dense", action="store_true", help="export the uncompressed model (the baseline)")
+    parser.add_argument("--format", choices=("optimum", "genai"), default="optimum",
+                        help="optimum (default): Optimum's layout, for ORTModelForCausalLM and the package's runtime; "
+                             "genai: an onnxruntime-genai model directory (the genai builder's graph with the "
+                             "compressed attention grafted in; needs onnxruntime-genai)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (16..20, default 18)")
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     parser.add_argument("--optimize", action="store_true",
@@ -38,10 +42,17 @@ def run(args: argparse.Namespace) -> int:
 
     check_opset(args.opset)
     check_output_dir(args.output, args.overwrite)
-    config = config_from_args(args) if compression_flags_given(args) else None
-    loaded, _ = load_for_export(args.model, config, args.dense)
-    report = export_model(loaded, args.output, opset=args.opset, validate=not args.no_validate,
-                          optimize=args.optimize, overwrite=args.overwrite, tolerance=args.tolerance)
+    default = config_from_args(args)  # planned for the format's layout and the --quantize precision
+    config = default if compression_flags_given(args) else None
+    loaded, _ = load_for_export(args.model, config, args.dense, default=default)
+    if args.format == "genai":
+        from ..export_genai import export_genai
+
+        report = export_genai(loaded, args.output, storage=QUANTIZE[args.quantize], overwrite=args.overwrite,
+                              validate=not args.no_validate, tolerance=args.tolerance)
+    else:
+        report = export_model(loaded, args.output, opset=args.opset, validate=not args.no_validate,
+                              optimize=args.optimize, overwrite=args.overwrite, tolerance=args.tolerance)
     print(json.dumps(report, indent=2) if args.json else summary(report, args.output))
     return 0
 

@@ -7,7 +7,10 @@ model, so the requested budget is met exactly (up to one allocation step).
 
 Cost model per layer (entries, as the ONNX file stores them): ``d R1`` factor entries plus
 ``d_h R2`` when ``R2 < d_h`` (:func:`~.pruning.factor_cost`), plus per group ``n k R2`` values and
-``k`` int32 row indices shared by its ``n`` slices (none for a dense core).
+``k`` int32 row indices shared by its ``n`` slices (none for a dense core). Quantised storage
+(:attr:`TuckerRequest.index_cost`) counts an index as the values its bytes would hold (int8: 4,
+int4: 8), and the plain layout (:attr:`TuckerRequest.output_copy`, what quantisers can take) pays
+``d`` more per output-head row: its own copy of that row of ``U1`` (see ``graft.py``).
 
 Objective (:data:`OBJECTIVES`): ``frobenius`` is the papers' ``||W - What||_F``. Its split between
 slice groups is a gauge choice: scaling ``W_Q`` by ``a`` and ``W_K`` by ``1/a`` (or ``W_V`` by ``b``
@@ -70,6 +73,12 @@ class TuckerRequest:
     balance_power: float = 1.0  # balanced: w_g = (T_g / E_g) ** (balance_power / 2), see slice_weights
     balance_mode: str = "group"  # "group" (T_g = 1) | "pair" (T_g = sqrt(E_q E_k) or sqrt(E_v E_o))
     balance_boost: tuple[tuple[str, float], ...] = ()  # (group, factor) multiplying T_g
+    index_cost: int = 1  # stored values one row index costs (int32 index / value bytes)
+    output_copy: bool = False  # plain layout: every kept output-head row also stores its U1 row (d entries)
+
+    def extra_row_costs(self, d: int) -> dict[str, int]:
+        """Per group, the entries a kept row costs beyond its values and index."""
+        return {"o": d} if self.output_copy else {}
 
     @property
     def resolved_objective(self) -> str:
@@ -122,12 +131,15 @@ def rank_grid(full: int, steps: int) -> np.ndarray:
 
 
 def _row_kept(row_energy: list[np.ndarray], scales: list[float], groups: SliceGroups, rank2: int,
-              budget: float, index_cost: int, gains: list[dict] | None = None) -> tuple[float, list[dict[str, int]]]:
+              budget: float, index_cost: int, gains: list[dict] | None = None,
+              extra: dict[str, int] | None = None) -> tuple[float, list[dict[str, int]]]:
     """Allocate core rows of several layers (equal ranks) under one budget of stored entries.
 
     Returns the kept energy (sum over layers of kept / scale) and the per-layer row counts.
-    ``gains`` (per layer, group -> gains in row order) override the groups' sorted row energies.
+    ``gains`` (per layer, group -> gains in row order) override the groups' sorted row energies;
+    ``extra`` (group -> entries) is added to the cost of each kept row of that group.
     """
+    extra = extra or {}
     override = gains
     gains, costs = [], []
     for j, (energy, scale) in enumerate(zip(row_energy, scales)):
@@ -135,7 +147,7 @@ def _row_kept(row_energy: list[np.ndarray], scales: list[float], groups: SliceGr
             if override is not None and name in override[j]:
                 gain = override[j][name]
             gains.append(gain / scale)
-            costs.append(row_cost(size, rank2, index_cost))
+            costs.append(row_cost(size, rank2, index_cost) + extra.get(name, 0))
     counts = allocate(gains, costs, budget)
     kept = float(sum(g[:c].sum() for g, c in zip(gains, counts)))
     per_layer = [dict(zip(groups.names, counts[i * len(groups.names):(i + 1) * len(groups.names)].tolist()))
@@ -143,20 +155,24 @@ def _row_kept(row_energy: list[np.ndarray], scales: list[float], groups: SliceGr
     return kept, per_layer
 
 
-def _dense_core_fits(num_layers: int, num_slices: int, rank1: int, rank2: int, core_budget: float) -> bool:
+def _dense_core_fits(num_layers: int, num_slices: int, rank1: int, rank2: int, core_budget: float,
+                     extra: dict[str, int] | None = None) -> bool:
     """Whether whole cores (no pruning, hence no indices) fit: then pruning has nothing to gain."""
-    return num_layers * num_slices * rank1 * rank2 <= core_budget
+    return num_layers * rank1 * (num_slices * rank2 + sum((extra or {}).values())) <= core_budget
 
 
 def _best_ranks_row(cumulative: list[np.ndarray], scales: list[float], groups: SliceGroups, budget: float,
-                    candidates: list[tuple[int, int]], rank2_options: Sequence[int]) -> tuple[int, int]:
+                    candidates: list[tuple[int, int]], rank2_options: Sequence[int],
+                    request: TuckerRequest) -> tuple[int, int]:
     """Ranks (shared by the given layers) whose best row allocation keeps the most scaled energy."""
     d, dh = cumulative[0].shape[1:]
+    extra = request.extra_row_costs(d)
     # for each R2, the largest R1 whose whole cores fit (no indices), and the two just above it
     # (pruned), so that some candidate fills the budget to within one allocation step
     fill = []
     for r2 in rank2_options:
-        r1 = int((budget / len(cumulative) - factor_cost(d, dh, 0, r2)) // (d + groups.total * r2))
+        r1 = int((budget / len(cumulative) - factor_cost(d, dh, 0, r2)) // (d + groups.total * r2
+                                                                             + sum(extra.values())))
         fill += [(r1 + j, r2) for j in range(3) if 1 <= r1 + j <= d]
     best, best_kept, fallback = None, -1.0, None
     for r1, r2 in list(candidates) + fill:
@@ -164,13 +180,14 @@ def _best_ranks_row(cumulative: list[np.ndarray], scales: list[float], groups: S
         core_budget = budget - factors
         if core_budget <= 0:
             continue
-        if _dense_core_fits(len(cumulative), groups.total, r1, r2, core_budget):
+        if _dense_core_fits(len(cumulative), groups.total, r1, r2, core_budget, extra):
             kept = sum(float(c[:, :r1, r2 - 1].sum()) / s for c, s in zip(cumulative, scales))
-            stored = factors + len(cumulative) * groups.total * r1 * r2
+            stored = factors + len(cumulative) * r1 * (groups.total * r2 + sum(extra.values()))
         else:
-            kept, counts = _row_kept([c[:, :r1, r2 - 1] for c in cumulative], scales, groups, r2, core_budget, 1)
-            stored = factors + sum(k * row_cost(size, r2) for layer in counts
-                                   for k, size in zip(layer.values(), groups.sizes))
+            kept, counts = _row_kept([c[:, :r1, r2 - 1] for c in cumulative], scales, groups, r2, core_budget,
+                                     request.index_cost, extra=extra)
+            stored = factors + sum(k * (row_cost(size, r2, request.index_cost) + extra.get(name, 0))
+                                   for layer in counts for (name, k), size in zip(layer.items(), groups.sizes))
         fallback = fallback or (r1, r2)
         if stored >= MIN_FILL * budget and kept > best_kept:  # the size asked for is the size delivered
             best, best_kept = (r1, r2), kept
@@ -180,14 +197,17 @@ def _best_ranks_row(cumulative: list[np.ndarray], scales: list[float], groups: S
     return best
 
 
-def _best_ranks_dense(cumulative: np.ndarray, budget: float, rank2_options: Sequence[int]) -> tuple[int, int]:
-    """TensorLLM: for each R2 the largest R1 whose dense core plus factors fit; keep the best energy."""
+def _best_ranks_dense(cumulative: np.ndarray, budget: float, rank2_options: Sequence[int],
+                      extra: int = 0) -> tuple[int, int]:
+    """TensorLLM: for each R2 the largest R1 whose dense core plus factors fit; keep the best energy.
+
+    ``extra``: entries each latent row costs beyond its core values (the plain layout's output copy)."""
     s, d, dh = cumulative.shape
     options = []
     for r2 in rank2_options:
-        r1 = min(int((budget - factor_cost(d, dh, 0, r2)) // (d + s * r2)), d)
+        r1 = min(int((budget - factor_cost(d, dh, 0, r2)) // (d + s * r2 + extra)), d)
         if r1 >= 1:
-            stored = factor_cost(d, dh, r1, r2) + s * r1 * r2
+            stored = factor_cost(d, dh, r1, r2) + r1 * (s * r2 + extra)
             options.append((stored >= MIN_FILL * budget, float(cumulative[:, :r1, r2 - 1].sum()), (r1, r2)))
     if not options:
         raise ValueError("size fraction too small: even the smallest ranks do not fit")
@@ -253,13 +273,14 @@ def compress_layers(tensors: Sequence[np.ndarray], groups: SliceGroups, request:
         cumulative = [np.cumsum(project_core(w, *b) ** 2, axis=2) for w, b in zip(weighted, bases)]
         layer_budget = request.size_fraction * dense_entries
         if request.method == "tensorllm":
-            ranks = [_best_ranks_dense(c, layer_budget, rank2_options) for c in cumulative]
+            ranks = [_best_ranks_dense(c, layer_budget, rank2_options, sum(request.extra_row_costs(d).values()))
+                     for c in cumulative]
         elif request.budget == "global":
             shared = _best_ranks_row(cumulative, global_scales, groups, layer_budget * len(tensors), candidates,
-                                     rank2_options)
+                                     rank2_options, request)
             ranks = [shared] * len(tensors)
         else:
-            ranks = [_best_ranks_row([c], [1.0], groups, layer_budget, candidates, rank2_options)
+            ranks = [_best_ranks_row([c], [1.0], groups, layer_budget, candidates, rank2_options, request)
                      for c in cumulative]
 
     factors = []
@@ -370,10 +391,11 @@ def _select(factors, energies, scales_global, groups, request, dense_entries, ga
                 _, counts = _row_kept(row_energy, scales, groups, r2, budget, index_cost=0)
             else:
                 budget = len(scope) * _core_budget(request.size_fraction, dense_entries, factors[scope[0]])
-                if _dense_core_fits(len(scope), groups.total, r1, r2, budget):
+                extra = request.extra_row_costs(factors[scope[0]].u1.shape[0])
+                if _dense_core_fits(len(scope), groups.total, r1, r2, budget, extra):
                     budget = np.inf
-                _, counts = _row_kept(row_energy, scales, groups, r2, budget, index_cost=1,
-                                      gains=None if gains is None else [gains[i] for i in scope])
+                _, counts = _row_kept(row_energy, scales, groups, r2, budget, index_cost=request.index_cost,
+                                      gains=None if gains is None else [gains[i] for i in scope], extra=extra)
             for i, count in zip(scope, counts):
                 f = factors[i]
                 layers[i] = build_row_layer(f.u1, f.u2, f.core, energies[i], groups, count)

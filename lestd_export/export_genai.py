@@ -1,0 +1,191 @@
+"""``export --format genai``: an onnxruntime-genai model directory with the compressed attention grafted in.
+
+The builder makes the dense graph (GroupQueryAttention, fused norms, its own int4/int8 MatMulNBits
+for everything else); :mod:`.graft` then replaces each layer's q/k/v/o projections by the
+compressed subgraph computed from the PyTorch model's stored factors and blocks, so calibration,
+refit and healing carry over, and quantises the new weight MatMuls the way the builder quantises
+its own (symmetric MatMulNBits, block 32, accuracy level 4). Everything but the attention
+projections is byte-for-byte the builder's model of the same precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidConfigError
+from .io import atomic_output_dir, write_json
+from .loading import LoadedModel
+
+PRECISION = {"fp32": "fp32", "int8": "int8", "int4": "int4"}  # storage -> builder precision
+BITS = {"int8": 8, "int4": 4}
+MODEL_FILE = "model.onnx"
+REPORT_FILE = "export_report.json"
+
+
+def _latent_layers(model) -> list:
+    from .modules import LatentAttention
+
+    return [m for m in model.modules() if isinstance(m, LatentAttention)]
+
+
+def dense_hf_dir(loaded: LoadedModel, dest: Path) -> Path:
+    """A Hugging Face directory the builder can read: the model with dense-shaped attention.
+
+    A compressed model's projections are left at their random initial values (the graft replaces
+    them); everything else (embeddings, norms, MLPs, q/k norms) is copied from ``loaded.model``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .compress import COMPRESSION_KEY
+    from .registry import spec_for
+
+    model = loaded.model
+    if _latent_layers(model):
+        config = copy.deepcopy(model.config)
+        if hasattr(config, COMPRESSION_KEY):
+            delattr(config, COMPRESSION_KEY)
+        dense = AutoModelForCausalLM.from_config(config).eval()
+        wrapper = f".{spec_for(model.config).attention}."
+        state = {key.replace(f"{wrapper}attention.", wrapper): value for key, value in model.state_dict().items()}
+        target = dense.state_dict()
+        dense.load_state_dict({k: v for k, v in state.items() if k in target and target[k].shape == v.shape},
+                              strict=False)
+        model = dense
+    model.save_pretrained(dest)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(dest)
+    return dest
+
+
+def _initializer_bytes(model, names) -> int:
+    from onnx import numpy_helper
+
+    sizes = {init.name: numpy_helper.to_array(init).nbytes for init in model.graph.initializer}
+    return sum(sizes.get(name, 0) for name in set(names))
+
+
+def _node_weights(model, node_names: set[str]) -> set[str]:
+    initializers = {init.name for init in model.graph.initializer}
+    return {i for node in model.graph.node if node.name in node_names for i in node.input if i in initializers}
+
+
+def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", overwrite: bool = False,
+                 validate: bool = True, tolerance: float = 1e-3, block_size: int = 32) -> dict:
+    """Write an onnxruntime-genai directory of ``loaded.model`` (compressed or dense) at ``storage``.
+
+    Returns the export report (also in ``DIR/export_report.json``). With ``validate``, the grafted
+    model's logits are compared with PyTorch (fp32: a relative error above ``tolerance`` raises
+    :class:`~.export.ExportValidationError` and leaves nothing behind; int8/int4: reported) and the
+    genai runtime generates from the directory.
+    """
+    import onnx
+
+    from .genai import run_builder
+    from .graft import LatentLayer, graft_attention, quantize_nodes
+    from .onnx_sites import locate_by_name
+
+    if storage not in PRECISION:
+        raise InvalidConfigError(f"unknown precision {storage!r}: choose one of {', '.join(PRECISION)}")
+    latents = _latent_layers(loaded.model)
+    from .compress import COMPRESSION_KEY
+
+    if getattr(loaded.model.config, COMPRESSION_KEY, None) and not latents:
+        raise InvalidConfigError("--format genai exports lestd and tensorllm models (and the dense model); "
+                                 "export svd models with --format optimum")
+    started = time.perf_counter()
+    with atomic_output_dir(Path(out_dir), overwrite) as staging:
+        work = Path(tempfile.mkdtemp(prefix=".genai-work-", dir=staging.parent))
+        try:
+            build = run_builder(dense_hf_dir(loaded, work / "hf"), work / "build", PRECISION[storage])
+            model = onnx.load(str(build / MODEL_FILE))
+            report = {"format": "onnxruntime-genai", "storage": storage, "compressed": bool(latents)}
+            if latents:
+                producer, sites = locate_by_name(model, quantised_ok=True)
+                dense_bytes = _initializer_bytes(model, _node_weights(
+                    model, {n for s in sites for n in (*s.qkv_nodes, s.o_node)}))
+                nodes = graft_attention(model, sites, [LatentLayer.from_module(m) for m in latents])
+                if storage in BITS:
+                    model = quantize_nodes(model, nodes, BITS[storage], block_size)
+                grafted = {i.name for i in model.graph.initializer if i.name.startswith("lestd.")}
+                stored = _initializer_bytes(model, grafted)
+                report["attention_bytes"] = {"dense": dense_bytes, "compressed": stored,
+                                             "fraction": stored / dense_bytes}
+                report["grafted_layers"] = len(sites)
+            onnx.save(model, str(staging / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=MODEL_FILE + ".data", size_threshold=1024)
+            for item in build.iterdir():
+                if item.name not in (MODEL_FILE, MODEL_FILE + ".data"):
+                    shutil.copy2(item, staging / item.name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        report["model_bytes"] = sum(p.stat().st_size for p in staging.iterdir() if p.name.startswith(MODEL_FILE))
+        compression = getattr(loaded.model.config, COMPRESSION_KEY, None)
+        if compression:
+            report["method"] = compression["method"]
+            report["size_fraction"] = compression["size_fraction"]
+        if validate:
+            report["parity"] = check_genai_parity(loaded.model, staging, storage, tolerance)
+            report["runtime"] = genai_generates(staging)
+        report["export_seconds"] = time.perf_counter() - started
+        write_json(staging / REPORT_FILE, report)
+    return report
+
+
+def genai_logits(model_dir: Path, input_ids: np.ndarray) -> np.ndarray:
+    """Prefill logits ``[B, T, V]`` of a genai model through a plain ONNX Runtime session (empty cache)."""
+    import onnxruntime as ort
+
+    from .files import read_json
+
+    decoder = read_json(Path(model_dir) / "genai_config.json")["model"]["decoder"]
+    session = ort.InferenceSession(str(Path(model_dir) / decoder["filename"]), providers=["CPUExecutionProvider"])
+    batch = input_ids.shape[0]
+    feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": np.ones_like(input_ids, dtype=np.int64)}
+    empty = np.zeros((batch, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
+    for item in session.get_inputs():
+        if item.name.startswith("past_key_values"):
+            feeds[item.name] = empty
+    return session.run(["logits"], feeds)[0]
+
+
+def check_genai_parity(model, model_dir: Path, storage: str, tolerance: float, seed: int = 0) -> dict:
+    """Prefill logits of the genai model against PyTorch on random tokens (batch 1, 16 tokens)."""
+    import torch
+
+    from .export import ExportValidationError
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, model.config.vocab_size, size=(1, 16))
+    ours = genai_logits(model_dir, ids)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.float().numpy()
+    error = float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-12))
+    top1 = float(np.mean(ours.argmax(-1) == ref.argmax(-1)))
+    passed = error <= tolerance
+    if storage == "fp32" and not passed:
+        raise ExportValidationError(f"the grafted genai model disagrees with PyTorch: relative logit error "
+                                    f"{error:.2e} (tolerance {tolerance:.0e}); re-run with --no-validate to keep it")
+    return {"max_relative_error": error, "top1_agreement": top1, "tokens": int(ids.size),
+            "checked_against": "PyTorch fp32" + ("" if storage == "fp32" else f" (the file is {storage})")}
+
+
+def genai_generates(model_dir: Path, new_tokens: int = 4) -> dict:
+    """Load the directory with the onnxruntime-genai runtime and greedily generate a few tokens."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=8 + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([[1, 2, 3, 4, 5, 6, 7, 8]], dtype=np.int32))
+    tokens = []
+    while not generator.is_done() and len(tokens) < new_tokens:
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return {"runtime": f"onnxruntime-genai {og.__version__}", "generated": tokens}

@@ -1,0 +1,254 @@
+"""Graft compressed attention into an existing decoder graph (DESIGN.md 3.1).
+
+Each layer's projection nodes (located by :mod:`.onnx_sites`) are replaced by a compressed subgraph
+that writes the *same* output names, so GroupQueryAttention, rotary, norms and runtime configs of
+the host graph (an onnxruntime-genai build or an optimum export) stay valid.
+
+Plain layout: every stored weight is the right operand of a 2-D ``MatMul``, so ONNX Runtime's
+quantisers (``MatMulNBitsQuantizer``, ``quantize_dynamic``) cover the factors and core blocks too::
+
+    Z     = X @ A                         A = U1[:, union of the Q/K/V rows]   [d, u]
+    out_j = Gather(Z, pos_j, axis=-1) @ W_j   per pruned segment (W_j [k_j, cols]); Z @ W_j when dense
+    qkv   = Concat(out_j)  (or Split per q/k/v output)
+    o     = (H @ W_O) @ D                 W_O [h d_h, k_O], D = U1[:, rows_O]^T   [k_O, d]
+
+``D`` is the second layout of ``U1`` that a quantised product needs (MatMulNBits blocks along the
+reduction axis, which differs between ``X U1`` and ``latent U1^T``); only the rows the output heads
+keep are stored. When ``R2 < d_h`` each head is mapped through ``U2^T`` (Q/K/V) or ``U2`` (O).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .numerics.pruning import LayerCore
+from .onnx_sites import AttentionSite, GraphMappingError
+from .surgery import output_weight, qkv_segments
+
+Segment = tuple[np.ndarray, np.ndarray | None, list[int]]  # (weight [k or R1, cols], rows [k] or None, widths)
+
+
+@dataclass
+class LatentLayer:
+    """One layer's stored compressed attention, as numpy arrays (row-vector convention ``y = x W``)."""
+
+    u1: np.ndarray  # [d, R1]
+    u2: np.ndarray | None  # [d_h, R2] when R2 < d_h (else folded into the blocks)
+    segments: list[Segment]  # Q/K/V in column order (see surgery.qkv_segments)
+    o_weight: np.ndarray  # [h R2', k_O]
+    o_rows: np.ndarray | None  # [k_O] rows of the latent space the output heads fill; None: all R1
+
+    @classmethod
+    def from_core(cls, core: LayerCore) -> LatentLayer:
+        square = core.u2.shape[0] == core.u2.shape[1]
+        rows = core.groups["o"].rows
+        return cls(core.u1, None if square else core.u2, qkv_segments(core), output_weight(core),
+                   None if rows is None else np.asarray(rows))
+
+    @classmethod
+    def from_module(cls, latent) -> LatentLayer:
+        """From a :class:`~.modules.LatentAttention` (a compressed PyTorch model's layer)."""
+        qkv = latent.qkv
+        segments = []
+        for j in range(qkv.num_segments):
+            rows = qkv._rows(j)
+            segments.append((_numpy(getattr(qkv, f"weight_{j}")), None if rows is None else _numpy(rows),
+                             list(qkv.group_widths[j])))
+        out = _core_output(latent.attention)
+        rows = out.rows
+        return cls(_numpy(latent.u1), None if qkv.u2 is None else _numpy(qkv.u2), segments, _numpy(out.weight),
+                   None if rows is None else _numpy(rows))
+
+    @property
+    def qkv_union(self) -> np.ndarray:
+        """Latent rows read by any Q/K/V segment, ascending (all ``R1`` when a segment is dense)."""
+        if any(rows is None for _, rows, _ in self.segments):
+            return np.arange(self.u1.shape[1])
+        return np.unique(np.concatenate([rows for _, rows, _ in self.segments]))
+
+
+def _numpy(tensor) -> np.ndarray:
+    return tensor.detach().cpu().numpy()
+
+
+def _core_output(attention):
+    from .modules import CoreOutput
+
+    found = [m for m in attention.children() if isinstance(m, CoreOutput)]
+    if len(found) != 1:
+        raise GraphMappingError("a compressed attention module without exactly one CoreOutput")
+    return found[0]
+
+
+class _Builder:
+    """Collects the nodes and initializers of one layer's subgraph under a common name prefix."""
+
+    def __init__(self, prefix: str, weight_prefix: str, dtype=np.float32):
+        self.prefix, self.weight_prefix, self.dtype = prefix, weight_prefix, dtype
+        self.nodes: list = []
+        self.initializers: list = []
+        self.weight_matmuls: list[str] = []
+
+    def constant(self, name: str, array: np.ndarray, weight: bool = True):
+        from onnx import numpy_helper
+
+        full = f"{self.weight_prefix}.{name}"
+        data = np.ascontiguousarray(array.astype(self.dtype) if weight else array)
+        self.initializers.append(numpy_helper.from_array(data, full))
+        return full
+
+    def node(self, op: str, inputs: list[str], name: str, output: str | None = None, n_out: int = 1, **attrs):
+        from onnx import helper
+
+        outputs = [output] if output else [f"{self.prefix}/{name}/output_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{self.prefix}/{name}", **attrs))
+        return outputs[0] if n_out == 1 else outputs
+
+    def matmul(self, x: str, weight: np.ndarray, name: str, output: str | None = None) -> str:
+        """``x @ weight`` with ``weight [K, N]`` a 2-D initializer (what the quantisers take)."""
+        out = self.node("MatMul", [x, self.constant(name, weight)], name, output)
+        self.weight_matmuls.append(self.nodes[-1].name)
+        return out
+
+    def heads(self, x: str, size: int, name: str) -> str:
+        """``[B, T, n size] -> [B, T, n, size]``."""
+        shape = self.constant(f"{name}_shape", np.array([0, 0, -1, size], dtype=np.int64), weight=False)
+        return self.node("Reshape", [x, shape], name)
+
+    def flat(self, x: str, name: str, output: str | None = None) -> str:
+        """``[B, T, n, size] -> [B, T, n size]``."""
+        shape = self.constant(f"{name}_shape", np.array([0, 0, -1], dtype=np.int64), weight=False)
+        return self.node("Reshape", [x, shape], name, output)
+
+
+def _qkv(b: _Builder, layer: LatentLayer, site: AttentionSite) -> None:
+    union = layer.qkv_union
+    z = b.matmul(site.qkv_input, layer.u1[:, union], "u1_in")  # [B, T, u]
+    outs, widths = [], []
+    for j, (weight, rows, group_widths) in enumerate(layer.segments):
+        source = z
+        if rows is not None and not np.array_equal(rows, union):
+            position = b.constant(f"rows_{j}", np.searchsorted(union, rows).astype(np.int64), weight=False)
+            source = b.node("Gather", [z, position], f"gather_{j}", axis=-1)  # [B, T, k_j]
+        out = b.matmul(source, weight, f"core_{j}")  # [B, T, cols_j]
+        if layer.u2 is not None:  # blocks are in the R2 basis: map every head through U2^T
+            rank2, dh = layer.u2.shape[1], layer.u2.shape[0]
+            out = b.flat(b.matmul(b.heads(out, rank2, f"heads_{j}"), layer.u2.T, f"u2t_{j}"), f"flat_{j}")
+            group_widths = [w // rank2 * dh for w in group_widths]
+        outs.append(out)
+        widths += group_widths
+    if site.packed:
+        _rename_last(b, outs, site.qkv_outputs[0], "qkv")
+        return
+    if len(outs) == len(site.qkv_outputs):  # one segment per group
+        for out, name in zip(outs, site.qkv_outputs):
+            _rename(b, out, name)
+        return
+    packed = _rename_last(b, outs, None, "qkv")
+    split = b.constant("split_widths", np.array(widths, dtype=np.int64), weight=False)
+    b.nodes.append(_make("Split", [packed, split], list(site.qkv_outputs), f"{b.prefix}/split", axis=-1))
+
+
+def _rename_last(b: _Builder, outs: list[str], output: str | None, name: str) -> str:
+    if len(outs) == 1:
+        if output is not None:
+            _rename(b, outs[0], output)
+            return output
+        return outs[0]
+    return b.node("Concat", outs, name, output, axis=-1)
+
+
+def _rename(b: _Builder, tensor: str, output: str) -> None:
+    """Make the node that produces ``tensor`` write ``output`` instead."""
+    for node in b.nodes:
+        for i, name in enumerate(node.output):
+            if name == tensor:
+                node.output[i] = output
+                return
+    raise AssertionError(f"{tensor} is not produced in this subgraph")
+
+
+def _make(op, inputs, outputs, name, **attrs):
+    from onnx import helper
+
+    return helper.make_node(op, inputs, outputs, name=name, **attrs)
+
+
+def _output(b: _Builder, layer: LatentLayer, site: AttentionSite) -> None:
+    heads = site.o_input
+    if layer.u2 is not None:
+        dh = layer.u2.shape[0]
+        heads = b.flat(b.matmul(b.heads(heads, dh, "o_heads"), layer.u2, "u2_out"), "o_flat")  # [B, T, h R2]
+    latent = b.matmul(heads, layer.o_weight, "core_o")  # [B, T, k_O]
+    u1 = layer.u1 if layer.o_rows is None else layer.u1[:, layer.o_rows]
+    b.matmul(latent, u1.T, "u1_out", site.o_output)  # [B, T, d]
+
+
+def graft_attention(model, sites: list[AttentionSite], layers: list[LatentLayer]) -> list[str]:
+    """Replace every site's projection nodes by its layer's compressed subgraph, in place.
+
+    The new nodes take the place of the removed ones (the graph stays topologically sorted) and
+    write the same output names; initializers used only by the removed nodes are dropped. Returns
+    the names of the new weight ``MatMul`` nodes (what :func:`quantize_nodes` takes).
+    """
+    if len(sites) != len(layers):
+        raise GraphMappingError(f"{len(sites)} attention sites in the graph but {len(layers)} compressed layers")
+    graph = model.graph
+    replaced: dict[str, list] = {}
+    weight_matmuls: list[str] = []
+    for site, layer in zip(sites, layers):
+        prefix = site.o_node.rsplit("/", 2)[0] + "/lestd"
+        qkv = _Builder(prefix + "/qkv", f"lestd.layers.{site.layer}.qkv")
+        _qkv(qkv, layer, site)
+        out = _Builder(prefix + "/o", f"lestd.layers.{site.layer}.o")
+        _output(out, layer, site)
+        for name in site.qkv_nodes[:-1]:
+            replaced[name] = []
+        replaced[site.qkv_nodes[-1]] = qkv.nodes
+        replaced[site.o_node] = out.nodes
+        graph.initializer.extend(qkv.initializers + out.initializers)
+        weight_matmuls += qkv.weight_matmuls + out.weight_matmuls
+    missing = set(replaced) - {node.name for node in graph.node}
+    if missing:
+        raise GraphMappingError(f"nodes {sorted(missing)[:3]} are not in the graph")
+    removed_inputs = {i for node in graph.node if node.name in replaced for i in node.input}
+    nodes = []
+    for node in graph.node:
+        nodes += replaced.get(node.name, [node])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused_initializers(graph, removed_inputs)
+    return weight_matmuls
+
+
+def _drop_unused_initializers(graph, candidates: set[str]) -> None:
+    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+    keep = [init for init in graph.initializer if init.name not in candidates or init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def quantize_nodes(model, nodes: list[str], bits: int, block_size: int = 32, accuracy_level: int = 4):
+    """``MatMulNBits`` (symmetric, as the onnxruntime-genai builder writes) on the named MatMuls only.
+
+    Returns the quantised ``onnx.ModelProto``. ``bits`` is 4 or 8.
+    """
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    include = set(nodes)
+    others = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name not in include]
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=accuracy_level, nodes_to_exclude=others,
+                                     op_types_to_quantize=("MatMul",))
+    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # one INFO line per node otherwise
+    try:
+        quantizer.process()
+    finally:
+        logger.setLevel(level)
+    return quantizer.model.model
