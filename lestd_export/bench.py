@@ -28,7 +28,7 @@ import numpy as np
 from .errors import CheckpointError, CorruptFileError, InvalidConfigError, LestdError
 from .export import model_files_bytes
 from .files import check_model_dir, check_onnx, read_json
-from .genai import decoder_file, is_genai_dir
+from .genai import check_genai_dir, decoder_file, is_genai_dir
 
 QUANT_MODES = ("none", "int8", "int4")
 ONNX_FILE = "model.onnx"
@@ -56,7 +56,7 @@ class Variant:
 def check_export_dir(path: Path) -> Path:
     """``path`` when it is an export directory (``model.onnx``) or an onnxruntime-genai directory."""
     path = Path(path)
-    if not is_genai_dir(path) and not (path / ONNX_FILE).is_file():
+    if not check_genai_dir(path) and not (path / ONNX_FILE).is_file():
         raise CheckpointError(f"{path} has no {ONNX_FILE}: pass a directory produced by `lestd-export export` "
                               "or an onnxruntime-genai directory (genai_config.json)")
     return path

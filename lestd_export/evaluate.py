@@ -307,9 +307,9 @@ def evaluate(target: str | Path | None, backend: str | None = None, text_file: s
     onnxruntime-genai directory (``genai_config.json``, its decoder graph, tokenizer files). ``backend``
     None: onnxruntime for an onnxruntime-genai directory, torch otherwise.
     """
-    from .genai import is_genai_dir
+    from .genai import check_genai_dir
 
-    genai = target is not None and is_genai_dir(Path(target).expanduser())
+    genai = target is not None and check_genai_dir(Path(target).expanduser())
     if backend is None:
         backend = "onnxruntime" if genai else "torch"
     if backend not in BACKENDS:

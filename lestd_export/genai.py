@@ -66,6 +66,17 @@ def is_genai_dir(path: Path) -> bool:
         return False
 
 
+def check_genai_dir(path: Path) -> bool:
+    """False when ``path`` has no ``genai_config.json``; True when it is a genai directory; a typed error naming
+    the file when its config is corrupt or names a decoder file that is missing."""
+    if not (Path(path) / GENAI_CONFIG).is_file():
+        return False
+    model_file = decoder_file(path)
+    if not model_file.is_file():
+        raise CheckpointError(f"{Path(path) / GENAI_CONFIG} names {model_file.name}, which is missing: {FIX_GENAI}")
+    return True
+
+
 def decoder(path: Path) -> dict:
     """The ``model.decoder`` section of ``path/genai_config.json`` (a typed error when it has none)."""
     config = read_json(Path(path) / GENAI_CONFIG, FIX_GENAI)

@@ -117,3 +117,19 @@ def test_genai_baselines_are_built_once(hf_dir, genai_fp32, tmp_path, monkeypatc
     first = genai.genai_baselines(str(hf_dir), progress=False)
     assert [p.name for p in first] == ["genai-fp32", "genai-int4"] and built == ["fp32", "int4"]
     assert genai.genai_baselines(str(hf_dir), progress=False) == first and len(built) == 2
+
+
+@pytest.mark.parametrize("damage", ["config", "decoder"])
+def test_damaged_genai_dir_is_one_line(genai_fp32, tmp_path, capsys, damage):
+    from lestd_export.cli import main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(genai_fp32, broken)
+    if damage == "config":
+        (broken / "genai_config.json").write_text('{"model": ')
+    else:
+        (broken / "model.onnx").unlink()
+    for verb in (["eval", str(broken)], ["bench", str(broken), "--quiet"]):
+        assert main(verb) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "genai_config.json" in err
