@@ -372,7 +372,8 @@ def run_benchmark(dirs: list[Path], baseline: Path | None = None, provider: str 
         check_onnx(model_file_of(Path(d)), FIX_DIR)
     if genai_baselines is not None:
         if provider != "cpu":
-            raise InvalidConfigError("--genai-baselines builds onnxruntime-genai models for the CPU: use --provider cpu")
+            raise InvalidConfigError("--genai-baselines builds onnxruntime-genai models for the CPU: "
+                                     "use --provider cpu")
         from .genai import genai_baselines as build_genai_baselines
 
         dirs += build_genai_baselines(genai_baselines, progress=progress)

@@ -77,7 +77,8 @@ def test_ratio_arithmetic():
                                              "bytes_bound_fraction": 0.75, "perplexity_ratio": None})
     assert ratios["dense"] == pytest.approx({"decode_speedup": 1.0, "prefill_speedup": 1.0, "bytes_ratio": 1.0,
                                              "bytes_bound_fraction": 1.0, "perplexity_ratio": None})
-    ratios = compute_ratios([record("dense", 100.0, 1000.0, 400, True, 10.0), record("small", 150.0, 800.0, 200, ppl=12.5)])
+    ratios = compute_ratios([record("dense", 100.0, 1000.0, 400, True, 10.0),
+                             record("small", 150.0, 800.0, 200, ppl=12.5)])
     assert ratios["small"]["perplexity_ratio"] == pytest.approx(1.25)
 
 
