@@ -12,12 +12,12 @@ Gram matrices accumulated batch by batch), run the same Stage I/II as ``compress
 (:func:`~.numerics.planner.compress_layers` with the same metrics), refit the kept values, graft the
 compressed layers into the graph (:mod:`.graft`), optionally quantise, and write the directory.
 
-Refit: ``compress`` refits layer by layer on the inputs of the already-compressed model (a GPTQ-style
-replay of PyTorch decoder layers). Replaying that through ONNX Runtime would take two runs of the
-(partially grafted) graph over the calibration set per layer; here the kept values are refit instead
-against the **dense model's activations** (``Xc = Xd``, ``Hc = Hd``: the Gram matrices captured once):
-Q/K/V by least squares in the input metric, O on the dense heads. Errors of upstream layers are
-therefore not compensated, and ``--refit-target`` makes no difference. Healing and the ``fisher``
+Refit: as in ``compress`` (:func:`~.refit.sequential_refit`), layer by layer on the inputs of the
+already-compressed model, replayed through ONNX Runtime (:func:`sequential_refit_onnx`: the graph is
+cut at each layer's attention input and every layer runs as its own small session on the carried
+state). Where a graph cannot be cut that way, the kept values are refit instead against the **dense
+model's activations** (:func:`dense_refit`: ``Xc = Xd``, ``Hc = Hd``, the Gram matrices captured once;
+upstream errors are then not compensated), and the report says so. Healing and the ``fisher``
 objective need a PyTorch model and are refused, as is ``--method svd`` (the graft takes Tucker cores).
 """
 
@@ -190,12 +190,15 @@ def read_weights(source: OnnxInput) -> list:
 # ------------------------------------------------------------------------------------- calibration
 
 
-def capture_model(model, outputs: list[str]):
-    """A copy of ``model`` that computes only ``outputs`` (float tensors of the graph): the nodes they
-    need, the initializers and inputs those read, nothing downstream (no logits, no lm_head)."""
+def subgraph_model(model, outputs: list[str], given: dict | None = None):
+    """A copy of ``model`` that computes only ``outputs``: the nodes they need, the initializers and
+    graph inputs those read, nothing downstream (no logits, no lm_head). ``given`` (name -> numpy
+    dtype) are tensors fed as inputs instead of computed (a cut through the graph). Output types are
+    left to ONNX Runtime's inference."""
     import onnx
     from onnx import helper
 
+    given = given or {}
     graph = model.graph
     producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
     keep, stack, seen = set(), list(outputs), set()
@@ -205,21 +208,21 @@ def capture_model(model, outputs: list[str]):
             continue
         seen.add(name)
         index = producer.get(name)
-        if index is None or index in keep:
+        if name in given or index is None or index in keep:
             continue
         keep.add(index)
-        node = graph.node[index]
-        stack.extend(i for i in _node_inputs(node) if i)
+        stack.extend(i for i in _node_inputs(graph.node[index]) if i)
     nodes = [graph.node[i] for i in sorted(keep)]
-    used = set(seen)
-    initializers = [init for init in graph.initializer if init.name in used]
-    inputs = [value for value in graph.input if value.name in used]
-    value_outputs = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs]
-    new_graph = helper.make_graph(nodes, graph.name + "-capture", inputs, value_outputs, initializer=initializers)
-    captured = helper.make_model(new_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    initializers = [init for init in graph.initializer if init.name in seen and init.name not in given]
+    inputs = [value for value in graph.input if value.name in seen and value.name not in given]
+    inputs += [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None)
+               for name, dtype in given.items() if name in seen]
+    new_graph = helper.make_graph(nodes, graph.name + "-part", inputs, [onnx.ValueInfoProto(name=n) for n in outputs],
+                                  initializer=initializers)
+    part = helper.make_model(new_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     for entry in model.metadata_props:
-        captured.metadata_props.append(entry)
-    return captured
+        part.metadata_props.append(entry)
+    return part
 
 
 def _node_inputs(node) -> list[str]:
@@ -258,15 +261,20 @@ def _session(model, work_dir: Path | None = None):
                                 f"({str(error).splitlines()[0][:200]})") from None
 
 
-def decoder_feed(session, io: DecoderIO, shape, ids: np.ndarray, genai_decoder: dict | None = None) -> dict:
-    """Inputs for a prefill of ``ids [B, T]`` (no padding, empty cache) of a session's graph inputs."""
+def decoder_feed(session, io: DecoderIO, shape, ids: np.ndarray, genai_decoder: dict | None = None,
+                 known: dict | None = None) -> dict:
+    """Inputs for a prefill of ``ids [B, T]`` (no padding, empty cache) of a session's graph inputs;
+    ``known`` values (a cut's tensors) are fed as they are."""
     names = dict(genai_decoder.get("inputs", {})) if genai_decoder else {}
     batch, length = ids.shape
     past = {name: pair for pair in io.past.values() for name in pair}
+    known = known or {}
     feed = {}
     for value in session.get_inputs():
         name = value.name
-        if name == names.get("input_ids", "input_ids"):
+        if name in known:
+            feed[name] = known[name]
+        elif name == names.get("input_ids", "input_ids"):
             feed[name] = ids.astype(np.int64)
         elif name == names.get("attention_mask", "attention_mask"):
             feed[name] = np.ones((batch, length), dtype=np.int64)
@@ -293,7 +301,7 @@ def collect_onnx_statistics(source: OnnxInput, data, *, progress: bool = True, w
     for site in source.sites:
         wanted += [site.qkv_input, site.o_input]
     wanted = list(dict.fromkeys(wanted))
-    session = _session(capture_model(source.model, wanted), work_dir)
+    session = _session(subgraph_model(source.model, wanted), work_dir)
     totals = {name: None for name in wanted}
     count = 0
     with tqdm(total=data.tokens, desc="calibration statistics (onnxruntime)", unit="tok",
@@ -331,6 +339,132 @@ def load_onnx_calibration(source: OnnxInput, config: CompressionConfig):
 
 
 # ------------------------------------------------------------------------------------------- refit
+
+
+class LayerCuts:
+    """Cuts through a decoder graph at each layer's attention input ``X_i``: ``ancestors[i]`` are the
+    nodes ``X_i`` needs and ``live[i]`` the tensors they produce that later nodes read (the residual
+    stream, masks, rotary tables...): the state from which layer ``i`` onwards can run on its own."""
+
+    def __init__(self, model, sites: list[AttentionSite]):
+        graph = model.graph
+        producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+        consumers: dict[str, set[int]] = {}
+        for i, node in enumerate(graph.node):
+            for name in _node_inputs(node):
+                consumers.setdefault(name, set()).add(i)
+        self.ancestors, self.live = [], []
+        for site in sites:
+            nodes, stack = set(), [site.qkv_input]
+            while stack:
+                index = producer.get(stack.pop())
+                if index is not None and index not in nodes:
+                    nodes.add(index)
+                    stack.extend(i for i in _node_inputs(graph.node[index]) if i)
+            if self.ancestors and not self.ancestors[-1] <= nodes:
+                raise GraphMappingError(f"layer {site.layer}'s attention input does not depend on the layers "
+                                        "before it: the graph cannot be replayed layer by layer")
+            self.ancestors.append(nodes)
+            self.live.append(sorted({out for i in nodes for out in graph.node[i].output
+                                     if out and consumers.get(out, set()) - nodes}))
+
+
+def _gram(xs: list[np.ndarray], ys: list[np.ndarray] | None = None) -> np.ndarray:
+    """``sum_b x_b^T y_b / N`` (float64) over aligned lists of ``[..., a]`` and ``[..., b]`` arrays."""
+    total, count = None, 0
+    for j, x in enumerate(xs):
+        x = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
+        y = x if ys is None else np.asarray(ys[j], dtype=np.float64).reshape(-1, ys[j].shape[-1])
+        product = x.T @ y
+        total = product if total is None else total + product
+        count += x.shape[0]
+    return total / max(count, 1)
+
+
+def sequential_refit_onnx(source: OnnxInput, cores: list, tensors: list[np.ndarray], data, groups, *,
+                          target: str = "layer", damping: float = 1e-6, progress: bool = True,
+                          cuts: LayerCuts | None = None) -> list[dict]:
+    """The layer-by-layer refit of ``compress`` (:func:`~.refit.sequential_refit`), replayed through ONNX
+    Runtime: the graph is cut at every layer's attention input (:class:`LayerCuts`), the cut's tensors
+    are carried from layer to layer for each calibration batch, and layer ``i`` runs as its own small
+    session: Q/K/V refit on its compressed-stream input ``Xc``, the layer grafted and run to the output
+    projection's input (``Hc``, from the refit Q/K/V), O refit on ``Hc``, then the finished layer run
+    to the next cut. ``target`` ``layer`` fits the dense weights on the compressed stream (``Xc W``);
+    ``model`` fits the dense model's outputs (``Xd W``, a dense stream carried alongside). Returns per
+    layer and group the relative calibration output error before and after (against that target)."""
+    from tqdm.auto import tqdm
+
+    from .graft import LatentLayer, graft_attention
+    from .numerics.pruning import CoreGroup
+    from .numerics.refit import refit_input_group, refit_output_group
+    from .refit import _relative
+
+    model, sites = source.model, source.sites
+    cuts = cuts or LayerCuts(model, sites)
+    batches = [data.sequences[start:start + CAPTURE_BATCH] for start in range(0, len(data.sequences), CAPTURE_BATCH)]
+
+    def run(part, outputs: list[str], states: list[dict]) -> list[dict]:
+        session = _session(part)
+        results = [dict(zip(outputs, session.run(outputs, decoder_feed(session, source.io, source.shape, ids,
+                                                                       source.genai_decoder, state))))
+                   for ids, state in zip(batches, states)]
+        del session
+        return results
+
+    def types(states: list[dict]) -> dict:
+        return {name: value.dtype for name, value in states[0].items()}
+
+    def grafted(part, core):
+        import onnx
+
+        copy = onnx.ModelProto()
+        copy.CopyFrom(part)
+        graft_attention(copy, [site], [LatentLayer.from_core(core)])
+        return copy
+
+    compressed = run(subgraph_model(model, cuts.live[0]), cuts.live[0], [{} for _ in batches])
+    dense = compressed if target == "model" else None
+    errors = []
+    for i in tqdm(range(len(sites)), desc="refit (layer by layer, onnxruntime)", unit="layer", disable=not progress):
+        site, core, record = sites[i], cores[i], {}
+        last = i + 1 == len(sites)
+        following = [site.o_output] if last else cuts.live[i + 1]
+        xc = [state[site.qkv_input] for state in compressed]
+        xd = xc if dense is None else [state[site.qkv_input] for state in dense]
+        c_cc, c_cd, c_dd = _gram(xc), _gram(xc, xd), _gram(xd)
+        for name in ("q", "k", "v"):
+            group = core.groups[name]
+            basis = core.u1 if group.rows is None else core.u1[:, group.rows]
+            result = refit_input_group(basis, core.u2, group.block, tensors[i][groups.span(name)], c_cc, c_cd, c_dd,
+                                       damping)
+            core.groups[name] = CoreGroup(group.rows, result.block)
+            record[name] = _relative(result.error_before, result.error_after, result.target)
+        given = types(compressed)
+        layer = subgraph_model(model, [site.o_input, *following], given)  # the dense layer from the cut on
+        if dense is not None:
+            new = [t for t in following if t not in dense[0]]
+            dense_out = run(subgraph_model(layer, [site.o_input, *new], given), [site.o_input, *new], dense)
+            hd = [out[site.o_input] for out in dense_out]
+        hc = [out[site.o_input] for out in run(subgraph_model(grafted(layer, core), [site.o_input], given),
+                                               [site.o_input], compressed)]
+        if dense is None:
+            hd = hc
+        group = core.groups["o"]
+        basis = core.u1 if group.rows is None else core.u1[:, group.rows]
+        result = refit_output_group(basis, core.u2, group.block, tensors[i][groups.span("o")], _gram(hc),
+                                    _gram(hc, hd), _gram(hd), damping)
+        core.groups["o"] = CoreGroup(group.rows, result.block)
+        record["o"] = _relative(result.error_before, result.error_after, result.target)
+        errors.append(record)
+        if last:
+            break
+        new = [t for t in following if t not in compressed[0]]
+        outs = run(subgraph_model(grafted(layer, core), new, given), new, compressed)
+        compressed = [{t: (state[t] if t in state else out[t]) for t in following}
+                      for state, out in zip(compressed, outs)]
+        if dense is not None:
+            dense = [{t: (state[t] if t in state else out[t]) for t in following} for state, out in zip(dense, dense_out)]
+    return errors
 
 
 def dense_refit(cores: list, tensors: list[np.ndarray], statistics: list, groups, damping: float = 1e-6) -> list[dict]:
@@ -409,9 +543,9 @@ def tucker_request(config: CompressionConfig):
 
 
 def plan_cores(source: OnnxInput, config: CompressionConfig, *, progress: bool = True,
-               work_dir: Path | None = None) -> tuple[list, list[np.ndarray], object, list | None, list | None]:
+               work_dir: Path | None = None) -> tuple[list, list[np.ndarray], object, list | None, list | None, str | None]:
     """Weights -> calibrated Stage I/II -> refit. Returns ``(cores, dense tensors, calibration data,
-    statistics, relative output errors)`` (the last three None without calibration)."""
+    statistics, relative output errors, how the refit ran)`` (the last four None without calibration)."""
     from tqdm.auto import tqdm
 
     from .numerics.metric import layer_metric
@@ -444,12 +578,22 @@ def plan_cores(source: OnnxInput, config: CompressionConfig, *, progress: bool =
             cores = compress_layers(tensors, groups, tucker_request(config), bar.update, metrics, None)
         except ValueError as error:
             raise InvalidConfigError(f"cannot meet the request: {error}") from None
-    errors = None
+    errors, refit = None, None
     if statistics is not None and config.refit:
-        errors = dense_refit(cores, tensors, statistics, groups)
+        try:
+            cuts, why = LayerCuts(source.model, source.sites), None
+        except GraphMappingError as error:
+            cuts, why = None, str(error)
+        if cuts is not None:
+            errors = sequential_refit_onnx(source, cores, tensors, data, groups, target=config.refit_target,
+                                           progress=progress, cuts=cuts)
+            refit = f"layer by layer through onnxruntime (target: {config.refit_target})"
+        else:
+            errors = dense_refit(cores, tensors, statistics, groups)
+            refit = f"dense activations ({why})"
         for core, dense in zip(cores, tensors):  # the refit changed the values: recount the plain error
             core.kept_energy = core.energy - float(np.sum((dense - reconstruct_layer(core, groups)) ** 2))
-    return cores, tensors, data, statistics, errors
+    return cores, tensors, data, statistics, errors, refit
 
 
 def _entries(cores: list, shape) -> list[dict]:
@@ -549,7 +693,7 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
     if out_dir.resolve() == source.directory.resolve():
         raise InvalidConfigError(f"-o {out_dir} is the input directory: write the compressed model elsewhere")
     with atomic_output_dir(out_dir, overwrite) as staging:
-        cores, _, data, _, errors = plan_cores(source, config, progress=progress, work_dir=staging.parent)
+        cores, _, data, _, errors, refit = plan_cores(source, config, progress=progress, work_dir=staging.parent)
         from .graft import LatentLayer, graft_attention
 
         model = source.model
@@ -586,7 +730,7 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
         report["output"] = {"files": written + copied, "model_bytes": output_bytes,
                             "bytes_fraction": output_bytes / max(source.input_bytes(), 1), "quantize": quantised,
                             "grafted_matmuls": len(grafted)}
-        report["refit"] = "dense activations" if errors is not None else None
+        report["refit"] = refit
         if data is not None:
             report["calibration"] = data.record()
             if errors is not None:

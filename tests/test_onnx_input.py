@@ -147,7 +147,7 @@ def test_full_rank_reproduces_the_input_logits(models, tmp_path, kind):
     assert np.abs(logits(out, ids, source) - logits(models / kind, ids, source)).max() < 1e-4
     report = json.loads((out / "compression_report.json").read_text())
     assert report["input"]["producer"] == source.producer and report["ranks"] == [[64, 16], [64, 16]]
-    assert report["calibration"]["tokens"] == TOKENS and report["refit"] == "dense activations"
+    assert report["calibration"]["tokens"] == TOKENS and report["refit"].startswith("layer by layer")
     assert report["vs_input"]["max_abs_logit_difference"] < 1e-4 and report["vs_input"]["top1_agreement"] == 1.0
     expected = {"genai_config.json"} if kind.startswith("genai") else {"config.json", "generation_config.json"}
     assert expected | {"tokenizer.json", "model.onnx", "compression_report.json"} <= {p.name for p in out.iterdir()}
@@ -176,6 +176,36 @@ def test_pruned_graft_equals_pytorch_with_the_same_cores(models, tmp_path, kind)
     with torch.no_grad():
         expected = model(torch.from_numpy(ids)).logits.numpy()
     assert np.abs(logits(tmp_path / "out", ids, source) - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("kind, target", [("genai", "layer"), ("optimum", "layer"), ("genai", "model")])
+def test_onnx_input_equals_compress_on_the_pytorch_model(models, tmp_path, kind, target):
+    """Same statistics, plan and layer-by-layer refit as `compress`: the refit's output errors and the
+    resulting logits agree with the PyTorch model that compress_model rewrote."""
+    import dataclasses
+
+    from lestd_export.compress import compress_model
+    from lestd_export.loading import load_model
+
+    settings = dict(size_fraction=0.6, calibration="default", calibration_tokens=TOKENS, refit_target=target)
+    if "layout" in {f.name for f in dataclasses.fields(CompressionConfig)}:
+        settings["layout"] = "plain"  # what the graft stores (the planner counts the output heads' U1 copy)
+    config = CompressionConfig(**settings)
+    loaded = load_model(str(models / "hf"))
+    expected = compress_model(loaded.model, config, tokenizer=loaded.tokenizer, progress=False)
+    report = compress_onnx(models / kind, tmp_path / "out", config, progress=False)
+    assert report["refit"] == f"layer by layer through onnxruntime (target: {target})"
+    assert report["ranks"] == expected["ranks"] and report["params"] == expected["params"]
+    for ours, theirs in zip(report["calibration"]["relative_output_error"],
+                            expected["calibration"]["relative_output_error"]):
+        for group in "qkvo":
+            for when in ("before", "after"):
+                assert ours[group][when] == pytest.approx(theirs[group][when], abs=1e-4)
+    ids = np.random.default_rng(3).integers(0, 128, size=(2, 12))
+    with torch.no_grad():
+        reference = loaded.model(torch.from_numpy(ids)).logits.numpy()
+    source = open_onnx_input(models / kind)
+    assert np.abs(logits(tmp_path / "out", ids, source) - reference).max() < 1e-4 * np.abs(reference).max()
 
 
 def test_int4_quantises_every_weight_matmul(models, tmp_path):
@@ -272,3 +302,18 @@ def test_error_types(models, tmp_path):
         open_onnx_input(not_a_decoder(tmp_path / "mlp"))
     with pytest.raises(GraphMappingError):
         open_onnx_input(unmappable(models, tmp_path / "hidden"))
+
+
+def test_graph_that_cannot_be_cut_falls_back_to_the_dense_refit(models, tmp_path, monkeypatch):
+    import lestd_export.onnx_input as onnx_input
+
+    def refuse(*args, **kwargs):
+        raise GraphMappingError("cannot be replayed layer by layer")
+
+    monkeypatch.setattr(onnx_input, "LayerCuts", refuse)
+    report = compress_onnx(models / "genai", tmp_path / "out", CompressionConfig(
+        ranks=(None, None), core_density=1.0, calibration="default", calibration_tokens=TOKENS), progress=False)
+    assert report["refit"] == "dense activations (cannot be replayed layer by layer)"
+    assert report["vs_input"]["max_abs_logit_difference"] < 1e-4
+    errors = report["calibration"]["relative_output_error"]
+    assert all(e[g]["after"] <= e[g]["before"] + 1e-12 for e in errors for g in "qkvo")
