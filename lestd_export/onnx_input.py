@@ -431,7 +431,8 @@ def sequential_refit_onnx(source: OnnxInput, cores: list, tensors: list[np.ndarr
         following = [site.o_output] if last else cuts.live[i + 1]
         xc = [state[site.qkv_input] for state in compressed]
         xd = xc if dense is None else [state[site.qkv_input] for state in dense]
-        c_cc, c_cd, c_dd = _gram(xc), _gram(xc, xd), _gram(xd)
+        c_cc = _gram(xc)
+        c_cd, c_dd = (c_cc, c_cc) if dense is None else (_gram(xc, xd), _gram(xd))
         for name in ("q", "k", "v"):
             group = core.groups[name]
             basis = core.u1 if group.rows is None else core.u1[:, group.rows]
@@ -451,8 +452,10 @@ def sequential_refit_onnx(source: OnnxInput, cores: list, tensors: list[np.ndarr
             hd = hc
         group = core.groups["o"]
         basis = core.u1 if group.rows is None else core.u1[:, group.rows]
-        result = refit_output_group(basis, core.u2, group.block, tensors[i][groups.span("o")], _gram(hc),
-                                    _gram(hc, hd), _gram(hd), damping)
+        h_cc = _gram(hc)
+        h_cd, h_dd = (h_cc, h_cc) if dense is None else (_gram(hc, hd), _gram(hd))
+        result = refit_output_group(basis, core.u2, group.block, tensors[i][groups.span("o")], h_cc, h_cd, h_dd,
+                                    damping)
         core.groups["o"] = CoreGroup(group.rows, result.block)
         record["o"] = _relative(result.error_before, result.error_after, result.target)
         errors.append(record)
@@ -624,15 +627,15 @@ def _weight_matmuls(model, exclude: set[str]) -> list[str]:
 
 
 def compare_logits(reference: Path, candidate: Path, source: OnnxInput, *, batch: int = 2, length: int = 16,
-                   seed: int = 0) -> dict:
-    """Prefill logits of two decoder files on the same random tokens: max absolute and relative difference,
-    top-1 agreement (the candidate against the reference)."""
+                   seed: int = 0, ids: np.ndarray | None = None) -> dict:
+    """Prefill logits of two decoder files on the same tokens (``ids [B, T]``, else random ones): max
+    absolute and relative difference, top-1 agreement (the candidate against the reference)."""
     import onnxruntime as ort
 
     from .runtime import session_options
 
     logits_name = (source.genai_decoder or {}).get("outputs", {}).get("logits", "logits")
-    results, ids = [], None
+    results, tokens = [], "calibration" if ids is not None else "random"
     for path in (reference, candidate):
         try:
             session = ort.InferenceSession(str(path), sess_options=session_options(None, "all"),
@@ -649,7 +652,8 @@ def compare_logits(reference: Path, candidate: Path, source: OnnxInput, *, batch
     scale = float(np.abs(ref).max()) or 1.0
     return {"max_abs_logit_difference": float(np.abs(new - ref).max()),
             "max_relative_logit_difference": float(np.abs(new - ref).max() / scale),
-            "top1_agreement": float(np.mean(ref.argmax(-1) == new.argmax(-1))), "batch": batch, "length": length}
+            "top1_agreement": float(np.mean(ref.argmax(-1) == new.argmax(-1))), "batch": int(ids.shape[0]),
+            "length": int(ids.shape[1]), "tokens": tokens}
 
 
 def _copy_directory_files(source: OnnxInput, staging: Path) -> list[str]:
@@ -719,7 +723,8 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
         del model, source.model
         written = [target.name] + ([location] if external else [])
         output_bytes = sum((staging / name).stat().st_size for name in written)
-        vs_input = compare_logits(source.model_file, target, source) if validate else None
+        sample = None if data is None else data.sequences[:2, :64]  # real text where there is some
+        vs_input = compare_logits(source.model_file, target, source, ids=sample) if validate else None
         report = _report(config, _entries(cores, source.shape), source.model_type or "unknown", str(path),
                          time.perf_counter() - started)
         report["input"] = {"path": str(path), "model_file": source.model_file.name, "producer": source.producer,
