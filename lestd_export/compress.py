@@ -66,7 +66,9 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
     weights = [read_attention(getattr(layer, spec.attention), spec, shape, i) for i, layer in enumerate(layers)]
     dtype = next(model.parameters()).dtype
     dense_per_layer = shape.num_slices * shape.hidden * shape.head_dim
-    groups = slice_groups(shape)
+    dense_output = config.dense_output  # the output projection stays as it is: Q/K/V carry the budget
+    groups = slice_groups(shape, with_output=not dense_output)
+    output_entries = shape.heads * shape.head_dim * shape.hidden if dense_output else 0
     calibration, statistics, teacher, heal_data = _calibrate(model, config, tokenizer, spec, shape, progress)
 
     with tqdm(total=len(layers), desc=f"{config.method}: decomposing layers", unit="layer",
@@ -80,15 +82,17 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
                                       rank=(r1 or shape.hidden) if config.ranks else None, lefts=lefts)
                 bar.update(len(layers))
             else:
-                request = TuckerRequest(method=config.method, size_fraction=config.size_fraction,
+                request = TuckerRequest(method=config.method,
+                                        size_fraction=_qkv_fraction(config.size_fraction, dense_per_layer,
+                                                                    output_entries),
                                         ranks=config.ranks, core_density=config.core_density,
                                         granularity=config.granularity, budget=config.budget,
                                         tol=config.hooi_tol, max_iter=config.hooi_max_iter,
                                         objective=config.objective, index_cost=config.index_cost,
                                         output_copy=config.layout == "plain")
-                tensors = [w.slice_tensor(shape) for w in weights]
+                tensors = [w.slice_tensor(shape)[:groups.total] for w in weights]  # q, k, v slices first
                 metrics = None if statistics is None else [
-                    layer_metric(s.x_gram, s.h_gram, groups.sizes, shape.head_dim, config.damping,
+                    layer_metric(s.x_gram, s.h_gram, (*groups.sizes, 0)[:4], shape.head_dim, config.damping,
                                  config.input_whitening) for s in statistics]
                 sensitivities = None if statistics is None else [s.grad_sq for s in statistics]
                 cores = compress_layers(tensors, groups, request, bar.update, metrics, sensitivities)
@@ -110,7 +114,7 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
     else:
         def summary(core):
             return {"ranks": list(core.ranks), "density": core.density(shape.num_slices),
-                    "stored": core.value_entries + core.index_entries, "dense": dense_per_layer}
+                    "stored": core.value_entries + output_entries + core.index_entries, "dense": dense_per_layer}
 
         def install(i, core):
             install_core_attention(layers[i], spec, core, weights[i].biases, dtype, summary(core))
@@ -127,12 +131,16 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
             for i, core in enumerate(cores):
                 install(i, core)
             output_errors = None
-        for core in cores:
+        def output_energy(w):
+            return float(np.sum(w.matrices["o"] ** 2)) if dense_output else 0.0
+
+        for core, w in zip(cores, weights):
             entries.append({"ranks": list(core.ranks), "density": core.density(shape.num_slices),
                             "rows": {n: (None if g.rows is None else len(g.rows)) for n, g in core.groups.items()},
-                            "values": core.value_entries, "indices": core.index_entries,
+                            "values": core.value_entries + output_entries, "indices": core.index_entries,
                             "output_copy": _output_copy(core, config), "factors": core.factor_entries,
-                            "dense": dense_per_layer, "energy": core.energy, "squared_error": core.squared_error})
+                            "dense": dense_per_layer, "energy": core.energy + output_energy(w),
+                            "squared_error": core.squared_error})
 
     healing = None
     if config.heal:
@@ -182,9 +190,20 @@ def _svd_metrics(statistics, damping: float) -> list:
     return [x, x, x, cholesky_factor(statistics.h_gram, damping).T]
 
 
+def _qkv_fraction(size_fraction: float | None, dense: int, output_entries: int) -> float | None:
+    """The planner's fraction of the Q/K/V entries once a dense output projection is paid for."""
+    if size_fraction is None or not output_entries:
+        return size_fraction
+    left = size_fraction * dense - output_entries
+    if left <= 0:
+        raise InvalidConfigError(f"size fraction {size_fraction} does not even hold the dense output projection "
+                                 f"({output_entries / dense:.3f} of the attention): raise it or drop --dense-output")
+    return left / (dense - output_entries)
+
+
 def _output_copy(core, config: CompressionConfig) -> int:
     """Entries of the plain layout's second copy of the ``U1`` rows the output heads keep (graft.py)."""
-    if config.layout != "plain":
+    if config.layout != "plain" or "o" not in core.groups:
         return 0
     rows = core.groups["o"].rows
     return core.u1.shape[0] * (core.u1.shape[1] if rows is None else len(rows))
@@ -255,7 +274,7 @@ def apply_layout(model, compression: dict) -> None:
 
     spec = spec_for(model.config)
     shape = attention_shape(model.config)
-    groups = slice_groups(shape)
+    groups = slice_groups(shape, with_output=not compression["config"].get("dense_output", False))
     dtype = next(model.parameters()).dtype
     layers = decoder_layers(model, spec)
     if len(layers) != len(compression["layers"]):

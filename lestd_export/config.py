@@ -47,6 +47,10 @@ class CompressionConfig:
     the ``U1`` rows the output heads keep (graft.py); quantised storage and onnxruntime-genai
     models need it, and the planner counts it.
 
+    ``dense_output``: the output projection stays dense and exact; Stage I/II, the refit and the
+    budget cover Q/K/V only (the size fraction still counts all four projections). In the plain
+    layout a factored output projection pays ``d`` more per kept row and one more MatMul per layer.
+
     ``objective``: the norm that Stage I and Stage II minimise (numerics/planner.py).
     ``balanced`` (the default for ``lestd``) weights each slice group (q, k, v, o of a layer) by
     ``1/sqrt(its energy)``, which is invariant to the Q/K and V/O rescalings that leave the model
@@ -76,6 +80,7 @@ class CompressionConfig:
     heal_steps: int = 300
     storage: str = "fp32"
     layout: str = "shared"
+    dense_output: bool = False  # keep the output projection dense (exact); the budget goes to Q/K/V
 
     def __post_init__(self):
         def bad(message: str):
@@ -135,6 +140,8 @@ class CompressionConfig:
             bad(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}")
         if self.storage != "fp32" and self.layout == "shared":  # quantisers only take plain 2-D MatMul weights
             object.__setattr__(self, "layout", "plain")
+        if self.dense_output and self.method == "svd":
+            bad("svd compresses every matrix on its own: --dense-output does not apply")
         if self.layout == "plain" and self.granularity == "element":
             bad("element pruning is not exported in the plain (quantisable, onnxruntime-genai) layout: "
                 "use --granularity row")

@@ -76,7 +76,8 @@ def _node_weights(model, node_names: set[str]) -> set[str]:
 
 
 def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", overwrite: bool = False,
-                 validate: bool = True, tolerance: float = 1e-3, block_size: int = 32) -> dict:
+                 validate: bool = True, tolerance: float = 1e-3, block_size: int = 32,
+                 expand_qkv: bool = False) -> dict:
     """Write an onnxruntime-genai directory of ``loaded.model`` (compressed or dense) at ``storage``.
 
     Returns the export report (also in ``DIR/export_report.json``). With ``validate``, the grafted
@@ -109,11 +110,12 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
                 producer, sites = locate_by_name(model, quantised_ok=True)
                 dense_bytes = _initializer_bytes(model, _node_weights(
                     model, {n for s in sites for n in (*s.qkv_nodes, s.o_node)}))
-                nodes = graft_attention(model, sites, [LatentLayer.from_module(m) for m in latents])
+                before = _initializer_bytes(model, {i.name for i in model.graph.initializer})
+                nodes = graft_attention(model, sites, [LatentLayer.from_module(m) for m in latents], expand_qkv)
                 if storage in BITS:
                     model = quantize_nodes(model, nodes, BITS[storage], block_size)
-                grafted = {i.name for i in model.graph.initializer if i.name.startswith("lestd.")}
-                stored = _initializer_bytes(model, grafted)
+                after = _initializer_bytes(model, {i.name for i in model.graph.initializer})
+                stored = dense_bytes + after - before  # a projection left dense keeps its bytes
                 report["attention_bytes"] = {"dense": dense_bytes, "compressed": stored,
                                              "fraction": stored / dense_bytes}
                 report["grafted_layers"] = len(sites)

@@ -37,12 +37,14 @@ class LatentLayer:
     u1: np.ndarray  # [d, R1]
     u2: np.ndarray | None  # [d_h, R2] when R2 < d_h (else folded into the blocks)
     segments: list[Segment]  # Q/K/V in column order (see surgery.qkv_segments)
-    o_weight: np.ndarray  # [h R2', k_O]
+    o_weight: np.ndarray | None  # [h R2', k_O]; None: the output projection stays dense (not grafted)
     o_rows: np.ndarray | None  # [k_O] rows of the latent space the output heads fill; None: all R1
 
     @classmethod
     def from_core(cls, core: LayerCore) -> LatentLayer:
         square = core.u2.shape[0] == core.u2.shape[1]
+        if "o" not in core.groups:  # the output projection stays dense
+            return cls(core.u1, None if square else core.u2, qkv_segments(core), None, None)
         rows = core.groups["o"].rows
         return cls(core.u1, None if square else core.u2, qkv_segments(core), output_weight(core),
                    None if rows is None else np.asarray(rows))
@@ -56,10 +58,10 @@ class LatentLayer:
             rows = qkv._rows(j)
             segments.append((_numpy(getattr(qkv, f"weight_{j}")), None if rows is None else _numpy(rows),
                              list(qkv.group_widths[j])))
-        out = _core_output(latent.attention)
-        rows = out.rows
-        return cls(_numpy(latent.u1), None if qkv.u2 is None else _numpy(qkv.u2), segments, _numpy(out.weight),
-                   None if rows is None else _numpy(rows))
+        out = _core_output(latent.attention)  # None: the output projection stayed dense
+        rows = None if out is None else out.rows
+        return cls(_numpy(latent.u1), None if qkv.u2 is None else _numpy(qkv.u2), segments,
+                   None if out is None else _numpy(out.weight), None if rows is None else _numpy(rows))
 
     @property
     def qkv_union(self) -> np.ndarray:
@@ -77,9 +79,7 @@ def _core_output(attention):
     from .modules import CoreOutput
 
     found = [m for m in attention.children() if isinstance(m, CoreOutput)]
-    if len(found) != 1:
-        raise GraphMappingError("a compressed attention module without exactly one CoreOutput")
-    return found[0]
+    return found[0] if found else None
 
 
 class _Builder:
@@ -123,11 +123,25 @@ class _Builder:
         return self.node("Reshape", [x, shape], name, output)
 
 
-def _qkv(b: _Builder, layer: LatentLayer, site: AttentionSite) -> None:
+def _expanded(layer: LatentLayer, union: np.ndarray) -> list[Segment]:
+    """All Q/K/V segments as one ``[u, cols]`` block over the union rows (zeros where a group keeps no row)."""
+    total = sum(w.shape[1] for w, _, _ in layer.segments)
+    block = np.zeros((len(union), total), dtype=layer.segments[0][0].dtype)
+    start = 0
+    widths: list[int] = []
+    for weight, rows, group_widths in layer.segments:
+        at = slice(None) if rows is None else np.searchsorted(union, rows)
+        block[at, start:start + weight.shape[1]] = weight
+        start += weight.shape[1]
+        widths += group_widths
+    return [(block, None, widths)]
+
+
+def _qkv(b: _Builder, layer: LatentLayer, site: AttentionSite, expand: bool) -> None:
     union = layer.qkv_union
     z = b.matmul(site.qkv_input, layer.u1[:, union], "u1_in")  # [B, T, u]
     outs, widths = [], []
-    for j, (weight, rows, group_widths) in enumerate(layer.segments):
+    for j, (weight, rows, group_widths) in enumerate(_expanded(layer, union) if expand else layer.segments):
         source = z
         if rows is not None and not np.array_equal(rows, union):
             position = b.constant(f"rows_{j}", np.searchsorted(union, rows).astype(np.int64), weight=False)
@@ -186,8 +200,11 @@ def _output(b: _Builder, layer: LatentLayer, site: AttentionSite) -> None:
     b.matmul(latent, u1.T, "u1_out", site.o_output)  # [B, T, d]
 
 
-def graft_attention(model, sites: list[AttentionSite], layers: list[LatentLayer]) -> list[str]:
+def graft_attention(model, sites: list[AttentionSite], layers: list[LatentLayer], expand_qkv: bool = False) -> list[str]:
     """Replace every site's projection nodes by its layer's compressed subgraph, in place.
+
+    ``expand_qkv`` writes the Q/K/V blocks as one zero-filled ``[u, cols]`` MatMul over the union
+    of their rows (no Gather, no Concat; more bytes).
 
     The new nodes take the place of the removed ones (the graph stays topologically sorted) and
     write the same output names; initializers used only by the removed nodes are dropped. Returns
@@ -201,13 +218,15 @@ def graft_attention(model, sites: list[AttentionSite], layers: list[LatentLayer]
     for site, layer in zip(sites, layers):
         prefix = site.o_node.rsplit("/", 2)[0] + "/lestd"
         qkv = _Builder(prefix + "/qkv", f"lestd.layers.{site.layer}.qkv")
-        _qkv(qkv, layer, site)
+        _qkv(qkv, layer, site, expand_qkv)
         out = _Builder(prefix + "/o", f"lestd.layers.{site.layer}.o")
-        _output(out, layer, site)
+        if layer.o_weight is not None:
+            _output(out, layer, site)
         for name in site.qkv_nodes[:-1]:
             replaced[name] = []
         replaced[site.qkv_nodes[-1]] = qkv.nodes
-        replaced[site.o_node] = out.nodes
+        if layer.o_weight is not None:
+            replaced[site.o_node] = out.nodes
         graph.initializer.extend(qkv.initializers + out.initializers)
         weight_matmuls += qkv.weight_matmuls + out.weight_matmuls
     missing = set(replaced) - {node.name for node in graph.node}

@@ -59,6 +59,11 @@ def sequential_refit(model, spec, groups: SliceGroups, tensors: list[np.ndarray]
             core.groups[name] = CoreGroup(group.rows, result.block)
             record[name] = _relative(result.error_before, result.error_after, result.target)
         output = install(i, core)
+        if "o" not in core.groups:  # the output projection stayed dense
+            compressed_stream, _ = replay.run(i, compressed_stream)
+            dense_stream = dense_next
+            errors.append(record)
+            continue
         _, (hc,) = replay.run(i, compressed_stream, watch=(output,), stop_at=output)
         if target == "layer":  # the dense output projection on the compressed model's heads
             hd = hc

@@ -39,8 +39,10 @@ class AttentionWeights:
         return np.stack(slices)
 
 
-def slice_groups(shape: AttentionShape) -> SliceGroups:
-    return SliceGroups(GROUPS, (shape.heads, shape.kv_heads, shape.kv_heads, shape.heads))
+def slice_groups(shape: AttentionShape, with_output: bool = True) -> SliceGroups:
+    """The q, k, v (and o) slice groups; without the output heads when the output projection stays dense."""
+    sizes = (shape.heads, shape.kv_heads, shape.kv_heads, shape.heads)
+    return SliceGroups(GROUPS, sizes) if with_output else SliceGroups(GROUPS[:3], sizes[:3])
 
 
 def _as_in_out(module: nn.Module, spec: ArchSpec) -> np.ndarray:
@@ -130,9 +132,10 @@ def install_core_attention(layer_module: nn.Module, spec: ArchSpec, core: LayerC
         shims = [ProjectionOutput((i,), biases[name]) for i, name in enumerate(("q", "k", "v"))]
         for name, shim in zip(("q", "k", "v"), shims):
             setattr(attention, getattr(spec, name), shim)
-    o = core.groups["o"]
-    rows = None if o.rows is None else torch.from_numpy(np.asarray(o.rows, dtype=np.int32))
-    setattr(attention, spec.o, CoreOutput(u1, u2, _tensor(output_weight(core), dtype), rows, biases["o"]))
+    o = core.groups.get("o")  # None: the output projection stays dense
+    if o is not None:
+        rows = None if o.rows is None else torch.from_numpy(np.asarray(o.rows, dtype=np.int32))
+        setattr(attention, spec.o, CoreOutput(u1, u2, _tensor(output_weight(core), dtype), rows, biases["o"]))
     setattr(layer_module, spec.attention, LatentAttention(attention, u1, qkv, shims, summary))
 
 

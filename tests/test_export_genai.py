@@ -79,3 +79,28 @@ def test_plain_layout_budget_counts_output_copy_and_indices():
     assert stored == report["params"]["stored"]
     assert 0.45 <= stored / dense <= 0.5 + 1e-9  # on a 64-wide model one output-head row is 1.1% of a layer
     assert report["size_fraction"]["storage"] == "int4" and report["size_fraction"]["layout"] == "plain"
+
+
+def test_dense_output_keeps_the_output_projection_and_the_budget(tmp_path):
+    """--dense-output: Q/K/V carry the whole budget, O stays the original dense node in every format and reload."""
+    from lestd_export.compress import load_compressed, save_compressed
+    from lestd_export.export import export_model
+
+    model = tiny_llama()
+    report = compress_model(model, CompressionConfig(size_fraction=0.6, storage="int4", dense_output=True),
+                            progress=False)
+    assert all(set(layer["rows"]) == {"q", "k", "v"} for layer in report["layers"])
+    assert 0.5 <= report["size_fraction"]["with_indices"] <= 0.6 + 1e-9  # the dense O (1/3 here) is counted
+    loaded = LoadedModel(model, tiny_tokenizer(), source="tiny")
+    save_compressed(loaded, report, tmp_path / "checkpoint")
+    ids = np.random.default_rng(0).integers(3, 128, size=(2, 10))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(ids)).logits.numpy()
+        reloaded = load_compressed(tmp_path / "checkpoint").model(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_array_equal(reloaded, expected)
+    genai_report = export_genai(loaded, tmp_path / "genai", storage="fp32")
+    np.testing.assert_allclose(genai_logits(tmp_path / "genai", ids), expected, atol=1e-4, rtol=1e-4)
+    graph = onnx.load(str(tmp_path / "genai" / "model.onnx"), load_external_data=False).graph
+    assert sum(n.name.endswith("o_proj/MatMul") for n in graph.node) == 2  # the builder's own output projections
+    assert genai_report["attention_bytes"]["compressed"] < genai_report["attention_bytes"]["dense"]
+    assert export_model(loaded, tmp_path / "optimum")["parity"]["passed"]

@@ -57,6 +57,9 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
                        help="store the attention weights (and, on export, every MatMul weight) as int8 or int4 "
                             "(ONNX Runtime MatMulNBits, block 32, accuracy level 4, as the onnxruntime-genai builder "
                             "writes); the size fraction then holds for the quantised file. Default none (fp32)")
+    group.add_argument("--dense-output", action="store_true",
+                       help="keep the output projection dense and exact, compress Q/K/V only (the size fraction "
+                            "still counts all four); fewer MatMuls per layer in the quantised and genai layouts")
     group.add_argument("--damping", type=float, default=0.01,
                        help="ridge added to calibration Gram matrices, relative to their mean diagonal (default 0.01)")
     group.add_argument("--hooi-tol", type=float, default=1e-6, help="HOOI stop: relative change of ||G||^2")
@@ -80,7 +83,7 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
                              calibration_tokens=args.calibration_tokens, refit=not args.no_refit,
                              refit_target=args.refit_target, input_whitening=args.input_whitening, heal=args.heal,
                              heal_tokens=args.heal_tokens, heal_steps=args.heal_steps, damping=args.damping,
-                             storage=QUANTIZE[args.quantize],
+                             storage=QUANTIZE[args.quantize], dense_output=args.dense_output,
                              layout="plain" if getattr(args, "format", "optimum") == "genai" else "shared")
 
 
@@ -91,5 +94,5 @@ def compression_flags_given(args: argparse.Namespace) -> bool:
                 "granularity": "row", "budget": "layer", "objective": None, "hooi_tol": 1e-6, "hooi_max_iter": 10,
                 "calibration": None, "calibration_tokens": DEFAULT_CALIBRATION_TOKENS, "no_refit": False, "heal": False,
                 "heal_tokens": 16384, "heal_steps": 300, "damping": 0.01, "refit_target": "layer",
-                "input_whitening": 0.0}
+                "input_whitening": 0.0, "dense_output": False}
     return any(getattr(args, key) != value for key, value in defaults.items())

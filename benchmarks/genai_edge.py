@@ -1,0 +1,86 @@
+"""LeSTD in the runtime edge users run: onnxruntime-genai, int4 and int8, against the genai builder's dense models.
+
+One interleaved run (fresh process per variant and repeat, medians; ``lestd_export.bench``): the builder's dense
+int4 and int8 models of the default model, and LeSTD at ``--fraction`` exported with ``export --format genai
+--quantize int4|int8`` (the builder's graph with the compressed attention grafted in, every stored weight
+MatMulNBits), compressed with the CLI's defaults (calibration, refit) plus ``--settings``. Every record has
+prefill/decode tokens/s, file bytes and a short perplexity (the same default-text tokens for every variant).
+The JSON adds, per precision, LeSTD's decode speedup, bytes ratio, bytes-bound fraction and perplexity ratio
+against the builder's dense model of that precision.
+
+Usage: python benchmarks/genai_edge.py [--fraction 0.5] [--settings dense_output] [--repeats 5]
+       [--out benchmarks/results/genai_edge.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lestd_export.bench import run_benchmark, to_markdown
+from lestd_export.compress import compress_model, save_compressed
+from lestd_export.config import CompressionConfig
+from lestd_export.export_genai import export_genai
+from lestd_export.genai import genai_baselines
+from lestd_export.loading import load_model
+
+PRECISIONS = ("int4", "int8")
+SETTINGS = {"dense_output": {"dense_output": True}, "factored_output": {}}
+
+
+def lestd_variant(root: Path, fraction: float, storage: str, settings: str) -> Path:
+    """Compress (calibrated, refit) and export to genai at ``storage``; cached under ``root``."""
+    name = f"lestd-{fraction}-{settings}-{storage}"
+    out = root / name
+    if (out / "export_report.json").is_file():
+        return out
+    checkpoint = root / f"checkpoint-{fraction}-{settings}-{storage}"
+    loaded = load_model(str(checkpoint) if (checkpoint / "config.json").is_file() else None)
+    if not loaded.compressed:
+        config = CompressionConfig(size_fraction=fraction, calibration="default", storage=storage, layout="plain",
+                                   **SETTINGS[settings])
+        report = compress_model(loaded.model, config, tokenizer=loaded.tokenizer, source="smollm2-135m")
+        save_compressed(loaded, report, checkpoint, overwrite=True)
+    export_genai(loaded, out, storage=storage, overwrite=True)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--settings", choices=tuple(SETTINGS), default="dense_output")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quality-tokens", type=int, default=2048)
+    parser.add_argument("--root", type=Path, default=Path("artifacts/genai-edge"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/genai_edge.json"))
+    args = parser.parse_args()
+
+    dense = dict(zip(PRECISIONS, genai_baselines(None, precisions=PRECISIONS)))
+    ours = {p: lestd_variant(args.root, args.fraction, p, args.settings) for p in PRECISIONS}
+    result = run_benchmark([dense["int4"], ours["int4"], dense["int8"], ours["int8"]], baseline=dense["int4"],
+                           threads=2, repeats=args.repeats, quality_tokens=args.quality_tokens)
+    by_dir = {Path(r["export_dir"]).resolve(): r for r in result["records"]}
+    summary = {}
+    for precision in PRECISIONS:
+        base, mine = by_dir[dense[precision].resolve()], by_dir[ours[precision].resolve()]
+        speedup = mine["decode_tokens_per_s"]["median"] / base["decode_tokens_per_s"]["median"]
+        bytes_ratio = base["model_bytes"] / mine["model_bytes"]
+        summary[precision] = {
+            "dense": base["variant"], "lestd": mine["variant"], "decode_speedup": speedup,
+            "prefill_speedup": mine["prefill_tokens_per_s"]["median"] / base["prefill_tokens_per_s"]["median"],
+            "bytes_ratio": bytes_ratio, "bytes_bound_fraction": speedup / bytes_ratio,
+            "perplexity_ratio": mine["quality"]["perplexity"] / base["quality"]["perplexity"],
+            "attention_bytes": json.loads((ours[precision] / "export_report.json").read_text())["attention_bytes"]}
+    result["lestd_vs_builder"] = summary
+    result["settings"] = {"fraction": args.fraction, "compression": args.settings}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(to_markdown(result) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
