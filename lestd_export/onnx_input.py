@@ -23,6 +23,7 @@ objective need a PyTorch model and are refused, as is ``--method svd`` (the graf
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, fields, replace
@@ -722,6 +723,10 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
             onnx.save_model(model, str(target))
         del model, source.model
         written = [target.name] + ([location] if external else [])
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in written:  # onnx creates external data files private (0600); make them like any new file
+            (staging / name).chmod(0o666 & ~umask)
         output_bytes = sum((staging / name).stat().st_size for name in written)
         sample = None if data is None else data.sequences[:2, :64]  # real text where there is some
         vs_input = compare_logits(source.model_file, target, source, ids=sample) if validate else None

@@ -153,6 +153,8 @@ def test_full_rank_reproduces_the_input_logits(models, tmp_path, kind):
     assert expected | {"tokenizer.json", "model.onnx", "compression_report.json"} <= {p.name for p in out.iterdir()}
     assert not (out / "export_report.json").exists()  # the input's report would describe another model
     assert (out / "model.onnx.data").is_file() == kind.startswith("genai")  # external data as the input had it
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the data file is as readable as the files copied beside it
     names = {n.name for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
     assert not any(name in names for site in source.sites for name in (*site.qkv_nodes, site.o_node))
 
