@@ -166,6 +166,7 @@ def open_onnx_input(path: str | Path) -> OnnxInput:
     missing = [name for name in sorted(external) if not (directory / name).is_file()]
     if missing:
         raise OnnxInputError(f"{model_file} keeps its weights in {missing[0]}, which is not in {directory}")
+    _refuse_compressed(header, config, model_file)
     io = decoder_io(header, config["model"]["decoder"] if genai else None)
     shape = head_counts(config, genai, header, io, str(config_file))
     producer, sites = locate(header, io, shape)  # before reading gigabytes of weights
@@ -176,6 +177,16 @@ def open_onnx_input(path: str | Path) -> OnnxInput:
         raise OnnxInputError(f"cannot read the weights of {model_file} ({str(error).splitlines()[0][:200]}): "
                              f"{fix}") from None
     return OnnxInput(directory, model_file, config, config_file, genai, model, io, shape, producer, sites, external)
+
+
+def _refuse_compressed(model, config: dict, model_file: Path) -> None:
+    """A model that lestd-export already compressed (its export or its graft) is not compressed twice."""
+    from .loading import COMPRESSION_KEY
+
+    grafted = any("/lestd/" in node.name for node in model.graph.node)
+    if grafted or COMPRESSION_KEY in config:
+        raise OnnxInputError(f"{model_file} is already compressed by lestd-export: compress the dense model "
+                             "(the onnxruntime-genai builder's -p fp32 output, or lestd-export export --dense)")
 
 
 def read_weights(source: OnnxInput) -> list:

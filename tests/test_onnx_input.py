@@ -53,6 +53,8 @@ def models(tmp_path_factory):
     run_builder(root / "hf", root / "genai-separate", "fp32", extra_options={"disable_qkv_fusion": "true"})
     run_builder(root / "hf", root / "genai-int4", "int4")
     export_model(LoadedModel(tiny_llama(), load_tokenizer(root / "hf"), "tiny"), root / "optimum", validate=False)
+    assert main([str(root / "genai"), "-o", str(root / "genai-lestd"), "--size-fraction", "0.8", "--calibration",
+                 "none", "--quiet"]) == 0
     return root
 
 
@@ -273,7 +275,7 @@ def unmappable(models, directory):
 
 
 @pytest.mark.parametrize("case", ["not-a-decoder", "quantised", "missing-config", "unmappable", "no-onnx",
-                                  "missing-file", "svd", "heal"])
+                                  "missing-file", "already-compressed", "svd", "heal"])
 def test_bad_inputs_are_one_line_errors_that_write_nothing(models, tmp_path, capsys, case):
     inputs = {
         "not-a-decoder": lambda: not_a_decoder(tmp_path / "mlp"),
@@ -282,6 +284,7 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(models, tmp_path, cap
         "unmappable": lambda: unmappable(models, tmp_path / "hidden"),
         "no-onnx": lambda: models / "hf",
         "missing-file": lambda: tmp_path / "absent.onnx",
+        "already-compressed": lambda: models / "genai-lestd",
         "svd": lambda: models / "genai",
         "heal": lambda: models / "genai",
     }
@@ -293,6 +296,7 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(models, tmp_path, cap
     assert not out.exists() and not leftovers(tmp_path, "result")
     expected = {"not-a-decoder": "not a decoder", "quantised": "already quantised", "missing-config": "config.json",
                 "unmappable": "2-D initializer", "no-onnx": "no .onnx model", "missing-file": "does not exist",
+                "already-compressed": "already compressed by lestd-export",
                 "svd": "--method svd", "heal": "--heal"}[case]
     assert expected in err[0]
 
