@@ -65,6 +65,7 @@ class OnnxInput:
     producer: str
     sites: list[AttentionSite]
     external_files: set[str]  # external data files of the input graph (relative to its directory)
+    output_energies: list[float] | None = None  # per layer ||W_O||^2 (read with the weights)
 
     @property
     def model_type(self) -> str | None:
@@ -434,6 +435,13 @@ def sequential_refit_onnx(source: OnnxInput, cores: list, tensors: list[np.ndarr
         graft_attention(copy, [site], [LatentLayer.from_core(core)])
         return copy
 
+    def advance(layer, core, following, given, states):
+        """The states at the next cut: ``layer`` (dense, or grafted with ``core``) run from the current one."""
+        new = [t for t in following if t not in states[0]]
+        part = layer if core is None else grafted(layer, core)
+        outs = run(subgraph_model(part, new, given), new, states)
+        return [{t: (state[t] if t in state else out[t]) for t in following} for state, out in zip(states, outs)]
+
     compressed = run(subgraph_model(model, cuts.live[0]), cuts.live[0], [{} for _ in batches])
     dense = compressed if target == "model" else None
     errors = []
@@ -454,6 +462,13 @@ def sequential_refit_onnx(source: OnnxInput, cores: list, tensors: list[np.ndarr
             record[name] = _relative(result.error_before, result.error_after, result.target)
         given = types(compressed)
         layer = subgraph_model(model, [site.o_input, *following], given)  # the dense layer from the cut on
+        if "o" not in core.groups:  # the output projection stays dense: nothing more to refit in this layer
+            errors.append(record)
+            if not last:
+                compressed = advance(layer, core, following, given, compressed)
+                if dense is not None:
+                    dense = advance(layer, None, following, given, dense)
+            continue
         if dense is not None:
             new = [t for t in following if t not in dense[0]]
             dense_out = run(subgraph_model(layer, [site.o_input, *new], given), [site.o_input, *new], dense)
@@ -473,10 +488,7 @@ def sequential_refit_onnx(source: OnnxInput, cores: list, tensors: list[np.ndarr
         errors.append(record)
         if last:
             break
-        new = [t for t in following if t not in compressed[0]]
-        outs = run(subgraph_model(grafted(layer, core), new, given), new, compressed)
-        compressed = [{t: (state[t] if t in state else out[t]) for t in following}
-                      for state, out in zip(compressed, outs)]
+        compressed = advance(layer, core, following, given, compressed)
         if dense is not None:
             dense = [{t: (state[t] if t in state else out[t]) for t in following} for state, out in zip(dense, dense_out)]
     return errors
@@ -493,7 +505,7 @@ def dense_refit(cores: list, tensors: list[np.ndarray], statistics: list, groups
     errors = []
     for core, dense, stats in zip(cores, tensors, statistics):
         record = {}
-        for name in ("q", "k", "v", "o"):
+        for name in core.groups:  # q, k, v (and o unless the output projection stays dense)
             group = core.groups[name]
             basis = core.u1 if group.rows is None else core.u1[:, group.rows]
             if name == "o":
@@ -523,38 +535,34 @@ def check_config(config: CompressionConfig) -> CompressionConfig:
                                  "frobenius for an ONNX input")
     if config.granularity == "element":
         raise InvalidConfigError("element pruning is not grafted into ONNX graphs: use --granularity row")
-    if any(f.name == "layout" for f in fields(config)) and config.layout != "plain":
-        config = replace(config, layout="plain")
-    return config
+    return config if config.layout == "plain" else replace(config, layout="plain")
 
 
 def _storage(config: CompressionConfig, quantize: str | None) -> tuple[CompressionConfig, str]:
-    """One precision for the planner's costs (``config.storage`` where it exists) and the quantiser."""
-    storage = getattr(config, "storage", None)
+    """One precision for the planner's costs (``config.storage``) and the quantiser (``quantize``, None:
+    the config's)."""
     if quantize is None:
-        quantize = "none" if storage in (None, "fp32") else storage
+        quantize = "none" if config.storage == "fp32" else config.storage
     if quantize not in QUANTIZE_BITS:
         raise InvalidConfigError(f"unknown quantisation {quantize!r}; choose one of {', '.join(QUANTIZE_BITS)}")
     wanted = "fp32" if quantize == "none" else quantize
-    if storage is not None and storage != wanted:
-        config = replace(config, storage=wanted)
-    return config, quantize
+    return (config if config.storage == wanted else replace(config, storage=wanted)), quantize
 
 
-def tucker_request(config: CompressionConfig):
-    """The planner request of ``config`` for the graft's plain layout (what compress builds, plus the
-    storage-aware costs where the planner knows them)."""
+def tucker_request(config: CompressionConfig, shape):
+    """The planner request of ``config``, as ``compress`` builds it (with ``--dense-output`` the Q/K/V
+    share what the dense output projection leaves of the budget)."""
+    from .compress import _qkv_fraction
     from .numerics.planner import TuckerRequest
 
-    known = {f.name for f in fields(TuckerRequest)}
-    extra = {}
-    if "index_cost" in known and hasattr(config, "index_cost"):
-        extra["index_cost"] = config.index_cost
-    if "output_copy" in known:
-        extra["output_copy"] = True
-    return TuckerRequest(method=config.method, size_fraction=config.size_fraction, ranks=config.ranks,
-                         core_density=config.core_density, granularity=config.granularity, budget=config.budget,
-                         tol=config.hooi_tol, max_iter=config.hooi_max_iter, objective=config.objective, **extra)
+    dense = shape.num_slices * shape.hidden * shape.head_dim
+    output = shape.heads * shape.head_dim * shape.hidden if config.dense_output else 0
+    known = {f.name for f in fields(TuckerRequest)}  # the plain layout's flag, under its current name
+    layout = {name: config.layout == "plain" for name in ("plain_layout", "output_copy") if name in known}
+    return TuckerRequest(method=config.method, size_fraction=_qkv_fraction(config.size_fraction, dense, output),
+                         ranks=config.ranks, core_density=config.core_density, granularity=config.granularity,
+                         budget=config.budget, tol=config.hooi_tol, max_iter=config.hooi_max_iter,
+                         objective=config.objective, index_cost=config.index_cost, **layout)
 
 
 def plan_cores(source: OnnxInput, config: CompressionConfig, *, progress: bool = True,
@@ -567,8 +575,9 @@ def plan_cores(source: OnnxInput, config: CompressionConfig, *, progress: bool =
     from .numerics.planner import compress_layers, reconstruct_layer
     from .surgery import slice_groups
 
+    config = check_config(config)  # the plain layout the graft writes
     shape = source.shape
-    groups = slice_groups(shape)
+    groups = slice_groups(shape, with_output=not config.dense_output)
     if config.ranks is not None:
         r1, r2 = config.ranks
         if r1 is not None and r1 > shape.hidden:
@@ -577,7 +586,8 @@ def plan_cores(source: OnnxInput, config: CompressionConfig, *, progress: bool =
         if r2 is not None and r2 > shape.head_dim:
             raise InvalidConfigError(f"R2={r2} exceeds the head dim d_h={shape.head_dim}: use at most "
                                      f"{shape.head_dim} or 'full'")
-    tensors = [w.slice_tensor(shape) for w in read_weights(source)]
+    weights = read_weights(source)
+    tensors = [w.slice_tensor(shape)[:groups.total] for w in weights]  # q, k, v slices first
     data = load_onnx_calibration(source, config)
     statistics = None
     if data is not None:
@@ -585,12 +595,13 @@ def plan_cores(source: OnnxInput, config: CompressionConfig, *, progress: bool =
         statistics = collect_onnx_statistics(source, data, progress=progress, work_dir=work_dir)
         data.seconds += time.perf_counter() - started
     metrics = None if statistics is None else [
-        layer_metric(s.x_gram, s.h_gram, groups.sizes, shape.head_dim, config.damping, config.input_whitening)
-        for s in statistics]
+        layer_metric(s.x_gram, s.h_gram, (*groups.sizes, 0)[:4], shape.head_dim, config.damping,
+                     config.input_whitening) for s in statistics]
     with tqdm(total=len(tensors), desc=f"{config.method}: decomposing layers", unit="layer",
               disable=not progress) as bar:
         try:
-            cores = compress_layers(tensors, groups, tucker_request(config), bar.update, metrics, None)
+            request = tucker_request(config, shape)
+            cores = compress_layers(tensors, groups, request, bar.update, metrics, None)
         except ValueError as error:
             raise InvalidConfigError(f"cannot meet the request: {error}") from None
     errors, refit = None, None
@@ -608,19 +619,23 @@ def plan_cores(source: OnnxInput, config: CompressionConfig, *, progress: bool =
             refit = f"dense activations ({why})"
         for core, dense in zip(cores, tensors):  # the refit changed the values: recount the plain error
             core.kept_energy = core.energy - float(np.sum((dense - reconstruct_layer(core, groups)) ** 2))
+    source.output_energies = [float(np.sum(w.matrices["o"] ** 2)) for w in weights]
     return cores, tensors, data, statistics, errors, refit
 
 
-def _entries(cores: list, shape) -> list[dict]:
+def _entries(cores: list, shape, config: CompressionConfig, output_energies: list[float]) -> list[dict]:
+    """Per layer what compress's report records (a dense output projection counted as stored, exact)."""
+    from .compress import _output_copy
+
     dense = shape.num_slices * shape.hidden * shape.head_dim
+    output = shape.heads * shape.head_dim * shape.hidden if config.dense_output else 0
     entries = []
-    for core in cores:
-        o_rows = core.groups["o"].rows
+    for core, energy in zip(cores, output_energies):
         entries.append({"ranks": list(core.ranks), "density": core.density(shape.num_slices),
                         "rows": {n: (None if g.rows is None else len(g.rows)) for n, g in core.groups.items()},
-                        "values": core.value_entries, "indices": core.index_entries,
-                        "output_copy": core.u1.shape[0] * (core.u1.shape[1] if o_rows is None else len(o_rows)),
-                        "factors": core.factor_entries, "dense": dense, "energy": core.energy,
+                        "values": core.value_entries + output, "indices": core.index_entries,
+                        "output_copy": _output_copy(core, config), "factors": core.factor_entries, "dense": dense,
+                        "energy": core.energy + (energy if config.dense_output else 0.0),
                         "squared_error": core.squared_error})
     return entries
 
@@ -741,7 +756,8 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
         output_bytes = sum((staging / name).stat().st_size for name in written)
         sample = None if data is None else data.sequences[:2, :64]  # real text where there is some
         vs_input = compare_logits(source.model_file, target, source, ids=sample) if validate else None
-        report = _report(config, _entries(cores, source.shape), source.model_type or "unknown", str(path),
+        report = _report(config, _entries(cores, source.shape, config, source.output_energies),
+                         source.model_type or "unknown", str(path),
                          time.perf_counter() - started)
         report["input"] = {"path": str(path), "model_file": source.model_file.name, "producer": source.producer,
                            "config": source.config_file.name, "layers": len(source.sites),

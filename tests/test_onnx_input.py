@@ -182,27 +182,29 @@ def test_pruned_graft_equals_pytorch_with_the_same_cores(models, tmp_path, kind)
     assert np.abs(logits(tmp_path / "out", ids, source) - expected).max() < 1e-4
 
 
-@pytest.mark.parametrize("kind, target", [("genai", "layer"), ("optimum", "layer"), ("genai", "model")])
-def test_onnx_input_equals_compress_on_the_pytorch_model(models, tmp_path, kind, target):
-    """Same statistics, plan and layer-by-layer refit as `compress`: the refit's output errors and the
-    resulting logits agree with the PyTorch model that compress_model rewrote."""
-    import dataclasses
-
+@pytest.mark.parametrize("kind, target, dense_output", [("genai", "layer", False), ("optimum", "layer", False),
+                                                        ("genai", "model", False), ("optimum", "model", True)])
+def test_onnx_input_equals_compress_on_the_pytorch_model(models, tmp_path, kind, target, dense_output):
+    """Same statistics, plan and layer-by-layer refit as `compress` (in the plain layout the graft stores):
+    the refit's output errors, the report's sizes and the resulting logits agree with the PyTorch model
+    that compress_model rewrote."""
     from lestd_export.compress import compress_model
     from lestd_export.loading import load_model
 
-    settings = dict(size_fraction=0.6, calibration="default", calibration_tokens=TOKENS, refit_target=target)
-    if "layout" in {f.name for f in dataclasses.fields(CompressionConfig)}:
-        settings["layout"] = "plain"  # what the graft stores (the planner counts the output heads' U1 copy)
-    config = CompressionConfig(**settings)
+    config = CompressionConfig(size_fraction=0.6, calibration="default", calibration_tokens=TOKENS,
+                               refit_target=target, layout="plain", dense_output=dense_output)
     loaded = load_model(str(models / "hf"))
     expected = compress_model(loaded.model, config, tokenizer=loaded.tokenizer, progress=False)
     report = compress_onnx(models / kind, tmp_path / "out", config, progress=False)
     assert report["refit"] == f"layer by layer through onnxruntime (target: {target})"
     assert report["ranks"] == expected["ranks"] and report["params"] == expected["params"]
+    assert report["size_fraction"] == expected["size_fraction"]
+    assert report["relative_weight_error"]["overall"] == pytest.approx(expected["relative_weight_error"]["overall"],
+                                                                       rel=1e-3)
     for ours, theirs in zip(report["calibration"]["relative_output_error"],
                             expected["calibration"]["relative_output_error"]):
-        for group in "qkvo":
+        assert set(ours) == set(theirs) == set("qkv" if dense_output else "qkvo")
+        for group in theirs:
             for when in ("before", "after"):
                 assert ours[group][when] == pytest.approx(theirs[group][when], abs=1e-4)
     ids = np.random.default_rng(3).integers(0, 128, size=(2, 12))
