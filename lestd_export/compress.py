@@ -89,7 +89,7 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
                                         granularity=config.granularity, budget=config.budget,
                                         tol=config.hooi_tol, max_iter=config.hooi_max_iter,
                                         objective=config.objective, index_cost=config.index_cost,
-                                        output_copy=config.layout == "plain")
+                                        plain_layout=config.layout == "plain")
                 tensors = [w.slice_tensor(shape)[:groups.total] for w in weights]  # q, k, v slices first
                 metrics = None if statistics is None else [
                     layer_metric(s.x_gram, s.h_gram, (*groups.sizes, 0)[:4], shape.head_dim, config.damping,
@@ -137,8 +137,7 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
         for core, w in zip(cores, weights):
             entries.append({"ranks": list(core.ranks), "density": core.density(shape.num_slices),
                             "rows": {n: (None if g.rows is None else len(g.rows)) for n, g in core.groups.items()},
-                            "values": core.value_entries + output_entries, "indices": core.index_entries,
-                            "output_copy": _output_copy(core, config), "factors": core.factor_entries,
+                            **_stored_entries(core, config, output_entries),
                             "dense": dense_per_layer, "energy": core.energy + output_energy(w),
                             "squared_error": core.squared_error})
 
@@ -201,12 +200,21 @@ def _qkv_fraction(size_fraction: float | None, dense: int, output_entries: int) 
     return left / (dense - output_entries)
 
 
-def _output_copy(core, config: CompressionConfig) -> int:
-    """Entries of the plain layout's second copy of the ``U1`` rows the output heads keep (graft.py)."""
-    if config.layout != "plain" or "o" not in core.groups:
-        return 0
-    rows = core.groups["o"].rows
-    return core.u1.shape[0] * (core.u1.shape[1] if rows is None else len(rows))
+def _stored_entries(core, config: CompressionConfig, output_entries: int) -> dict:
+    """What one layer stores: values (factors, core blocks, a dense output projection), indices, and the
+    plain layout's output-side copy of ``U1`` columns. The plain layout (graft.py) stores the ``U1``
+    columns of the rows Q/K/V keep (their union) instead of the whole ``U1``, and no index."""
+    blocks = sum(g.values for g in core.groups.values())
+    if config.layout != "plain":
+        return {"values": core.value_entries + output_entries, "indices": core.index_entries, "output_copy": 0,
+                "factors": core.factor_entries}
+    (d, r1), (dh, r2) = core.u1.shape, core.u2.shape
+    inputs = [g.rows for name, g in core.groups.items() if name != "o"]
+    union = r1 if any(rows is None for rows in inputs) else len(np.unique(np.concatenate(inputs)))
+    output = core.groups.get("o")
+    copy = 0 if output is None else d * (r1 if output.rows is None else len(output.rows))
+    factors = d * union + (0 if r2 >= dh else dh * r2)
+    return {"values": factors + blocks + output_entries, "indices": 0, "output_copy": copy, "factors": factors}
 
 
 def _layout(entry: dict) -> dict:

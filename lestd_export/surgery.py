@@ -92,18 +92,23 @@ def _fold_u2(block: np.ndarray, u2: np.ndarray) -> np.ndarray:
     return block @ u2.T if u2.shape[0] == u2.shape[1] else block
 
 
+def _same_rows(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+
+
 def qkv_segments(core: LayerCore) -> list[tuple[np.ndarray, np.ndarray | None, list[int]]]:
     """``(weight [k or R1, cols], rows [k] or None, group widths)`` for the q, k and v groups in
-    column order (head-major columns); consecutive dense groups are merged into one segment."""
+    column order (head-major columns); consecutive groups that keep the same rows (all of them, or
+    the shared rows of the plain layout) are merged into one segment."""
     segments: list[tuple[np.ndarray, np.ndarray | None, list[int]]] = []
     for name in ("q", "k", "v"):
         group = core.groups[name]
         block = _fold_u2(group.block, core.u2)  # [n, k, R2']
         n, k, rank2 = block.shape
         weight = block.transpose(1, 0, 2).reshape(k, n * rank2)
-        if group.rows is None and segments and segments[-1][1] is None:
+        if segments and _same_rows(group.rows, segments[-1][1]):
             previous, _, widths = segments[-1]
-            segments[-1] = (np.concatenate([previous, weight], axis=1), None, widths + [n * rank2])
+            segments[-1] = (np.concatenate([previous, weight], axis=1), group.rows, widths + [n * rank2])
         else:
             segments.append((weight, group.rows, [n * rank2]))
     return segments

@@ -9,8 +9,10 @@ Cost model per layer (entries, as the ONNX file stores them): ``d R1`` factor en
 ``d_h R2`` when ``R2 < d_h`` (:func:`~.pruning.factor_cost`), plus per group ``n k R2`` values and
 ``k`` int32 row indices shared by its ``n`` slices (none for a dense core). Quantised storage
 (:attr:`TuckerRequest.index_cost`) counts an index as the values its bytes would hold (int8: 4,
-int4: 8), and the plain layout (:attr:`TuckerRequest.output_copy`, what quantisers can take) pays
-``d`` more per output-head row: its own copy of that row of ``U1`` (see ``graft.py``).
+int4: 8). The plain layout (:attr:`TuckerRequest.plain_layout`, what quantisers take, see
+``graft.py``) stores no whole ``U1`` and no indices: Q, K and V share their kept rows (one pruning
+unit, one MatMul) and each kept row stores its ``U1`` column on the input side; each kept output-head
+row stores its own copy of its ``U1`` column. There a row costs its values plus ``d``.
 
 Objective (:data:`OBJECTIVES`): ``frobenius`` is the papers' ``||W - What||_F``. Its split between
 slice groups is a gauge choice: scaling ``W_Q`` by ``a`` and ``W_K`` by ``1/a`` (or ``W_V`` by ``b``
@@ -74,11 +76,27 @@ class TuckerRequest:
     balance_mode: str = "group"  # "group" (T_g = 1) | "pair" (T_g = sqrt(E_q E_k) or sqrt(E_v E_o))
     balance_boost: tuple[tuple[str, float], ...] = ()  # (group, factor) multiplying T_g
     index_cost: int = 1  # stored values one row index costs (int32 index / value bytes)
-    output_copy: bool = False  # plain layout: every kept output-head row also stores its U1 row (d entries)
+    plain_layout: bool = False  # Q/K/V share rows; every kept row stores its U1 column (no whole U1, no index)
 
-    def extra_row_costs(self, d: int) -> dict[str, int]:
-        """Per group, the entries a kept row costs beyond its values and index."""
-        return {"o": d} if self.output_copy else {}
+    def extra_row_costs(self, d: int, units: SliceGroups) -> dict[str, int]:
+        """Per pruning unit (:meth:`units`), the entries a kept row costs beyond its values and index."""
+        return dict.fromkeys(units.names, d) if self.plain_layout else {}
+
+    def factor_cost(self, d: int, dh: int, rank1: int, rank2: int) -> int:
+        """Entries of a layer's factors (:func:`~.pruning.factor_cost`); the plain layout pays ``U1`` per row."""
+        return factor_cost(d, dh, 0 if self.plain_layout else rank1, rank2)
+
+    def units(self, groups: SliceGroups) -> SliceGroups:
+        """The pruning units: the groups, or in the plain layout Q/K/V as one unit (the slices are q, k, v, o)."""
+        if not self.plain_layout:
+            return groups
+        inputs = sum(size for name, size in zip(groups.names, groups.sizes) if name != "o")
+        return SliceGroups(("qkv", "o"), (inputs, groups.sizes[-1])) if "o" in groups.names else \
+            SliceGroups(("qkv",), (inputs,))
+
+    @property
+    def row_index_cost(self) -> int:
+        return 0 if self.plain_layout else self.index_cost
 
     @property
     def resolved_objective(self) -> str:
@@ -166,17 +184,17 @@ def _best_ranks_row(cumulative: list[np.ndarray], scales: list[float], groups: S
                     request: TuckerRequest) -> tuple[int, int]:
     """Ranks (shared by the given layers) whose best row allocation keeps the most scaled energy."""
     d, dh = cumulative[0].shape[1:]
-    extra = request.extra_row_costs(d)
+    extra = request.extra_row_costs(d, groups)
     # for each R2, the largest R1 whose whole cores fit (no indices), and the two just above it
     # (pruned), so that some candidate fills the budget to within one allocation step
     fill = []
     for r2 in rank2_options:
-        r1 = int((budget / len(cumulative) - factor_cost(d, dh, 0, r2)) // (d + groups.total * r2
-                                                                             + sum(extra.values())))
+        r1 = int((budget / len(cumulative) - factor_cost(d, dh, 0, r2))
+                 // (request.factor_cost(d, dh, 1, 0) + groups.total * r2 + sum(extra.values())))
         fill += [(r1 + j, r2) for j in range(3) if 1 <= r1 + j <= d]
     best, best_kept, fallback = None, -1.0, None
     for r1, r2 in list(candidates) + fill:
-        factors = len(cumulative) * factor_cost(d, dh, r1, r2)
+        factors = len(cumulative) * request.factor_cost(d, dh, r1, r2)
         core_budget = budget - factors
         if core_budget <= 0:
             continue
@@ -185,8 +203,8 @@ def _best_ranks_row(cumulative: list[np.ndarray], scales: list[float], groups: S
             stored = factors + len(cumulative) * r1 * (groups.total * r2 + sum(extra.values()))
         else:
             kept, counts = _row_kept([c[:, :r1, r2 - 1] for c in cumulative], scales, groups, r2, core_budget,
-                                     request.index_cost, extra=extra)
-            stored = factors + sum(k * (row_cost(size, r2, request.index_cost) + extra.get(name, 0))
+                                     request.row_index_cost, extra=extra)
+            stored = factors + sum(k * (row_cost(size, r2, request.row_index_cost) + extra.get(name, 0))
                                    for layer in counts for (name, k), size in zip(layer.items(), groups.sizes))
         fallback = fallback or (r1, r2)
         if stored >= MIN_FILL * budget and kept > best_kept:  # the size asked for is the size delivered
@@ -205,9 +223,10 @@ def _best_ranks_dense(cumulative: np.ndarray, budget: float, rank2_options: Sequ
     s, d, dh = cumulative.shape
     options = []
     for r2 in rank2_options:
-        r1 = min(int((budget - factor_cost(d, dh, 0, r2)) // (d + s * r2 + extra)), d)
+        per_row = factor_cost(d, dh, 1, 0) * (extra == 0) + s * r2 + extra  # the plain layout pays U1 per row
+        r1 = min(int((budget - factor_cost(d, dh, 0, r2)) // per_row), d)
         if r1 >= 1:
-            stored = factor_cost(d, dh, r1, r2) + r1 * (s * r2 + extra)
+            stored = factor_cost(d, dh, 0, r2) + r1 * per_row
             options.append((stored >= MIN_FILL * budget, float(cumulative[:, :r1, r2 - 1].sum()), (r1, r2)))
     if not options:
         raise ValueError("size fraction too small: even the smallest ranks do not fit")
@@ -273,15 +292,16 @@ def compress_layers(tensors: Sequence[np.ndarray], groups: SliceGroups, request:
         cumulative = [np.cumsum(project_core(w, *b) ** 2, axis=2) for w, b in zip(weighted, bases)]
         layer_budget = request.size_fraction * dense_entries
         if request.method == "tensorllm":
-            ranks = [_best_ranks_dense(c, layer_budget, rank2_options, sum(request.extra_row_costs(d).values()))
+            ranks = [_best_ranks_dense(c, layer_budget, rank2_options,
+                                       sum(request.extra_row_costs(d, request.units(groups)).values()))
                      for c in cumulative]
         elif request.budget == "global":
-            shared = _best_ranks_row(cumulative, global_scales, groups, layer_budget * len(tensors), candidates,
-                                     rank2_options, request)
+            shared = _best_ranks_row(cumulative, global_scales, request.units(groups), layer_budget * len(tensors),
+                                     candidates, rank2_options, request)
             ranks = [shared] * len(tensors)
         else:
-            ranks = [_best_ranks_row([c], [1.0], groups, layer_budget, candidates, rank2_options, request)
-                     for c in cumulative]
+            ranks = [_best_ranks_row([c], [1.0], request.units(groups), layer_budget, candidates, rank2_options,
+                                     request) for c in cumulative]
 
     factors = []
     for w, basis, (r1, r2) in zip(weighted, bases, ranks):
@@ -294,7 +314,8 @@ def compress_layers(tensors: Sequence[np.ndarray], groups: SliceGroups, request:
     else:
         gains = None
         if metrics is not None and metrics[0].input_gram is not None and request.granularity == "row":
-            gains = [_refit_row_gains(f, m, w, x, groups) for f, m, w, x in zip(factors, metrics, tensors, weights)]
+            gains = [_refit_row_gains(f, m, w, x, request.units(groups))
+                     for f, m, w, x in zip(factors, metrics, tensors, weights)]
         layers = _select(factors, weighted_energies, global_scales, groups, request, dense_entries, gains)
     return [to_stored(layer, w, x, None if metrics is None else metrics[i], groups)
             for i, (layer, w, x) in enumerate(zip(layers, tensors, weights))]
@@ -332,16 +353,30 @@ def to_stored(layer: LayerCore, dense: np.ndarray, weights: np.ndarray, metric: 
     return stored
 
 
-def _core_budget(size_fraction: float, dense_entries: int, factors) -> float:
+def _core_budget(size_fraction: float, dense_entries: int, factors, request: TuckerRequest) -> float:
     """Entries left for one layer's core once its factors are paid for."""
     (d, r1), (dh, r2) = factors.u1.shape, factors.u2.shape
     if size_fraction is None:  # explicit ranks and no density: keep the whole core
         return np.inf
-    left = size_fraction * dense_entries - factor_cost(d, dh, r1, r2)
+    left = size_fraction * dense_entries - request.factor_cost(d, dh, r1, r2)
     if left <= 0:
         r1, r2 = factors.ranks
         raise ValueError(f"ranks ({r1}, {r2}) alone exceed size fraction {size_fraction}: lower the ranks")
     return left
+
+
+def split_units(layer: LayerCore, groups: SliceGroups) -> LayerCore:
+    """A layer selected by merged pruning units (``qkv``) with its blocks split back into the groups."""
+    if set(layer.groups) == set(groups.names):
+        return layer
+    start, kept = 0, {}
+    for name, size in zip(groups.names, groups.sizes):
+        unit = layer.groups["o" if name == "o" else "qkv"]
+        offset = 0 if name == "o" else start
+        kept[name] = CoreGroup(rows=unit.rows, block=unit.block[offset:offset + size])
+        start += size
+    layer.groups = kept
+    return layer
 
 
 def reconstruct_layer(layer: LayerCore, groups: SliceGroups) -> np.ndarray:
@@ -362,11 +397,12 @@ def _refit_row_gains(factors, metric: LayerMetric, dense: np.ndarray, weights: n
     makes), so allocating on these gains moves rows to where the refit cannot help."""
     basis = metric.basis(factors.u1)
     gains = {}
-    for name in groups.names[:3]:
+    for name in groups.names:
+        if name == "o":
+            continue
         span = groups.span(name)
         order = np.argsort(-np.sum(factors.core[span] ** 2, axis=(0, 2)), kind="stable")
-        weight = float(weights[span][0]) ** 2  # uniform within a group
-        gains[name] = weight * refit_gains(basis[:, order], metric.input_gram, dense[span])
+        gains[name] = refit_gains(basis[:, order], metric.input_gram, dense[span] * weights[span][:, None, None])
     return gains
 
 
@@ -386,24 +422,25 @@ def _select(factors, energies, scales_global, groups, request, dense_entries, ga
         r1, r2 = factors[scope[0]].ranks
         if request.granularity == "row":
             row_energy = [np.sum(c**2, axis=2) for c in scores]
+            units = request.units(groups)
             if request.core_density is not None:
                 budget = request.core_density * len(scope) * groups.total * r1 * r2
-                _, counts = _row_kept(row_energy, scales, groups, r2, budget, index_cost=0)
+                _, counts = _row_kept(row_energy, scales, units, r2, budget, index_cost=0)
             else:
-                budget = len(scope) * _core_budget(request.size_fraction, dense_entries, factors[scope[0]])
-                extra = request.extra_row_costs(factors[scope[0]].u1.shape[0])
+                budget = len(scope) * _core_budget(request.size_fraction, dense_entries, factors[scope[0]], request)
+                extra = request.extra_row_costs(factors[scope[0]].u1.shape[0], units)
                 if _dense_core_fits(len(scope), groups.total, r1, r2, budget, extra):
                     budget = np.inf
-                _, counts = _row_kept(row_energy, scales, groups, r2, budget, index_cost=request.index_cost,
+                _, counts = _row_kept(row_energy, scales, units, r2, budget, index_cost=request.row_index_cost,
                                       gains=None if gains is None else [gains[i] for i in scope], extra=extra)
             for i, count in zip(scope, counts):
                 f = factors[i]
-                layers[i] = build_row_layer(f.u1, f.u2, f.core, energies[i], groups, count)
+                layers[i] = split_units(build_row_layer(f.u1, f.u2, f.core, energies[i], units, count), groups)
         else:
             if request.core_density is not None:
                 masks = element_masks_for_density(scores, scales, request.core_density)
             else:
-                budget = len(scope) * _core_budget(request.size_fraction, dense_entries, factors[scope[0]])
+                budget = len(scope) * _core_budget(request.size_fraction, dense_entries, factors[scope[0]], request)
                 masks = element_masks_for_budget(scores, scales, groups, budget)
             for i, mask in zip(scope, masks):
                 f = factors[i]
