@@ -76,8 +76,7 @@ def _node_weights(model, node_names: set[str]) -> set[str]:
 
 
 def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", overwrite: bool = False,
-                 validate: bool = True, tolerance: float = 1e-3, block_size: int = 32,
-                 expand_qkv: bool = False) -> dict:
+                 validate: bool = True, tolerance: float = 1e-3, block_size: int = 32) -> dict:
     """Write an onnxruntime-genai directory of ``loaded.model`` (compressed or dense) at ``storage``.
 
     Returns the export report (also in ``DIR/export_report.json``). With ``validate``, the grafted
@@ -111,7 +110,7 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
                 dense_bytes = _initializer_bytes(model, _node_weights(
                     model, {n for s in sites for n in (*s.qkv_nodes, s.o_node)}))
                 before = _initializer_bytes(model, {i.name for i in model.graph.initializer})
-                nodes = graft_attention(model, sites, [LatentLayer.from_module(m) for m in latents], expand_qkv)
+                nodes = graft_attention(model, sites, [LatentLayer.from_module(m) for m in latents])
                 if storage in BITS:
                     model = quantize_nodes(model, nodes, BITS[storage], block_size)
                 after = _initializer_bytes(model, {i.name for i in model.graph.initializer})

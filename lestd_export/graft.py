@@ -8,9 +8,13 @@ Plain layout: every stored weight is the right operand of a 2-D ``MatMul``, so O
 quantisers (``MatMulNBitsQuantizer``, ``quantize_dynamic``) cover the factors and core blocks too::
 
     Z     = X @ A                         A = U1[:, union of the Q/K/V rows]   [d, u]
-    out_j = Gather(Z, pos_j, axis=-1) @ W_j   per pruned segment (W_j [k_j, cols]); Z @ W_j when dense
+    out_j = Gather(Z, pos_j, axis=-1) @ W_j   per segment that keeps fewer rows (W_j [k_j, cols]), else Z @ W_j
     qkv   = Concat(out_j)  (or Split per q/k/v output)
     o     = (H @ W_O) @ D                 W_O [h d_h, k_O], D = U1[:, rows_O]^T   [k_O, d]
+
+The plain layout's planner (numerics/planner.py) gives Q, K and V the same rows, so ``qkv`` is two
+MatMuls, ``X @ A @ W``, and a layer adds one MatMul for Q/K/V and one for O (none with
+``--dense-output``). A checkpoint planned for the shared layout still grafts (with Gathers).
 
 ``D`` is the second layout of ``U1`` that a quantised product needs (MatMulNBits blocks along the
 reduction axis, which differs between ``X U1`` and ``latent U1^T``); only the rows the output heads
@@ -123,25 +127,11 @@ class _Builder:
         return self.node("Reshape", [x, shape], name, output)
 
 
-def _expanded(layer: LatentLayer, union: np.ndarray) -> list[Segment]:
-    """All Q/K/V segments as one ``[u, cols]`` block over the union rows (zeros where a group keeps no row)."""
-    total = sum(w.shape[1] for w, _, _ in layer.segments)
-    block = np.zeros((len(union), total), dtype=layer.segments[0][0].dtype)
-    start = 0
-    widths: list[int] = []
-    for weight, rows, group_widths in layer.segments:
-        at = slice(None) if rows is None else np.searchsorted(union, rows)
-        block[at, start:start + weight.shape[1]] = weight
-        start += weight.shape[1]
-        widths += group_widths
-    return [(block, None, widths)]
-
-
-def _qkv(b: _Builder, layer: LatentLayer, site: AttentionSite, expand: bool) -> None:
+def _qkv(b: _Builder, layer: LatentLayer, site: AttentionSite) -> None:
     union = layer.qkv_union
     z = b.matmul(site.qkv_input, layer.u1[:, union], "u1_in")  # [B, T, u]
     outs, widths = [], []
-    for j, (weight, rows, group_widths) in enumerate(_expanded(layer, union) if expand else layer.segments):
+    for j, (weight, rows, group_widths) in enumerate(layer.segments):
         source = z
         if rows is not None and not np.array_equal(rows, union):
             position = b.constant(f"rows_{j}", np.searchsorted(union, rows).astype(np.int64), weight=False)
@@ -200,11 +190,8 @@ def _output(b: _Builder, layer: LatentLayer, site: AttentionSite) -> None:
     b.matmul(latent, u1.T, "u1_out", site.o_output)  # [B, T, d]
 
 
-def graft_attention(model, sites: list[AttentionSite], layers: list[LatentLayer], expand_qkv: bool = False) -> list[str]:
+def graft_attention(model, sites: list[AttentionSite], layers: list[LatentLayer]) -> list[str]:
     """Replace every site's projection nodes by its layer's compressed subgraph, in place.
-
-    ``expand_qkv`` writes the Q/K/V blocks as one zero-filled ``[u, cols]`` MatMul over the union
-    of their rows (no Gather, no Concat; more bytes).
 
     The new nodes take the place of the removed ones (the graph stays topologically sorted) and
     write the same output names; initializers used only by the removed nodes are dropped. Returns
@@ -218,7 +205,7 @@ def graft_attention(model, sites: list[AttentionSite], layers: list[LatentLayer]
     for site, layer in zip(sites, layers):
         prefix = site.o_node.rsplit("/", 2)[0] + "/lestd"
         qkv = _Builder(prefix + "/qkv", f"lestd.layers.{site.layer}.qkv")
-        _qkv(qkv, layer, site, expand_qkv)
+        _qkv(qkv, layer, site)
         out = _Builder(prefix + "/o", f"lestd.layers.{site.layer}.o")
         if layer.o_weight is not None:
             _output(out, layer, site)

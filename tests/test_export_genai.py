@@ -15,7 +15,8 @@ pytest.importorskip("onnxruntime_genai")
 
 from lestd_export.compress import compress_model  # noqa: E402
 from lestd_export.config import CompressionConfig  # noqa: E402
-from lestd_export.export_genai import export_genai, genai_logits  # noqa: E402
+from lestd_export.export_genai import _latent_layers, export_genai, genai_logits  # noqa: E402
+from lestd_export.graft import LatentLayer  # noqa: E402
 from lestd_export.loading import LoadedModel  # noqa: E402
 
 from test_evaluate import tiny_llama, tiny_tokenizer  # noqa: E402
@@ -64,21 +65,27 @@ def test_quantised_graft_leaves_no_fp32_weight_product(storage, op, tmp_path):
     assert correlation > 0.8  # int4 noise on a random tiny model (the builder's own dense int4: 0.93), not a wrong graph
 
 
-def test_plain_layout_budget_counts_output_copy_and_indices():
-    """At int4 an index costs 8 values and each kept output-head row its own U1 row: the requested fraction holds
-    for what the quantised file stores."""
+def test_plain_layout_budget_counts_what_the_graft_stores():
+    """Plain layout (int4 storage): Q/K/V share their rows, every kept row pays its U1 column on its side, no index
+    is stored; the requested fraction holds for those entries, and the grafted file stores exactly them."""
     model = tiny_llama()
     report = compress_model(model, CompressionConfig(size_fraction=0.5, storage="int4"), progress=False)
     d = 64
     stored = 0
     for layer in report["layers"]:
-        rows_o = layer["rows"]["o"] if layer["rows"]["o"] is not None else layer["ranks"][0]
-        assert layer["output_copy"] == d * rows_o
-        stored += layer["values"] + layer["output_copy"] + 8 * layer["indices"]
+        rows = layer["rows"]
+        assert rows["q"] == rows["k"] == rows["v"] and layer["indices"] == 0
+        kept_o = rows["o"] if rows["o"] is not None else layer["ranks"][0]
+        assert layer["output_copy"] == d * kept_o
+        stored += layer["values"] + layer["output_copy"]
     dense = report["params"]["dense_attention"]
     assert stored == report["params"]["stored"]
     assert 0.45 <= stored / dense <= 0.5 + 1e-9  # on a 64-wide model one output-head row is 1.1% of a layer
     assert report["size_fraction"]["storage"] == "int4" and report["size_fraction"]["layout"] == "plain"
+    latent = [LatentLayer.from_module(m) for m in _latent_layers(model)]
+    grafted = sum(x.u1[:, x.qkv_union].size + sum(w.size for w, _, _ in x.segments) + x.o_weight.size
+                  + d * x.o_weight.shape[1] for x in latent)
+    assert grafted == stored  # the graft's initializers (before quantisation), entry for entry
 
 
 def test_dense_output_keeps_the_output_projection_and_the_budget(tmp_path):
