@@ -1,4 +1,6 @@
-"""``export --format genai``: an onnxruntime-genai model directory with the compressed attention grafted in.
+"""Exports by grafting: ``export --format genai`` (an onnxruntime-genai model directory) and the
+quantised optimum export (``export --quantize int8|int4``), both with the compressed attention grafted
+into the dense model's graph.
 
 The builder makes the dense graph (GroupQueryAttention, fused norms, its own int4/int8 MatMulNBits
 for everything else); :mod:`.graft` then replaces each layer's q/k/v/o projections by the
@@ -6,6 +8,10 @@ compressed subgraph computed from the PyTorch model's stored factors and blocks,
 refit and healing carry over, and quantises the new weight MatMuls the way the builder quantises
 its own (symmetric MatMulNBits, block 32, accuracy level 4). Everything but the attention
 projections is byte-for-byte the builder's model of the same precision.
+
+The quantised optimum export does the same on the package's own dense optimum export and quantises
+every 2-D weight MatMul of the model (the attention's factors and blocks included) with MatMulNBits,
+as ``bench --quantize int4`` does to a dense export.
 """
 
 from __future__ import annotations
@@ -34,18 +40,14 @@ def _latent_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, LatentAttention)]
 
 
-def dense_hf_dir(loaded: LoadedModel, dest: Path) -> Path:
-    """A Hugging Face directory the builder can read: the model with dense-shaped attention.
-
-    A compressed model's projections are left at their random initial values (the graft replaces
-    them); everything else (embeddings, norms, MLPs, q/k norms) is copied from ``loaded.model``.
-    """
+def dense_model(model):
+    """``model`` with dense-shaped attention: a compressed model's projections are left at their random
+    initial values (a graft replaces them); everything else (embeddings, norms, MLPs, q/k norms) is copied."""
     from transformers import AutoModelForCausalLM
 
     from .compress import COMPRESSION_KEY
     from .registry import spec_for
 
-    model = loaded.model
     if _latent_layers(model):
         config = copy.deepcopy(model.config)
         if hasattr(config, COMPRESSION_KEY):
@@ -57,7 +59,12 @@ def dense_hf_dir(loaded: LoadedModel, dest: Path) -> Path:
         dense.load_state_dict({k: v for k, v in state.items() if k in target and target[k].shape == v.shape},
                               strict=False)
         model = dense
-    model.save_pretrained(dest)
+    return model
+
+
+def dense_hf_dir(loaded: LoadedModel, dest: Path) -> Path:
+    """A Hugging Face directory the builder can read: :func:`dense_model` saved with the tokenizer."""
+    dense_model(loaded.model).save_pretrained(dest)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(dest)
     return dest
@@ -138,6 +145,56 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
     return report
 
 
+def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str, opset: int, overwrite: bool = False,
+                             validate: bool = True, block_size: int = 32) -> dict:
+    """Optimum layout at ``storage`` (int8/int4): the dense export, the graft, MatMulNBits on every weight MatMul.
+
+    Returns the export report; ``parity`` against PyTorch fp32 is reported (quantisation moves the logits).
+    """
+    import onnx
+
+    from .export import describe_export, export_model
+    from .graft import LatentLayer, graft_attention, quantize_nodes
+    from .onnx_sites import locate_by_name
+
+    if storage not in BITS:
+        raise InvalidConfigError(f"quantised optimum export takes int8 or int4, not {storage!r}")
+    started = time.perf_counter()
+    with atomic_output_dir(Path(out_dir), overwrite) as staging:
+        work = Path(tempfile.mkdtemp(prefix=".optimum-work-", dir=staging.parent))
+        try:
+            dense = LoadedModel(dense_model(loaded.model), loaded.tokenizer, loaded.source)
+            export_model(dense, work / "dense", opset=opset, validate=False)
+            model = onnx.load(str(work / "dense" / MODEL_FILE))
+            latents = _latent_layers(loaded.model)
+            if latents:
+                _, sites = locate_by_name(model)
+                graft_attention(model, sites, [LatentLayer.from_module(m) for m in latents])
+            initializers = {i.name: len(i.dims) for i in model.graph.initializer}
+            weight_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"
+                              and initializers.get(n.input[1]) == 2]
+            model = quantize_nodes(model, weight_matmuls, BITS[storage], block_size)
+            onnx.save(model, str(staging / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=MODEL_FILE + ".data", size_threshold=1024)
+            for item in (work / "dense").iterdir():
+                if not item.name.startswith(MODEL_FILE) and item.name != REPORT_FILE:
+                    shutil.copy2(item, staging / item.name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        loaded.model.config.save_pretrained(staging)  # with its compression section
+        report = describe_export(staging, loaded.model)
+        report.update(opset=opset, storage=storage, quantized_matmuls=len(weight_matmuls))
+        if validate:
+            from .export import check_parity
+            from .runtime import OrtCausalLM
+
+            report["parity"] = check_parity(loaded.model, OrtCausalLM(staging))
+            report["parity"]["checked_against"] = f"PyTorch fp32 (the file is {storage})"
+        report["export_seconds"] = time.perf_counter() - started
+        write_json(staging / REPORT_FILE, report)
+    return report
+
+
 def genai_logits(model_dir: Path, input_ids: np.ndarray) -> np.ndarray:
     """Prefill logits ``[B, T, V]`` of a genai model through a plain ONNX Runtime session (empty cache)."""
     import onnxruntime as ort
@@ -172,8 +229,10 @@ def check_genai_parity(model, model_dir: Path, storage: str, tolerance: float, s
     if storage == "fp32" and not passed:
         raise ExportValidationError(f"the grafted genai model disagrees with PyTorch: relative logit error "
                                     f"{error:.2e} (tolerance {tolerance:.0e}); re-run with --no-validate to keep it")
-    return {"max_relative_error": error, "top1_agreement": top1, "tokens": int(ids.size),
-            "checked_against": "PyTorch fp32" + ("" if storage == "fp32" else f" (the file is {storage})")}
+    parity = {"max_relative_error": error, "top1_agreement": top1, "tokens": int(ids.size)}
+    if storage != "fp32":
+        parity["checked_against"] = f"PyTorch fp32 (the file is {storage})"
+    return parity
 
 
 def genai_generates(model_dir: Path, new_tokens: int = 4) -> dict:

@@ -50,6 +50,11 @@ def run(args: argparse.Namespace) -> int:
 
         report = export_genai(loaded, args.output, storage=QUANTIZE[args.quantize], overwrite=args.overwrite,
                               validate=not args.no_validate, tolerance=args.tolerance)
+    elif args.quantize != "none":
+        from ..export_genai import export_optimum_quantized
+
+        report = export_optimum_quantized(loaded, args.output, storage=QUANTIZE[args.quantize], opset=args.opset,
+                                          overwrite=args.overwrite, validate=not args.no_validate)
     else:
         report = export_model(loaded, args.output, opset=args.opset, validate=not args.no_validate,
                               optimize=args.optimize, overwrite=args.overwrite, tolerance=args.tolerance)
@@ -64,14 +69,33 @@ def summary(report: dict, out: Path) -> str:
     what = (f"{report['method']}, attention at {report['size_fraction']['with_indices']:.3f} of its dense size"
             if report["compressed"] else "the dense model")
     lines = [f"exported {what} to {out}", f"  {ONNX_FILE}: {report['model_bytes'] / 2**20:.1f} MB"]
+    if report.get("storage", "fp32") != "fp32":
+        lines.append(f"  weights: {report['storage']} (MatMulNBits, the compressed attention included)")
+    if report.get("attention_bytes"):
+        a = report["attention_bytes"]
+        lines.append(f"  attention weights: {a['compressed'] / 2**20:.1f} MB ({a['fraction']:.3f} of the builder's "
+                     f"{a['dense'] / 2**20:.1f} MB)")
     parity = report.get("parity")
     if parity is None:
         lines.append("  parity with PyTorch: not checked (--no-validate)")
-    else:  # a failed check raised before this point
+    elif "greedy_tokens_equal" in parity:
         lines.append(f"  parity with PyTorch: max relative logit error {parity['max_relative_error']:.1e}, greedy "
-                     f"tokens equal (batch {parity['batch']}, prefill + {parity['decode_steps']} decode steps)")
+                     f"tokens {'equal' if parity['greedy_tokens_equal'] else 'differ'} (batch {parity['batch']}, "
+                     f"prefill + {parity['decode_steps']} decode steps{_against(parity)})")
+    else:
+        lines.append(f"  parity with PyTorch: max relative logit error {parity['max_relative_error']:.1e}, top-1 "
+                     f"agreement {parity['top1_agreement']:.0%} ({parity['tokens']} tokens{_against(parity)})")
+    if report.get("runtime"):
+        lines.append(f"  {report['runtime']['runtime']} loads it and generates")
     if report.get("fusions") is not None:
         lines.append(f"  fusions: {', '.join(f'{k} x{v}' for k, v in report['fusions'].items()) or 'none fired'}")
+    genai = report.get("format") == "onnxruntime-genai"
     lines += [f"  report: {out / REPORT_FILE}", "next:",
-              f"  lestd-export eval {out} --backend onnxruntime", f"  lestd-export bench {out}"]
+              f"  lestd-export eval {out}" + ("" if genai else " --backend onnxruntime"),
+              f"  lestd-export bench {out}" + (" --genai-baselines smollm2-135m" if genai else "")]
     return "\n".join(lines)
+
+
+def _against(parity: dict) -> str:
+    """Where the exported file is quantised, what its logits were compared with."""
+    return f"; against {parity['checked_against']}" if "checked_against" in parity else ""
