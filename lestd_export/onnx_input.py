@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -557,12 +557,11 @@ def tucker_request(config: CompressionConfig, shape):
 
     dense = shape.num_slices * shape.hidden * shape.head_dim
     output = shape.heads * shape.head_dim * shape.hidden if config.dense_output else 0
-    known = {f.name for f in fields(TuckerRequest)}  # the plain layout's flag, under its current name
-    layout = {name: config.layout == "plain" for name in ("plain_layout", "output_copy") if name in known}
     return TuckerRequest(method=config.method, size_fraction=_qkv_fraction(config.size_fraction, dense, output),
                          ranks=config.ranks, core_density=config.core_density, granularity=config.granularity,
                          budget=config.budget, tol=config.hooi_tol, max_iter=config.hooi_max_iter,
-                         objective=config.objective, index_cost=config.index_cost, **layout)
+                         objective=config.objective, index_cost=config.index_cost,
+                         plain_layout=config.layout == "plain")
 
 
 def plan_cores(source: OnnxInput, config: CompressionConfig, *, progress: bool = True,
@@ -625,7 +624,7 @@ def plan_cores(source: OnnxInput, config: CompressionConfig, *, progress: bool =
 
 def _entries(cores: list, shape, config: CompressionConfig, output_energies: list[float]) -> list[dict]:
     """Per layer what compress's report records (a dense output projection counted as stored, exact)."""
-    from .compress import _output_copy
+    from .compress import _stored_entries
 
     dense = shape.num_slices * shape.hidden * shape.head_dim
     output = shape.heads * shape.head_dim * shape.hidden if config.dense_output else 0
@@ -633,8 +632,7 @@ def _entries(cores: list, shape, config: CompressionConfig, output_energies: lis
     for core, energy in zip(cores, output_energies):
         entries.append({"ranks": list(core.ranks), "density": core.density(shape.num_slices),
                         "rows": {n: (None if g.rows is None else len(g.rows)) for n, g in core.groups.items()},
-                        "values": core.value_entries + output, "indices": core.index_entries,
-                        "output_copy": _output_copy(core, config), "factors": core.factor_entries, "dense": dense,
+                        **_stored_entries(core, config, output), "dense": dense,
                         "energy": core.energy + (energy if config.dense_output else 0.0),
                         "squared_error": core.squared_error})
     return entries
