@@ -31,15 +31,15 @@ SETTINGS = {"dense_output": {"dense_output": True}, "factored_output": {}}
 
 
 def lestd_variant(root: Path, fraction: float, storage: str, settings: str) -> Path:
-    """Compress (calibrated, refit) and export to genai at ``storage``; cached under ``root``."""
-    name = f"lestd-{fraction}-{settings}-{storage}"
-    out = root / name
+    """Compress (calibrated, refit; plain layout) once per fraction and settings, export to genai at ``storage``;
+    cached under ``root``. The plain layout stores no index, so its plan is the same for int4 and int8."""
+    out = root / f"lestd-{fraction}-{settings}-{storage}"
     if (out / "export_report.json").is_file():
         return out
-    checkpoint = root / f"checkpoint-{fraction}-{settings}-{storage}"
+    checkpoint = root / f"checkpoint-{fraction}-{settings}"
     loaded = load_model(str(checkpoint) if (checkpoint / "config.json").is_file() else None)
     if not loaded.compressed:
-        config = CompressionConfig(size_fraction=fraction, calibration="default", storage=storage, layout="plain",
+        config = CompressionConfig(size_fraction=fraction, calibration="default", storage="int4", layout="plain",
                                    **SETTINGS[settings])
         report = compress_model(loaded.model, config, tokenizer=loaded.tokenizer, source="smollm2-135m")
         save_compressed(loaded, report, checkpoint, overwrite=True)
