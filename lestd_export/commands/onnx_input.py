@@ -9,7 +9,6 @@ from pathlib import Path
 from .common import add_compression_flags, config_from_args
 
 VERB = "compress-onnx"
-QUANTIZE = ("none", "int8", "int4")
 INPUT_HELP = ("decoder .onnx file, or a directory holding one (the file genai_config.json names, else model.onnx): "
               "an onnxruntime-genai build (-p fp32) or an optimum export; its directory needs genai_config.json or "
               "config.json, and tokenizer files to calibrate on text")
@@ -32,12 +31,7 @@ def register(subparsers) -> None:
                         "DIR/compression_report.json) instead of a summary")
     parser.add_argument("--no-validate", action="store_true",
                         help="skip loading the result in ONNX Runtime and comparing its logits with the input's")
-    add_compression_flags(parser)
-    if "--quantize" not in parser._option_string_actions:
-        parser.add_argument("--quantize", choices=QUANTIZE, default="none",
-                            help="int4/int8: every weight MatMul of the result (compressed attention, MLP, lm_head) "
-                                 "as MatMulNBits (block 32, accuracy level 4, as the onnxruntime-genai builder "
-                                 "writes); default none (fp32)")
+    add_compression_flags(parser)  # --quantize int4|int8 among them: every weight MatMul of the result
     parser.set_defaults(run=run)
 
 
@@ -45,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ..onnx_input import compress_onnx
 
     config = config_from_args(args)
-    report = compress_onnx(args.model, args.output, config, quantize=args.quantize, overwrite=args.overwrite,
+    report = compress_onnx(args.model, args.output, config, overwrite=args.overwrite,
                            progress=not args.quiet, validate=not args.no_validate)
     print(json.dumps(report, indent=2) if args.json else summary(report, args.output))
     return 0
