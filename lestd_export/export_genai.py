@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import InvalidConfigError
 from .io import atomic_output_dir, write_json
-from .loading import LoadedModel
+from .loading import COMPRESSION_KEY, LoadedModel
 
 PRECISION = {"fp32": "fp32", "int8": "int8", "int4": "int4"}  # storage -> builder precision
 BITS = {"int8": 8, "int4": 4}
@@ -40,15 +40,37 @@ def _latent_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, LatentAttention)]
 
 
+def grafted_layers(model) -> list:
+    """One :class:`~.graft.LatentLayer` or :class:`~.graft.LowRankLayer` per decoder layer of a compressed model
+    (empty for a dense one)."""
+    from .graft import LatentLayer, LowRankLayer
+    from .modules import LowRankProjection
+    from .registry import decoder_layers, spec_for
+
+    latents = _latent_layers(model)
+    if latents:
+        return [LatentLayer.from_module(m) for m in latents]
+    spec = spec_for(model.config)
+    layers = []
+    for layer in decoder_layers(model, spec):
+        attention = getattr(layer, spec.attention)
+        names = [spec.fused_qkv] if spec.fused_qkv else [spec.q, spec.k, spec.v]
+        modules = [getattr(attention, name) for name in names]
+        output = getattr(attention, spec.o)
+        if not all(isinstance(m, LowRankProjection) for m in (*modules, output)):
+            return []
+        layers.append(LowRankLayer.from_modules(modules, output))
+    return layers
+
+
 def dense_model(model):
     """``model`` with dense-shaped attention: a compressed model's projections are left at their random
     initial values (a graft replaces them); everything else (embeddings, norms, MLPs, q/k norms) is copied."""
     from transformers import AutoModelForCausalLM
 
-    from .compress import COMPRESSION_KEY
     from .registry import spec_for
 
-    if _latent_layers(model):
+    if getattr(model.config, COMPRESSION_KEY, None):
         config = copy.deepcopy(model.config)
         if hasattr(config, COMPRESSION_KEY):
             delattr(config, COMPRESSION_KEY)
@@ -94,17 +116,12 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
     import onnx
 
     from .genai import run_builder
-    from .graft import LatentLayer, graft_attention, quantize_nodes
+    from .graft import graft_attention, quantize_nodes
     from .onnx_sites import locate_by_name
 
     if storage not in PRECISION:
         raise InvalidConfigError(f"unknown precision {storage!r}: choose one of {', '.join(PRECISION)}")
-    latents = _latent_layers(loaded.model)
-    from .compress import COMPRESSION_KEY
-
-    if getattr(loaded.model.config, COMPRESSION_KEY, None) and not latents:
-        raise InvalidConfigError("--format genai exports lestd and tensorllm models (and the dense model); "
-                                 "export svd models with --format optimum")
+    latents = grafted_layers(loaded.model)
     started = time.perf_counter()
     with atomic_output_dir(Path(out_dir), overwrite) as staging:
         work = Path(tempfile.mkdtemp(prefix=".genai-work-", dir=staging.parent))
@@ -117,7 +134,7 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
                 dense_bytes = _initializer_bytes(model, _node_weights(
                     model, {n for s in sites for n in (*s.qkv_nodes, s.o_node)}))
                 before = _initializer_bytes(model, {i.name for i in model.graph.initializer})
-                nodes = graft_attention(model, sites, [LatentLayer.from_module(m) for m in latents])
+                nodes = graft_attention(model, sites, latents)
                 if storage in BITS:
                     model = quantize_nodes(model, nodes, BITS[storage], block_size)
                 after = _initializer_bytes(model, {i.name for i in model.graph.initializer})
@@ -154,7 +171,7 @@ def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str
     import onnx
 
     from .export import describe_export, export_model
-    from .graft import LatentLayer, graft_attention, quantize_nodes
+    from .graft import graft_attention, quantize_nodes
     from .onnx_sites import locate_by_name
 
     if storage not in BITS:
@@ -166,10 +183,10 @@ def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str
             dense = LoadedModel(dense_model(loaded.model), loaded.tokenizer, loaded.source)
             export_model(dense, work / "dense", opset=opset, validate=False)
             model = onnx.load(str(work / "dense" / MODEL_FILE))
-            latents = _latent_layers(loaded.model)
+            latents = grafted_layers(loaded.model)
             if latents:
                 _, sites = locate_by_name(model)
-                graft_attention(model, sites, [LatentLayer.from_module(m) for m in latents])
+                graft_attention(model, sites, latents)
             initializers = {i.name: len(i.dims) for i in model.graph.initializer}
             weight_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"
                               and initializers.get(n.input[1]) == 2]

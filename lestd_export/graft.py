@@ -134,7 +134,7 @@ def _qkv(b: _Builder, layer: LatentLayer, site: AttentionSite) -> None:
     for j, (weight, rows, group_widths) in enumerate(layer.segments):
         source = z
         if rows is not None and not np.array_equal(rows, union):
-            position = b.constant(f"rows_{j}", np.searchsorted(union, rows).astype(np.int64), weight=False)
+            position = b.constant(f"rows_{j}", np.searchsorted(union, rows).astype(np.int32), weight=False)
             source = b.node("Gather", [z, position], f"gather_{j}", axis=-1)  # [B, T, k_j]
         out = b.matmul(source, weight, f"core_{j}")  # [B, T, cols_j]
         if layer.u2 is not None:  # blocks are in the R2 basis: map every head through U2^T
@@ -143,6 +143,11 @@ def _qkv(b: _Builder, layer: LatentLayer, site: AttentionSite) -> None:
             group_widths = [w // rank2 * dh for w in group_widths]
         outs.append(out)
         widths += group_widths
+    _write_qkv(b, outs, widths, site)
+
+
+def _write_qkv(b: _Builder, outs: list[str], widths: list[int], site: AttentionSite) -> None:
+    """Make the subgraph's Q/K/V parts (``outs``, of ``widths`` columns per group) write the site's outputs."""
     if site.packed:
         _rename_last(b, outs, site.qkv_outputs[0], "qkv")
         return
@@ -190,7 +195,29 @@ def _output(b: _Builder, layer: LatentLayer, site: AttentionSite) -> None:
     b.matmul(latent, u1.T, "u1_out", site.o_output)  # [B, T, d]
 
 
-def graft_attention(model, sites: list[AttentionSite], layers: list[LatentLayer]) -> list[str]:
+@dataclass
+class LowRankLayer:
+    """One layer of the per-matrix low-rank baseline (``svd``; SVD-LLM when calibrated): ``x @ a @ b``."""
+
+    qkv: list[tuple[np.ndarray, np.ndarray]]  # q, k, v in column order: a [d, r], b [r, out]
+    o: tuple[np.ndarray, np.ndarray]  # a [h d_h, r], b [r, d]
+
+    @classmethod
+    def from_modules(cls, qkv: list, o) -> LowRankLayer:
+        """From the :class:`~.modules.LowRankProjection` modules of one layer (one fused, or q, k, v)."""
+        def parts(module):
+            return [(_numpy(getattr(module, f"a_{j}")), _numpy(getattr(module, f"b_{j}")))
+                    for j in range(module.num_parts)]
+
+        return cls([part for module in qkv for part in parts(module)], parts(o)[0])
+
+
+def _qkv_low_rank(b: _Builder, layer: LowRankLayer, site: AttentionSite) -> None:
+    outs = [b.matmul(b.matmul(site.qkv_input, a, f"a_{j}"), w, f"b_{j}") for j, (a, w) in enumerate(layer.qkv)]
+    _write_qkv(b, outs, [w.shape[1] for _, w in layer.qkv], site)
+
+
+def graft_attention(model, sites: list[AttentionSite], layers: list[LatentLayer | LowRankLayer]) -> list[str]:
     """Replace every site's projection nodes by its layer's compressed subgraph, in place.
 
     The new nodes take the place of the removed ones (the graph stays topologically sorted) and
@@ -205,14 +232,18 @@ def graft_attention(model, sites: list[AttentionSite], layers: list[LatentLayer]
     for site, layer in zip(sites, layers):
         prefix = site.o_node.rsplit("/", 2)[0] + "/lestd"
         qkv = _Builder(prefix + "/qkv", f"lestd.layers.{site.layer}.qkv")
-        _qkv(qkv, layer, site)
         out = _Builder(prefix + "/o", f"lestd.layers.{site.layer}.o")
-        if layer.o_weight is not None:
-            _output(out, layer, site)
+        if isinstance(layer, LowRankLayer):
+            _qkv_low_rank(qkv, layer, site)
+            out.matmul(out.matmul(site.o_input, layer.o[0], "a_o"), layer.o[1], "b_o", site.o_output)
+        else:
+            _qkv(qkv, layer, site)
+            if layer.o_weight is not None:
+                _output(out, layer, site)
         for name in site.qkv_nodes[:-1]:
             replaced[name] = []
         replaced[site.qkv_nodes[-1]] = qkv.nodes
-        if layer.o_weight is not None:
+        if out.nodes:
             replaced[site.o_node] = out.nodes
         graph.initializer.extend(qkv.initializers + out.initializers)
         weight_matmuls += qkv.weight_matmuls + out.weight_matmuls

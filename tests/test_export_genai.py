@@ -128,3 +128,11 @@ def test_quantised_optimum_export_quantises_every_weight_product(tmp_path):
     assert sum("/lestd/" in n.name and n.op_type == "MatMulNBits" for n in graph.node) == 8  # 2 layers x 4
     assert report["storage"] == "int4" and report["parity"]["decode_steps"] == 8
     assert report["parity"]["max_relative_error"] < 1.0  # int4 noise on a random tiny model, not a wrong graph
+
+
+def test_svd_baseline_grafts_into_genai(tmp_path):
+    """The per-matrix SVD baseline (SVD-LLM when calibrated) exports to genai too: x @ a @ b per projection."""
+    model = tiny_llama()
+    compress_model(model, CompressionConfig(method="svd", size_fraction=0.5, layout="plain"), progress=False)
+    report = export_genai(LoadedModel(model, tiny_tokenizer(), source="tiny"), tmp_path / "genai", storage="fp32")
+    assert report["grafted_layers"] == 2 and report["parity"]["max_relative_error"] < 1e-5
