@@ -17,8 +17,9 @@ already-compressed model, replayed through ONNX Runtime (:func:`sequential_refit
 cut at each layer's attention input and every layer runs as its own small session on the carried
 state). Where a graph cannot be cut that way, the kept values are refit instead against the **dense
 model's activations** (:func:`dense_refit`: ``Xc = Xd``, ``Hc = Hd``, the Gram matrices captured once;
-upstream errors are then not compensated), and the report says so. Healing and the ``fisher``
-objective need a PyTorch model and are refused, as is ``--method svd`` (the graft takes Tucker cores).
+upstream errors are then not compensated), and the report says so. ``--method svd`` (per-matrix
+low rank, SVD-LLM whitening when calibrated) is grafted as ``compress`` computes it, without refit.
+Healing and the ``fisher`` objective need a PyTorch model and are refused.
 """
 
 from __future__ import annotations
@@ -525,9 +526,6 @@ def dense_refit(cores: list, tensors: list[np.ndarray], statistics: list, groups
 
 def check_config(config: CompressionConfig) -> CompressionConfig:
     """Refuse what needs a PyTorch model; the graft's layout is the plain one (every weight a MatMul)."""
-    if config.method == "svd":
-        raise InvalidConfigError("an ONNX input is compressed with Tucker cores (lestd or tensorllm): --method svd "
-                                 "is for Hugging Face models (lestd-export compress)")
     if config.heal:
         raise InvalidConfigError("--heal distils a PyTorch model: it is not available for an ONNX input")
     if config.objective == "fisher":
@@ -620,6 +618,44 @@ def plan_cores(source: OnnxInput, config: CompressionConfig, *, progress: bool =
             core.kept_energy = core.energy - float(np.sum((dense - reconstruct_layer(core, groups)) ** 2))
     source.output_energies = [float(np.sum(w.matrices["o"] ** 2)) for w in weights]
     return cores, tensors, data, statistics, errors, refit
+
+
+def plan_low_rank(source: OnnxInput, config: CompressionConfig, *, progress: bool = True,
+                  work_dir: Path | None = None) -> tuple[list, list[dict], object]:
+    """The per-matrix low-rank baseline (``--method svd``; SVD-LLM whitening when calibrated), as
+    ``compress`` computes it: ``(graft layers, report entries, calibration data or None)``."""
+    from .compress import _svd_metrics
+    from .graft import LowRankLayer
+    from .numerics.lowrank import svd_layers
+
+    shape = source.shape
+    if config.ranks is not None and config.ranks[0] is not None and config.ranks[0] > shape.hidden:
+        raise InvalidConfigError(f"svd rank {config.ranks[0]} exceeds the hidden size {shape.hidden}")
+    weights = read_weights(source)
+    data = load_onnx_calibration(source, config)
+    lefts = None
+    if data is not None:
+        started = time.perf_counter()
+        statistics = collect_onnx_statistics(source, data, progress=progress, work_dir=work_dir)
+        data.seconds += time.perf_counter() - started
+        lefts = [_svd_metrics(s, config.damping) for s in statistics]
+    r1 = config.ranks[0] if config.ranks else None
+    try:
+        low_rank = svd_layers([[w.matrices[n] for n in ("q", "k", "v", "o")] for w in weights],
+                              config.size_fraction or 1.0, config.budget,
+                              rank=(r1 or shape.hidden) if config.ranks else None, lefts=lefts)
+    except ValueError as error:
+        raise InvalidConfigError(f"cannot meet the request: {error}") from None
+    dense = shape.num_slices * shape.hidden * shape.head_dim
+    layers, entries = [], []
+    for factors in low_rank:
+        named = dict(zip(("q", "k", "v", "o"), factors))
+        stored = sum(f.entries for f in factors)
+        entries.append({"ranks": {n: f.rank for n, f in named.items()}, "density": 1.0, "values": stored,
+                        "indices": 0, "factors": stored, "dense": dense, "energy": sum(f.energy for f in factors),
+                        "squared_error": max(sum(f.energy - f.kept_energy for f in factors), 0.0)})
+        layers.append(LowRankLayer([(f.a, f.b) for f in factors[:3]], (factors[3].a, factors[3].b)))
+    return layers, entries, data
 
 
 def _entries(cores: list, shape, config: CompressionConfig, output_energies: list[float]) -> list[dict]:
@@ -722,11 +758,17 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
     if out_dir.resolve() == source.directory.resolve():
         raise InvalidConfigError(f"-o {out_dir} is the input directory: write the compressed model elsewhere")
     with atomic_output_dir(out_dir, overwrite) as staging:
-        cores, _, data, _, errors, refit = plan_cores(source, config, progress=progress, work_dir=staging.parent)
         from .graft import LatentLayer, graft_attention
 
+        if config.method == "svd":
+            layers, entries, data = plan_low_rank(source, config, progress=progress, work_dir=staging.parent)
+            errors = refit = None
+        else:
+            cores, _, data, _, errors, refit = plan_cores(source, config, progress=progress, work_dir=staging.parent)
+            layers = [LatentLayer.from_core(core) for core in cores]
+            entries = _entries(cores, source.shape, config, source.output_energies)
         model = source.model
-        grafted = graft_attention(model, source.sites, [LatentLayer.from_core(core) for core in cores])
+        grafted = graft_attention(model, source.sites, layers)
         quantised = None
         if QUANTIZE_BITS[quantize] is not None:
             from .graft import quantize_nodes
@@ -754,8 +796,7 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
         output_bytes = sum((staging / name).stat().st_size for name in written)
         sample = None if data is None else data.sequences[:2, :64]  # real text where there is some
         vs_input = compare_logits(source.model_file, target, source, ids=sample) if validate else None
-        report = _report(config, _entries(cores, source.shape, config, source.output_energies),
-                         source.model_type or "unknown", str(path),
+        report = _report(config, entries, source.model_type or "unknown", str(path),
                          time.perf_counter() - started)
         report["input"] = {"path": str(path), "model_file": source.model_file.name, "producer": source.producer,
                            "config": source.config_file.name, "layers": len(source.sites),

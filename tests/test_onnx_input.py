@@ -161,6 +161,14 @@ def test_full_rank_reproduces_the_input_logits(models, tmp_path, kind):
     assert not any(name in names for site in source.sites for name in (*site.qkv_nodes, site.o_node))
 
 
+def test_svd_at_full_rank_reproduces_the_input_logits(models, tmp_path):
+    out = tmp_path / "svd"
+    assert main([str(models / "genai"), "-o", str(out), "--method", "svd", "--ranks", "full", "--calibration", "none",
+                 "--quiet"]) == 0
+    report = json.loads((out / "compression_report.json").read_text())
+    assert report["method"] == "svd" and report["vs_input"]["max_abs_logit_difference"] < 1e-4
+
+
 @pytest.mark.parametrize("kind", ["genai", "optimum"])
 def test_pruned_graft_equals_pytorch_with_the_same_cores(models, tmp_path, kind):
     from lestd_export.registry import spec_for
@@ -182,27 +190,31 @@ def test_pruned_graft_equals_pytorch_with_the_same_cores(models, tmp_path, kind)
     assert np.abs(logits(tmp_path / "out", ids, source) - expected).max() < 1e-4
 
 
-@pytest.mark.parametrize("kind, target, dense_output", [("genai", "layer", False), ("optimum", "layer", False),
-                                                        ("genai", "model", False), ("optimum", "model", True)])
-def test_onnx_input_equals_compress_on_the_pytorch_model(models, tmp_path, kind, target, dense_output):
+@pytest.mark.parametrize("kind, target, dense_output, method", [
+    ("genai", "layer", False, "lestd"), ("optimum", "layer", False, "lestd"), ("genai", "model", False, "lestd"),
+    ("optimum", "model", True, "lestd"), ("genai", "layer", False, "tensorllm"), ("genai-separate", None, False, "svd")])
+def test_onnx_input_equals_compress_on_the_pytorch_model(models, tmp_path, kind, target, dense_output, method):
     """Same statistics, plan and layer-by-layer refit as `compress` (in the plain layout the graft stores):
     the refit's output errors, the report's sizes and the resulting logits agree with the PyTorch model
     that compress_model rewrote."""
     from lestd_export.compress import compress_model
     from lestd_export.loading import load_model
 
-    config = CompressionConfig(size_fraction=0.6, calibration="default", calibration_tokens=TOKENS,
-                               refit_target=target, layout="plain", dense_output=dense_output)
+    config = CompressionConfig(method=method, size_fraction=0.6, calibration="default", calibration_tokens=TOKENS,
+                               refit_target=target or "layer", layout="plain", dense_output=dense_output)
     loaded = load_model(str(models / "hf"))
     expected = compress_model(loaded.model, config, tokenizer=loaded.tokenizer, progress=False)
     report = compress_onnx(models / kind, tmp_path / "out", config, progress=False)
-    assert report["refit"] == f"layer by layer through onnxruntime (target: {target})"
     assert report["ranks"] == expected["ranks"] and report["params"] == expected["params"]
     assert report["size_fraction"] == expected["size_fraction"]
     assert report["relative_weight_error"]["overall"] == pytest.approx(expected["relative_weight_error"]["overall"],
                                                                        rel=1e-3)
-    for ours, theirs in zip(report["calibration"]["relative_output_error"],
-                            expected["calibration"]["relative_output_error"]):
+    if method == "svd":  # no refit: the whitened truncation as compress computes it
+        assert report["refit"] is None and "relative_output_error" not in report["calibration"]
+    else:
+        assert report["refit"] == f"layer by layer through onnxruntime (target: {target})"
+    for ours, theirs in zip(report["calibration"].get("relative_output_error", []),
+                            expected["calibration"].get("relative_output_error", [])):
         assert set(ours) == set(theirs) == set("qkv" if dense_output else "qkvo")
         for group in theirs:
             for when in ("before", "after"):
@@ -278,7 +290,7 @@ def unmappable(models, directory):
 
 
 @pytest.mark.parametrize("case", ["not-a-decoder", "quantised", "missing-config", "unmappable", "no-onnx",
-                                  "missing-file", "already-compressed", "svd", "heal"])
+                                  "missing-file", "already-compressed", "fisher", "heal"])
 def test_bad_inputs_are_one_line_errors_that_write_nothing(models, tmp_path, capsys, case):
     inputs = {
         "not-a-decoder": lambda: not_a_decoder(tmp_path / "mlp"),
@@ -288,10 +300,10 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(models, tmp_path, cap
         "no-onnx": lambda: models / "hf",
         "missing-file": lambda: tmp_path / "absent.onnx",
         "already-compressed": lambda: models / "genai-lestd",
-        "svd": lambda: models / "genai",
+        "fisher": lambda: models / "genai",
         "heal": lambda: models / "genai",
     }
-    flags = {"svd": ["--method", "svd"], "heal": ["--heal"]}.get(case, [])
+    flags = {"fisher": ["--objective", "fisher"], "heal": ["--heal"]}.get(case, [])
     out = tmp_path / "result"
     code = main(["compress-onnx", str(inputs[case]()), "-o", str(out), "--quiet", *flags])
     err = capsys.readouterr().err.strip().splitlines()
@@ -300,7 +312,7 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(models, tmp_path, cap
     expected = {"not-a-decoder": "not a decoder", "quantised": "already quantised", "missing-config": "config.json",
                 "unmappable": "2-D initializer", "no-onnx": "no .onnx model", "missing-file": "does not exist",
                 "already-compressed": "already compressed by lestd-export",
-                "svd": "--method svd", "heal": "--heal"}[case]
+                "fisher": "fisher objective", "heal": "--heal"}[case]
     assert expected in err[0]
 
 
