@@ -338,3 +338,39 @@ def test_graph_that_cannot_be_cut_falls_back_to_the_dense_refit(models, tmp_path
     assert report["vs_input"]["max_abs_logit_difference"] < 1e-4
     errors = report["calibration"]["relative_output_error"]
     assert all(e[g]["after"] <= e[g]["before"] + 1e-12 for e in errors for g in "qkvo")
+
+
+def test_outputs_generate_in_their_runtimes_like_pytorch(models, tmp_path):
+    """The compressed genai build generates in onnxruntime-genai's loop and the compressed optimum export in
+    optimum's ORTModelForCausalLM (prefill + cached decode), greedily, as PyTorch with the same cores does."""
+    import onnxruntime_genai as og
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from lestd_export.registry import spec_for
+    from lestd_export.surgery import install_core_attention
+
+    config = CompressionConfig(size_fraction=0.7, calibration="default", calibration_tokens=TOKENS)
+    for kind in ("genai", "optimum"):
+        compress_onnx(models / kind, tmp_path / kind, config, progress=False)
+    cores, *_ = plan_cores(open_onnx_input(models / "genai"), config, progress=False)
+    model = torch_model(models)
+    for layer, core in zip(model.model.layers, cores):
+        install_core_attention(layer, spec_for(model.config), core, dict.fromkeys("qkvo"), torch.float32, {})
+    prompt = torch.tensor([[5, 17, 42, 9, 77]])
+    with torch.no_grad():
+        expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0].tolist()
+
+    genai = og.Model(str(tmp_path / "genai"))
+    params = og.GeneratorParams(genai)
+    params.set_search_options(max_length=len(expected), do_sample=False)
+    generator = og.Generator(genai, params)
+    generator.append_tokens(prompt.numpy().astype(np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert generator.get_sequence(0).tolist() == expected
+
+    optimum = ORTModelForCausalLM.from_pretrained(tmp_path / "optimum")
+    tokens = optimum.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert tokens[0].tolist() == expected
