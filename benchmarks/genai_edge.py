@@ -8,8 +8,10 @@ prefill/decode tokens/s, file bytes and a short perplexity (the same default-tex
 The JSON adds, per precision, LeSTD's decode speedup, bytes ratio, bytes-bound fraction and perplexity ratio
 against the builder's dense model of that precision.
 
-Usage: python benchmarks/genai_edge.py [--fraction 0.5] [--settings dense_output] [--repeats 5]
-       [--out benchmarks/results/genai_edge.json]
+Usage: python benchmarks/genai_edge.py [--fraction 0.5] [--settings dense_output|factored_output] [--repeats 5]
+       [--out benchmarks/results/genai_edge_<settings>.json]
+The builder 0.15.2's int8 model of a tied-embedding model does not load with its shared embedding;
+lestd_export.genai.run_builder builds int8 with ``shared_embeddings=false``.
 """
 
 from __future__ import annotations
@@ -54,8 +56,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quality-tokens", type=int, default=2048)
     parser.add_argument("--root", type=Path, default=Path("artifacts/genai-edge"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/genai_edge.json"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/genai_edge_<settings>.json (and .md)")
     args = parser.parse_args()
+    args.out = args.out or Path(f"benchmarks/results/genai_edge_{args.settings}.json")
 
     dense = dict(zip(PRECISIONS, genai_baselines(None, precisions=PRECISIONS)))
     ours = {p: lestd_variant(args.root, args.fraction, p, args.settings) for p in PRECISIONS}
