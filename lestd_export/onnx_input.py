@@ -204,11 +204,31 @@ def read_weights(source: OnnxInput) -> list:
 # ------------------------------------------------------------------------------------- calibration
 
 
+STUB = "lestd-in-memory"  # external-data location of a stub initializer: its data is the source model's
+STUB_BYTES = 1 << 16  # initializers from this size on are stubs in a subgraph
+
+
+def _stub(init):
+    """An initializer's name, type and shape, its data left in the source model (see :func:`_session`)."""
+    from onnx import TensorProto
+
+    stub = TensorProto(name=init.name, data_type=init.data_type, dims=list(init.dims))
+    stub.data_location = TensorProto.EXTERNAL
+    entry = stub.external_data.add()
+    entry.key, entry.value = "location", STUB
+    return stub
+
+
+def _is_stub(init) -> bool:
+    return any(entry.key == "location" and entry.value == STUB for entry in init.external_data)
+
+
 def subgraph_model(model, outputs: list[str], given: dict | None = None):
-    """A copy of ``model`` that computes only ``outputs``: the nodes they need, the initializers and
+    """A model that computes only ``outputs`` of ``model``: the nodes they need, the initializers and
     graph inputs those read, nothing downstream (no logits, no lm_head). ``given`` (name -> numpy
     dtype) are tensors fed as inputs instead of computed (a cut through the graph). Output types are
-    left to ONNX Runtime's inference."""
+    left to ONNX Runtime's inference. Large initializers are stubs whose data stays in ``model`` (no
+    copy): run the result with :func:`_session` and ``model``'s initializers."""
     import onnx
     from onnx import helper
 
@@ -227,7 +247,8 @@ def subgraph_model(model, outputs: list[str], given: dict | None = None):
         keep.add(index)
         stack.extend(i for i in _node_inputs(graph.node[index]) if i)
     nodes = [graph.node[i] for i in sorted(keep)]
-    initializers = [init for init in graph.initializer if init.name in seen and init.name not in given]
+    initializers = [init if _is_stub(init) or len(init.raw_data) < STUB_BYTES else _stub(init)
+                    for init in graph.initializer if init.name in seen and init.name not in given]
     inputs = [value for value in graph.input if value.name in seen and value.name not in given]
     inputs += [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None)
                for name, dtype in given.items() if name in seen]
@@ -250,29 +271,33 @@ def _node_inputs(node) -> list[str]:
     return names
 
 
-def _session(model, work_dir: Path | None = None):
-    """An ONNX Runtime CPU session of an in-memory model (through a temporary file with external data
-    when large, in ``work_dir``, removed once the session holds the weights)."""
-    import tempfile
-
-    import onnx
+def _session(model, originals=None):
+    """An ONNX Runtime CPU session of an in-memory model whose stub initializers (:func:`subgraph_model`)
+    take their data from ``originals`` (a model, or name -> initializer) as external initializers: the
+    weights are neither copied into a second model nor serialised."""
     import onnxruntime as ort
+    from onnx import numpy_helper
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.log_severity_level = 3
-    size = sum(len(init.raw_data) for init in model.graph.initializer)
+    if originals is not None and not isinstance(originals, dict):
+        originals = {init.name: init for init in originals.graph.initializer}
+    names, arrays = [], []
+    for init in model.graph.initializer:
+        if _is_stub(init):
+            names.append(init.name)
+            arrays.append(np.ascontiguousarray(numpy_helper.to_array(originals[init.name])))
+    if names:
+        options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
     try:
-        if size < EXTERNAL_DATA_BYTES:
-            return ort.InferenceSession(model.SerializeToString(), sess_options=options,
-                                        providers=["CPUExecutionProvider"])
-        with tempfile.TemporaryDirectory(prefix=".lestd-capture-", dir=work_dir) as folder:
-            path = Path(folder) / "capture.onnx"
-            onnx.save_model(model, str(path), save_as_external_data=True, location="capture.onnx.data")
-            return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                                       providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 -- onnxruntime raises its own untyped errors
         raise GraphMappingError(f"onnxruntime cannot run the calibration copy of the graph "
                                 f"({str(error).splitlines()[0][:200]})") from None
+    session.lestd_arrays = arrays  # the session reads them in place: keep them alive with it
+    return session
 
 
 def decoder_feed(session, io: DecoderIO, shape, ids: np.ndarray, genai_decoder: dict | None = None,
@@ -303,7 +328,7 @@ def decoder_feed(session, io: DecoderIO, shape, ids: np.ndarray, genai_decoder: 
     return feed
 
 
-def collect_onnx_statistics(source: OnnxInput, data, *, progress: bool = True, work_dir: Path | None = None) -> list:
+def collect_onnx_statistics(source: OnnxInput, data, *, progress: bool = True) -> list:
     """Per layer :class:`~.calibration.LayerStatistics` (input and head Gram matrices, float64) over the
     calibration ``data``, captured through ONNX Runtime from the dense graph; memory is bounded by one
     batch of activations plus the Grams."""
@@ -315,7 +340,7 @@ def collect_onnx_statistics(source: OnnxInput, data, *, progress: bool = True, w
     for site in source.sites:
         wanted += [site.qkv_input, site.o_input]
     wanted = list(dict.fromkeys(wanted))
-    session = _session(subgraph_model(source.model, wanted), work_dir)
+    session = _session(subgraph_model(source.model, wanted), source.model)
     totals = {name: None for name in wanted}
     count = 0
     with tqdm(total=data.tokens, desc="calibration statistics (onnxruntime)", unit="tok",
@@ -417,8 +442,10 @@ def sequential_refit_onnx(source: OnnxInput, cores: list, tensors: list[np.ndarr
     cuts = cuts or LayerCuts(model, sites)
     batches = [data.sequences[start:start + CAPTURE_BATCH] for start in range(0, len(data.sequences), CAPTURE_BATCH)]
 
+    originals = {init.name: init for init in model.graph.initializer}
+
     def run(part, outputs: list[str], states: list[dict]) -> list[dict]:
-        session = _session(part)
+        session = _session(part, originals)
         results = [dict(zip(outputs, session.run(outputs, decoder_feed(session, source.io, source.shape, ids,
                                                                        source.genai_decoder, state))))
                    for ids, state in zip(batches, states)]
@@ -432,8 +459,9 @@ def sequential_refit_onnx(source: OnnxInput, cores: list, tensors: list[np.ndarr
         import onnx
 
         copy = onnx.ModelProto()
-        copy.CopyFrom(part)
+        copy.CopyFrom(part)  # stubs: no weight data is copied
         graft_attention(copy, [site], [LatentLayer.from_core(core)])
+        originals.update((init.name, init) for init in copy.graph.initializer if not _is_stub(init))
         return copy
 
     def advance(layer, core, following, given, states):
@@ -562,8 +590,8 @@ def tucker_request(config: CompressionConfig, shape):
                          plain_layout=config.layout == "plain")
 
 
-def plan_cores(source: OnnxInput, config: CompressionConfig, *, progress: bool = True,
-               work_dir: Path | None = None) -> tuple[list, list[np.ndarray], object, list | None, list | None, str | None]:
+def plan_cores(source: OnnxInput, config: CompressionConfig, *,
+               progress: bool = True) -> tuple[list, list[np.ndarray], object, list | None, list | None, str | None]:
     """Weights -> calibrated Stage I/II -> refit. Returns ``(cores, dense tensors, calibration data,
     statistics, relative output errors, how the refit ran)`` (the last four None without calibration)."""
     from tqdm.auto import tqdm
@@ -589,7 +617,7 @@ def plan_cores(source: OnnxInput, config: CompressionConfig, *, progress: bool =
     statistics = None
     if data is not None:
         started = time.perf_counter()
-        statistics = collect_onnx_statistics(source, data, progress=progress, work_dir=work_dir)
+        statistics = collect_onnx_statistics(source, data, progress=progress)
         data.seconds += time.perf_counter() - started
     metrics = None if statistics is None else [
         layer_metric(s.x_gram, s.h_gram, (*groups.sizes, 0)[:4], shape.head_dim, config.damping,
@@ -620,8 +648,8 @@ def plan_cores(source: OnnxInput, config: CompressionConfig, *, progress: bool =
     return cores, tensors, data, statistics, errors, refit
 
 
-def plan_low_rank(source: OnnxInput, config: CompressionConfig, *, progress: bool = True,
-                  work_dir: Path | None = None) -> tuple[list, list[dict], object]:
+def plan_low_rank(source: OnnxInput, config: CompressionConfig, *,
+                  progress: bool = True) -> tuple[list, list[dict], object]:
     """The per-matrix low-rank baseline (``--method svd``; SVD-LLM whitening when calibrated), as
     ``compress`` computes it: ``(graft layers, report entries, calibration data or None)``."""
     from .compress import _svd_metrics
@@ -636,7 +664,7 @@ def plan_low_rank(source: OnnxInput, config: CompressionConfig, *, progress: boo
     lefts = None
     if data is not None:
         started = time.perf_counter()
-        statistics = collect_onnx_statistics(source, data, progress=progress, work_dir=work_dir)
+        statistics = collect_onnx_statistics(source, data, progress=progress)
         data.seconds += time.perf_counter() - started
         lefts = [_svd_metrics(s, config.damping) for s in statistics]
     r1 = config.ranks[0] if config.ranks else None
@@ -761,10 +789,10 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
         from .graft import LatentLayer, graft_attention
 
         if config.method == "svd":
-            layers, entries, data = plan_low_rank(source, config, progress=progress, work_dir=staging.parent)
+            layers, entries, data = plan_low_rank(source, config, progress=progress)
             errors = refit = None
         else:
-            cores, _, data, _, errors, refit = plan_cores(source, config, progress=progress, work_dir=staging.parent)
+            cores, _, data, _, errors, refit = plan_cores(source, config, progress=progress)
             layers = [LatentLayer.from_core(core) for core in cores]
             entries = _entries(cores, source.shape, config, source.output_energies)
         model = source.model
