@@ -117,7 +117,8 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
                     "stored": core.value_entries + output_entries + core.index_entries, "dense": dense_per_layer}
 
         def install(i, core):
-            install_core_attention(layers[i], spec, core, weights[i].biases, dtype, summary(core))
+            install_core_attention(layers[i], spec, core, weights[i].biases, dtype, summary(core),
+                                   shared_rows=config.layout == "plain")
             return getattr(getattr(layers[i], spec.attention).attention, spec.o)
 
         if calibration is not None and config.refit:
@@ -307,7 +308,8 @@ def apply_layout(model, compression: dict) -> None:
         core = LayerCore(np.zeros((shape.hidden, r1)), np.zeros((shape.head_dim, r2)), kept, 0.0, 0.0)
         summary = {"ranks": entry["ranks"], "density": entry["density"],
                    "stored": entry["values"] + entry["indices"], "dense": entry["dense"]}
-        install_core_attention(layer, spec, core, biases, dtype, summary)
+        install_core_attention(layer, spec, core, biases, dtype, summary,
+                               shared_rows=compression["config"].get("layout") == "plain")
 
 
 def load_compressed(path: Path) -> LoadedModel:

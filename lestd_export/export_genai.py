@@ -214,19 +214,9 @@ def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str
 
 def genai_logits(model_dir: Path, input_ids: np.ndarray) -> np.ndarray:
     """Prefill logits ``[B, T, V]`` of a genai model through a plain ONNX Runtime session (empty cache)."""
-    import onnxruntime as ort
+    from .genai import open_genai_onnx
 
-    from .files import read_json
-
-    decoder = read_json(Path(model_dir) / "genai_config.json")["model"]["decoder"]
-    session = ort.InferenceSession(str(Path(model_dir) / decoder["filename"]), providers=["CPUExecutionProvider"])
-    batch = input_ids.shape[0]
-    feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": np.ones_like(input_ids, dtype=np.int64)}
-    empty = np.zeros((batch, decoder["num_key_value_heads"], 0, decoder["head_size"]), dtype=np.float32)
-    for item in session.get_inputs():
-        if item.name.startswith("past_key_values"):
-            feeds[item.name] = empty
-    return session.run(["logits"], feeds)[0]
+    return open_genai_onnx(Path(model_dir)).step(input_ids.astype(np.int64), np.ones_like(input_ids, dtype=np.int64)).logits
 
 
 def check_genai_parity(model, model_dir: Path, storage: str, tolerance: float, seed: int = 0) -> dict:

@@ -48,9 +48,9 @@ class LatentLayer:
     def from_core(cls, core: LayerCore) -> LatentLayer:
         square = core.u2.shape[0] == core.u2.shape[1]
         if "o" not in core.groups:  # the output projection stays dense
-            return cls(core.u1, None if square else core.u2, qkv_segments(core), None, None)
+            return cls(core.u1, None if square else core.u2, qkv_segments(core, shared_rows=True), None, None)
         rows = core.groups["o"].rows
-        return cls(core.u1, None if square else core.u2, qkv_segments(core), output_weight(core),
+        return cls(core.u1, None if square else core.u2, qkv_segments(core, shared_rows=True), output_weight(core),
                    None if rows is None else np.asarray(rows))
 
     @classmethod

@@ -96,17 +96,20 @@ def _same_rows(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
 
 
-def qkv_segments(core: LayerCore) -> list[tuple[np.ndarray, np.ndarray | None, list[int]]]:
+def qkv_segments(core: LayerCore, shared_rows: bool = False) -> list[tuple[np.ndarray, np.ndarray | None, list[int]]]:
     """``(weight [k or R1, cols], rows [k] or None, group widths)`` for the q, k and v groups in
-    column order (head-major columns); consecutive groups that keep the same rows (all of them, or
-    the shared rows of the plain layout) are merged into one segment."""
+    column order (head-major columns); consecutive dense groups are merged into one segment, and with
+    ``shared_rows`` (the plain layout, whose Q/K/V keep the same rows) consecutive groups with equal rows.
+    The flag is a property of the layout, not of the values, so a reloaded checkpoint rebuilds the
+    same segments from its recorded row counts."""
     segments: list[tuple[np.ndarray, np.ndarray | None, list[int]]] = []
     for name in ("q", "k", "v"):
         group = core.groups[name]
         block = _fold_u2(group.block, core.u2)  # [n, k, R2']
         n, k, rank2 = block.shape
         weight = block.transpose(1, 0, 2).reshape(k, n * rank2)
-        if segments and _same_rows(group.rows, segments[-1][1]):
+        if segments and (_same_rows(group.rows, segments[-1][1]) if shared_rows else
+                         group.rows is None and segments[-1][1] is None):
             previous, _, widths = segments[-1]
             segments[-1] = (np.concatenate([previous, weight], axis=1), group.rows, widths + [n * rank2])
         else:
@@ -122,14 +125,14 @@ def output_weight(core: LayerCore) -> np.ndarray:
 
 
 def install_core_attention(layer_module: nn.Module, spec: ArchSpec, core: LayerCore, biases: dict,
-                           dtype: torch.dtype, summary: dict) -> None:
+                           dtype: torch.dtype, summary: dict, shared_rows: bool = False) -> None:
     """Replace the attention of one decoder layer by a :class:`LatentAttention` over ``core``."""
     attention = getattr(layer_module, spec.attention)
     u1 = nn.Parameter(_tensor(core.u1, dtype), requires_grad=False)
     square = core.u2.shape[0] == core.u2.shape[1]
     u2 = None if square else nn.Parameter(_tensor(core.u2, dtype), requires_grad=False)
     qkv = LatentQKV([(_tensor(w, dtype), None if rows is None else torch.from_numpy(np.asarray(rows, dtype=np.int32)),
-                      widths) for w, rows, widths in qkv_segments(core)], u2)
+                      widths) for w, rows, widths in qkv_segments(core, shared_rows)], u2)
     if spec.fused_qkv:
         shims = [ProjectionOutput((0, 1, 2), _cat_bias([biases[n] for n in ("q", "k", "v")]))]
         setattr(attention, spec.fused_qkv, shims[0])
