@@ -519,7 +519,8 @@ def sequential_refit_onnx(source: OnnxInput, cores: list, tensors: list[np.ndarr
             break
         compressed = advance(layer, core, following, given, compressed)
         if dense is not None:
-            dense = [{t: (state[t] if t in state else out[t]) for t in following} for state, out in zip(dense, dense_out)]
+            dense = [{t: (state[t] if t in state else out[t]) for t in following}
+                     for state, out in zip(dense, dense_out)]
     return errors
 
 
@@ -710,7 +711,8 @@ def _weight_matmuls(model, exclude: set[str]) -> list[str]:
     names = []
     for node in model.graph.node:
         init = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
-        if init is not None and len(init.dims) == 2 and init.data_type == TensorProto.FLOAT and node.name not in exclude:
+        plain = init is not None and len(init.dims) == 2 and init.data_type == TensorProto.FLOAT
+        if plain and node.name not in exclude:
             names.append(node.name)
     return names
 

@@ -37,7 +37,8 @@ class QuantisedGraphError(GraphMappingError):
 
 
 QUANTISED_OPS = frozenset({"MatMulNBits", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul",
-                           "MatMulIntegerToFloat", "MatMulFpQ4", "MatMulBnb4", "DequantizeLinear", "GatherBlockQuantized"})
+                           "MatMulIntegerToFloat", "MatMulFpQ4", "MatMulBnb4", "DequantizeLinear",
+                           "GatherBlockQuantized"})
 QUANTISED_HINT = ("compress the fp32 model (e.g. the onnxruntime-genai builder's -p fp32 output, or the dense "
                   "lestd-export export), then quantise with --quantize")
 ATTENTION_OPS = frozenset({"GroupQueryAttention", "MultiHeadAttention"})  # (query, key, value, ...) -> (out, k, v)
@@ -172,7 +173,8 @@ def decoder_io(model, genai_decoder: dict | None = None) -> DecoderIO:
         raise NotADecoderError(f"the graph is not a decoder with a KV cache (it has no {', no '.join(missing)}): "
                                "give an onnxruntime-genai build or an optimum text-generation-with-past export")
     if sorted(present) != list(range(len(present))):
-        raise NotADecoderError(f"present key/value outputs for layers {sorted(present)}: expected 0..{len(present) - 1}")
+        raise NotADecoderError(f"present key/value outputs for layers {sorted(present)}: "
+                               f"expected 0..{len(present) - 1}")
     return DecoderIO(past, present)
 
 

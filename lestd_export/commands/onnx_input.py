@@ -63,8 +63,8 @@ def summary(report: dict, out: Path) -> str:
     ]
     if "vs_input" in report:
         check = report["vs_input"]
-        lines.append(f"  logits against the input: max relative difference {check['max_relative_logit_difference']:.2e}, "
-                     f"top-1 agreement {check['top1_agreement']:.2f}")
+        lines.append(f"  logits against the input: max relative difference "
+                     f"{check['max_relative_logit_difference']:.2e}, top-1 agreement {check['top1_agreement']:.2f}")
     backend = "" if source["config"] == "genai_config.json" else " --backend onnxruntime"
     lines += [f"  report: {out / REPORT_FILE}", "next:", f"  lestd-export eval {out}{backend}",
               f"  lestd-export bench {out}"]
