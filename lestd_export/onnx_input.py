@@ -771,7 +771,7 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
     used external data or is large) and ``compression_report.json``; it is written into a staging
     directory renamed into place when complete. ``quantize`` (``int4``/``int8``) turns every weight
     MatMul of the result (compressed attention, MLP, lm_head) into MatMulNBits, as the genai builder
-    does (None: ``config.storage`` where the config has one, else ``none``). With ``validate`` the
+    does (None: as ``config.storage`` says). With ``validate`` the
     written model is loaded by ONNX Runtime and its logits compared with the input's (recorded; a
     model that does not load is an error and nothing is written).
     """
