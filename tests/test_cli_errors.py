@@ -94,7 +94,7 @@ def test_compress_cli_writes_checkpoint_and_report(tmp_path, capsys, tiny_dir):
     report = json.loads((out / "compression_report.json").read_text())
     for key in ("method", "size_fraction", "ranks", "density", "relative_weight_error", "params", "seconds"):
         assert key in report
-    assert set(report["size_fraction"]) == {"requested", "values_only", "with_indices"}
+    assert set(report["size_fraction"]) == {"requested", "values_only", "with_indices", "storage", "layout"}
     assert 0.594 <= report["size_fraction"]["with_indices"] <= 0.6
     assert report["params"]["stored"] == round(report["size_fraction"]["with_indices"]
                                                * report["params"]["dense_attention"])
