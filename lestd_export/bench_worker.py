@@ -80,11 +80,18 @@ def measure(export_dir: Path, model_file: Path, provider: str, threads: int | No
         past = out.past
         finite &= bool(np.isfinite(out.logits[:, -1]).all())
 
+    return _record({"model_file": str(model_file), "provider": provider}, threads, batch, prompt_len, gen_len,
+                   load_seconds, rss_before, rss_after_load, prefill_seconds, latencies, finite)
+
+
+def _record(runtime: dict, threads, batch: int, prompt_len: int, gen_len: int, load_seconds: float,
+            rss_before: float, rss_after_load: float, prefill_seconds: float, latencies: list[float],
+            finite: bool) -> dict:
+    """One run's measurements (both runtimes report the same fields)."""
     decode_seconds = sum(latencies)
     return {
-        "pid": os.getpid(),
-        "model_file": str(model_file),
-        "provider": provider, "threads": threads, "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len,
+        "pid": os.getpid(), **runtime,
+        "threads": threads, "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len,
         "load_seconds": load_seconds,
         "rss_before_load_mb": rss_before,
         "rss_after_load_mb": rss_after_load,
@@ -133,24 +140,10 @@ def measure_genai(genai_dir: Path, threads: int | None, batch: int, prompt_len: 
         latencies.append(time.perf_counter() - started)
     finite &= bool(np.isfinite(generator.get_logits()).all())
 
-    decode_seconds = sum(latencies)
-    return {
-        "pid": os.getpid(),
-        "model_file": str(decoder_file(genai_dir)),
-        "runtime": "onnxruntime-genai", "onnxruntime_genai": genai_version(),
-        "provider": "cpu", "threads": threads, "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len,
-        "load_seconds": load_seconds,
-        "rss_before_load_mb": rss_before,
-        "rss_after_load_mb": rss_after_load,
-        "peak_rss_mb": _peak_rss_mb(),
-        "prefill_seconds": prefill_seconds,
-        "ttft_ms": prefill_seconds * 1e3,
-        "prefill_tokens_per_s": batch * prompt_len / prefill_seconds,
-        "decode_seconds": decode_seconds,
-        "decode_tokens_per_s": batch * gen_len / decode_seconds if gen_len else None,
-        "latencies_ms": [t * 1e3 for t in latencies],
-        "finite_logits": finite,
-    }
+    runtime = {"model_file": str(decoder_file(genai_dir)), "runtime": "onnxruntime-genai",
+               "onnxruntime_genai": genai_version(), "provider": "cpu"}
+    return _record(runtime, threads, batch, prompt_len, gen_len, load_seconds, rss_before, rss_after_load,
+                   prefill_seconds, latencies, finite)
 
 
 def main(argv: list[str] | None = None) -> int:
