@@ -614,12 +614,7 @@ def plan_cores(source: OnnxInput, config: CompressionConfig, *,
                                      f"{shape.head_dim} or 'full'")
     weights = read_weights(source)
     tensors = [w.slice_tensor(shape)[:groups.total] for w in weights]  # q, k, v slices first
-    data = load_onnx_calibration(source, config)
-    statistics = None
-    if data is not None:
-        started = time.perf_counter()
-        statistics = collect_onnx_statistics(source, data, progress=progress)
-        data.seconds += time.perf_counter() - started
+    data, statistics = _calibrate(source, config, progress)
     metrics = None if statistics is None else [
         layer_metric(s.x_gram, s.h_gram, (*groups.sizes, 0)[:4], shape.head_dim, config.damping,
                      config.input_whitening) for s in statistics]
@@ -661,13 +656,8 @@ def plan_low_rank(source: OnnxInput, config: CompressionConfig, *,
     if config.ranks is not None and config.ranks[0] is not None and config.ranks[0] > shape.hidden:
         raise InvalidConfigError(f"svd rank {config.ranks[0]} exceeds the hidden size {shape.hidden}")
     weights = read_weights(source)
-    data = load_onnx_calibration(source, config)
-    lefts = None
-    if data is not None:
-        started = time.perf_counter()
-        statistics = collect_onnx_statistics(source, data, progress=progress)
-        data.seconds += time.perf_counter() - started
-        lefts = [_svd_metrics(s, config.damping) for s in statistics]
+    data, statistics = _calibrate(source, config, progress)
+    lefts = None if statistics is None else [_svd_metrics(s, config.damping) for s in statistics]
     r1 = config.ranks[0] if config.ranks else None
     try:
         low_rank = svd_layers([[w.matrices[n] for n in ("q", "k", "v", "o")] for w in weights],
@@ -847,3 +837,13 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
         write_json(staging / REPORT_FILE, report)
     return report
 
+
+def _calibrate(source, config, progress: bool):
+    """Calibration data and its per-layer statistics captured through ONNX Runtime (``(None, None)`` without)."""
+    data = load_onnx_calibration(source, config)
+    if data is None:
+        return None, None
+    started = time.perf_counter()
+    statistics = collect_onnx_statistics(source, data, progress=progress)
+    data.seconds += time.perf_counter() - started
+    return data, statistics
