@@ -8,7 +8,8 @@ prefill/decode tokens/s, file bytes and a short perplexity (the same default-tex
 The JSON adds, per precision, LeSTD's decode speedup, bytes ratio, bytes-bound fraction and perplexity ratio
 against the builder's dense model of that precision.
 
-Usage: python benchmarks/genai_edge.py [--fraction 0.5] [--settings dense_output|factored_output] [--repeats 5]
+Usage: python benchmarks/genai_edge.py [--fraction 0.5] [--settings dense_output|factored_output|svd_llm]
+       [--repeats 5]
        [--out benchmarks/results/genai_edge_<settings>.json]
 The builder 0.15.2's int8 model of a tied-embedding model does not load with its shared embedding;
 lestd_export.genai.run_builder builds int8 with ``shared_embeddings=false``.
@@ -29,11 +30,12 @@ from lestd_export.genai import genai_baselines
 from lestd_export.loading import load_model
 
 PRECISIONS = ("int4", "int8")
-SETTINGS = {"dense_output": {"dense_output": True}, "factored_output": {}}
+SETTINGS = {"dense_output": {"dense_output": True}, "factored_output": {},
+            "svd_llm": {"method": "svd"}}  # the per-matrix baseline, calibrated (SVD-LLM), grafted the same way
 
 
 def lestd_variant(root: Path, fraction: float, storage: str, settings: str) -> Path:
-    """Compress (calibrated, refit; plain layout) once per fraction and settings, export to genai at ``storage``;
+    """Compress (calibrated; plain layout) once per fraction and settings, export to genai at ``storage``;
     cached under ``root``. The plain layout stores no index, so its plan is the same for int4 and int8."""
     out = root / f"lestd-{fraction}-{settings}-{storage}"
     if (out / "export_report.json").is_file():
