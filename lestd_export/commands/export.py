@@ -92,7 +92,8 @@ def summary(report: dict, out: Path) -> str:
     genai = report.get("format") == "onnxruntime-genai"
     lines += [f"  report: {out / REPORT_FILE}", "next:",
               f"  lestd-export eval {out}" + ("" if genai else " --backend onnxruntime"),
-              f"  lestd-export bench {out}" + (" --genai-baselines smollm2-135m" if genai else "")]
+              f"  lestd-export bench {out}" + (" --genai-baselines MODEL  (MODEL: the model you compressed, "
+                                               "for the builder's dense fp32 and int4 beside it)" if genai else "")]
     return "\n".join(lines)
 
 
