@@ -205,7 +205,6 @@ def _stored_entries(core, config: CompressionConfig, output_entries: int) -> dic
     """What one layer stores: values (factors, core blocks, a dense output projection), indices, and the
     plain layout's output-side copy of ``U1`` columns. The plain layout (graft.py) stores the ``U1``
     columns of the rows Q/K/V keep (their union) instead of the whole ``U1``, and no index."""
-    blocks = sum(g.values for g in core.groups.values())
     if config.layout != "plain":
         return {"values": core.value_entries + output_entries, "indices": core.index_entries, "output_copy": 0,
                 "factors": core.factor_entries}
@@ -215,6 +214,7 @@ def _stored_entries(core, config: CompressionConfig, output_entries: int) -> dic
     output = core.groups.get("o")
     copy = 0 if output is None else d * (r1 if output.rows is None else len(output.rows))
     factors = d * union + (0 if r2 >= dh else dh * r2)
+    blocks = sum(g.values for g in core.groups.values())
     return {"values": factors + blocks + output_entries, "indices": 0, "output_copy": copy, "factors": factors}
 
 
@@ -227,7 +227,8 @@ def _layout(entry: dict) -> dict:
 def _report(config: CompressionConfig, entries: list[dict], model_type: str, source: str | None,
             seconds: float) -> dict:
     dense = sum(e["dense"] for e in entries)
-    values = sum(e["values"] + e.get("output_copy", 0) for e in entries)
+    output_copy = sum(e.get("output_copy", 0) for e in entries)
+    values = sum(e["values"] for e in entries) + output_copy
     indices = sum(e["indices"] for e in entries)
     stored = values + config.index_cost * indices  # in stored values of the storage precision
     factors = sum(e["factors"] for e in entries)
@@ -242,8 +243,7 @@ def _report(config: CompressionConfig, entries: list[dict], model_type: str, sou
                           "with_indices": stored / dense, "storage": config.storage, "layout": config.layout},
         "index_dtype": "int32",
         "params": {"dense_attention": dense, "stored": stored, "factors": factors,
-                   "output_copy": sum(e.get("output_copy", 0) for e in entries),
-                   "core_values": values - factors - sum(e.get("output_copy", 0) for e in entries),
+                   "output_copy": output_copy, "core_values": values - factors - output_copy,
                    "indices": indices},
         "ranks": [e["ranks"] for e in entries],
         "density": [e["density"] for e in entries],

@@ -28,7 +28,7 @@ from .errors import InvalidConfigError
 from .io import atomic_output_dir, write_json
 from .loading import COMPRESSION_KEY, LoadedModel
 
-PRECISION = {"fp32": "fp32", "int8": "int8", "int4": "int4"}  # storage -> builder precision
+STORAGES = ("fp32", "int8", "int4")  # also the builder's precision names
 BITS = {"int8": 8, "int4": 4}
 MODEL_FILE = "model.onnx"
 REPORT_FILE = "export_report.json"
@@ -72,8 +72,7 @@ def dense_model(model):
 
     if getattr(model.config, COMPRESSION_KEY, None):
         config = copy.deepcopy(model.config)
-        if hasattr(config, COMPRESSION_KEY):
-            delattr(config, COMPRESSION_KEY)
+        delattr(config, COMPRESSION_KEY)
         dense = AutoModelForCausalLM.from_config(config).eval()
         wrapper = f".{spec_for(model.config).attention}."
         state = {key.replace(f"{wrapper}attention.", wrapper): value for key, value in model.state_dict().items()}
@@ -92,16 +91,13 @@ def dense_hf_dir(loaded: LoadedModel, dest: Path) -> Path:
     return dest
 
 
-def _initializer_bytes(model, names) -> int:
-    from onnx import numpy_helper
+def _node_weight_bytes(model, node_names: set[str]) -> int:
+    """Bytes of the initializers the named nodes read."""
+    from .export import initializer_sizes
 
-    sizes = {init.name: numpy_helper.to_array(init).nbytes for init in model.graph.initializer}
-    return sum(sizes.get(name, 0) for name in set(names))
-
-
-def _node_weights(model, node_names: set[str]) -> set[str]:
-    initializers = {init.name for init in model.graph.initializer}
-    return {i for node in model.graph.node if node.name in node_names for i in node.input if i in initializers}
+    sizes = initializer_sizes(model)
+    return sum(sizes[i] for i in {i for node in model.graph.node if node.name in node_names for i in node.input
+                                  if i in sizes})
 
 
 def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", overwrite: bool = False,
@@ -115,29 +111,29 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
     """
     import onnx
 
+    from .export import initializer_sizes
     from .genai import run_builder
     from .graft import graft_attention, quantize_nodes
     from .onnx_sites import locate_by_name
 
-    if storage not in PRECISION:
-        raise InvalidConfigError(f"unknown precision {storage!r}: choose one of {', '.join(PRECISION)}")
+    if storage not in STORAGES:
+        raise InvalidConfigError(f"unknown precision {storage!r}: choose one of {', '.join(STORAGES)}")
     latents = grafted_layers(loaded.model)
     started = time.perf_counter()
     with atomic_output_dir(Path(out_dir), overwrite) as staging:
         work = Path(tempfile.mkdtemp(prefix=".genai-work-", dir=staging.parent))
         try:
-            build = run_builder(dense_hf_dir(loaded, work / "hf"), work / "build", PRECISION[storage])
+            build = run_builder(dense_hf_dir(loaded, work / "hf"), work / "build", storage)
             model = onnx.load(str(build / MODEL_FILE))
             report = {"format": "onnxruntime-genai", "storage": storage, "compressed": bool(latents)}
             if latents:
-                producer, sites = locate_by_name(model, quantised_ok=True)
-                dense_bytes = _initializer_bytes(model, _node_weights(
-                    model, {n for s in sites for n in (*s.qkv_nodes, s.o_node)}))
-                before = _initializer_bytes(model, {i.name for i in model.graph.initializer})
+                _, sites = locate_by_name(model, quantised_ok=True)
+                dense_bytes = _node_weight_bytes(model, {n for s in sites for n in (*s.qkv_nodes, s.o_node)})
+                before = sum(initializer_sizes(model).values())
                 nodes = graft_attention(model, sites, latents)
                 if storage in BITS:
                     model = quantize_nodes(model, nodes, BITS[storage], block_size)
-                after = _initializer_bytes(model, {i.name for i in model.graph.initializer})
+                after = sum(initializer_sizes(model).values())
                 stored = dense_bytes + after - before  # a projection left dense keeps its bytes
                 report["attention_bytes"] = {"dense": dense_bytes, "compressed": stored,
                                              "fraction": stored / dense_bytes}
@@ -216,7 +212,8 @@ def genai_logits(model_dir: Path, input_ids: np.ndarray) -> np.ndarray:
     """Prefill logits ``[B, T, V]`` of a genai model through a plain ONNX Runtime session (empty cache)."""
     from .genai import open_genai_onnx
 
-    return open_genai_onnx(Path(model_dir)).step(input_ids.astype(np.int64), np.ones_like(input_ids, dtype=np.int64)).logits
+    runner = open_genai_onnx(Path(model_dir))
+    return runner.step(input_ids.astype(np.int64), np.ones_like(input_ids, dtype=np.int64)).logits
 
 
 def check_genai_parity(model, model_dir: Path, storage: str, tolerance: float, seed: int = 0) -> dict:
@@ -244,15 +241,8 @@ def check_genai_parity(model, model_dir: Path, storage: str, tolerance: float, s
 
 def genai_generates(model_dir: Path, new_tokens: int = 4) -> dict:
     """Load the directory with the onnxruntime-genai runtime and greedily generate a few tokens."""
-    import onnxruntime_genai as og
+    from .genai import GenaiRuntime, genai_version
 
-    model = og.Model(str(model_dir))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=8 + new_tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array([[1, 2, 3, 4, 5, 6, 7, 8]], dtype=np.int32))
-    tokens = []
-    while not generator.is_done() and len(tokens) < new_tokens:
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return {"runtime": f"onnxruntime-genai {og.__version__}", "generated": tokens}
+    prompt = np.arange(1, 9)[None]  # [1, 8]
+    tokens = GenaiRuntime(model_dir).generate(prompt, new_tokens)[0, prompt.shape[1]:]
+    return {"runtime": f"onnxruntime-genai {genai_version()}", "generated": tokens.tolist()}

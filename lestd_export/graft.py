@@ -47,11 +47,10 @@ class LatentLayer:
     @classmethod
     def from_core(cls, core: LayerCore) -> LatentLayer:
         square = core.u2.shape[0] == core.u2.shape[1]
-        if "o" not in core.groups:  # the output projection stays dense
-            return cls(core.u1, None if square else core.u2, qkv_segments(core, shared_rows=True), None, None)
-        rows = core.groups["o"].rows
-        return cls(core.u1, None if square else core.u2, qkv_segments(core, shared_rows=True), output_weight(core),
-                   None if rows is None else np.asarray(rows))
+        out = core.groups.get("o")  # None: the output projection stays dense
+        rows = None if out is None else out.rows
+        return cls(core.u1, None if square else core.u2, qkv_segments(core, shared_rows=True),
+                   None if out is None else output_weight(core), None if rows is None else np.asarray(rows))
 
     @classmethod
     def from_module(cls, latent) -> LatentLayer:
@@ -103,12 +102,13 @@ class _Builder:
         self.initializers.append(numpy_helper.from_array(data, full))
         return full
 
-    def node(self, op: str, inputs: list[str], name: str, output: str | None = None, n_out: int = 1, **attrs):
+    def node(self, op: str, inputs: list[str], name: str, output: str | list[str] | None = None, **attrs) -> str:
+        """Add a node; ``output`` names its output(s) (default: one named after the node). Returns the first."""
         from onnx import helper
 
-        outputs = [output] if output else [f"{self.prefix}/{name}/output_{i}" for i in range(n_out)]
+        outputs = [output] if isinstance(output, str) else output or [f"{self.prefix}/{name}/output_0"]
         self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{self.prefix}/{name}", **attrs))
-        return outputs[0] if n_out == 1 else outputs
+        return outputs[0]
 
     def matmul(self, x: str, weight: np.ndarray, name: str, output: str | None = None) -> str:
         """``x @ weight`` with ``weight [K, N]`` a 2-D initializer (what the quantisers take)."""
@@ -157,7 +157,7 @@ def _write_qkv(b: _Builder, outs: list[str], widths: list[int], site: AttentionS
         return
     packed = _rename_last(b, outs, None, "qkv")
     split = b.constant("split_widths", np.array(widths, dtype=np.int64), weight=False)
-    b.nodes.append(_make("Split", [packed, split], list(site.qkv_outputs), f"{b.prefix}/split", axis=-1))
+    b.node("Split", [packed, split], "split", list(site.qkv_outputs), axis=-1)
 
 
 def _rename_last(b: _Builder, outs: list[str], output: str | None, name: str) -> str:
@@ -177,12 +177,6 @@ def _rename(b: _Builder, tensor: str, output: str) -> None:
                 node.output[i] = output
                 return
     raise AssertionError(f"{tensor} is not produced in this subgraph")
-
-
-def _make(op, inputs, outputs, name, **attrs):
-    from onnx import helper
-
-    return helper.make_node(op, inputs, outputs, name=name, **attrs)
 
 
 def _output(b: _Builder, layer: LatentLayer, site: AttentionSite) -> None:

@@ -215,15 +215,14 @@ def _best_ranks_row(cumulative: list[np.ndarray], scales: list[float], groups: S
     return best
 
 
-def _best_ranks_dense(cumulative: np.ndarray, budget: float, rank2_options: Sequence[int],
-                      extra: int = 0) -> tuple[int, int]:
-    """TensorLLM: for each R2 the largest R1 whose dense core plus factors fit; keep the best energy.
-
-    ``extra``: entries each latent row costs beyond its core values (the plain layout's output copy)."""
+def _best_ranks_dense(cumulative: np.ndarray, budget: float, rank2_options: Sequence[int], request: TuckerRequest,
+                      units: SliceGroups) -> tuple[int, int]:
+    """TensorLLM: for each R2 the largest R1 whose dense core plus factors fit; keep the best energy."""
     s, d, dh = cumulative.shape
+    extra = sum(request.extra_row_costs(d, units).values())  # the plain layout's U1 columns, per latent row
     options = []
     for r2 in rank2_options:
-        per_row = factor_cost(d, dh, 1, 0) * (extra == 0) + s * r2 + extra  # the plain layout pays U1 per row
+        per_row = request.factor_cost(d, dh, 1, 0) + s * r2 + extra
         r1 = min(int((budget - factor_cost(d, dh, 0, r2)) // per_row), d)
         if r1 >= 1:
             stored = factor_cost(d, dh, 0, r2) + r1 * per_row
@@ -292,8 +291,7 @@ def compress_layers(tensors: Sequence[np.ndarray], groups: SliceGroups, request:
         cumulative = [np.cumsum(project_core(w, *b) ** 2, axis=2) for w, b in zip(weighted, bases)]
         layer_budget = request.size_fraction * dense_entries
         if request.method == "tensorllm":
-            ranks = [_best_ranks_dense(c, layer_budget, rank2_options,
-                                       sum(request.extra_row_costs(d, request.units(groups)).values()))
+            ranks = [_best_ranks_dense(c, layer_budget, rank2_options, request, request.units(groups))
                      for c in cumulative]
         elif request.budget == "global":
             shared = _best_ranks_row(cumulative, global_scales, request.units(groups), layer_budget * len(tensors),
