@@ -17,22 +17,14 @@ from lestd_export import genai  # noqa: E402
 from lestd_export.bench import run_benchmark, to_markdown  # noqa: E402
 from lestd_export.errors import OutputExistsError  # noqa: E402
 
-from test_evaluate import SENTENCES, tiny_llama, tiny_tokenizer  # noqa: E402
+# tiny_dir: the tiny Llama (4 query, 2 KV heads of 16: the CPU GroupQueryAttention kernel needs a head size
+# that is a multiple of 16), context 256, with a word-level tokenizer
+from test_evaluate import SENTENCES, tiny_dir  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    """Tiny Llama with GQA (4 query, 2 KV heads of 16: the CPU GroupQueryAttention kernel needs a head size that
-    is a multiple of 16), context 256, plus a word-level tokenizer."""
-    path = tmp_path_factory.mktemp("genai-hf")
-    tiny_llama().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def genai_fp32(hf_dir, tmp_path_factory):
-    return genai.run_builder(hf_dir, tmp_path_factory.mktemp("genai-out") / "genai-fp32", "fp32")
+def genai_fp32(tiny_dir, tmp_path_factory):
+    return genai.run_builder(tiny_dir, tmp_path_factory.mktemp("genai-out") / "genai-fp32", "fp32")
 
 
 @pytest.fixture()
@@ -42,13 +34,13 @@ def text_file(tmp_path):
     return path
 
 
-def test_builder_output_is_whole(hf_dir, genai_fp32):
+def test_builder_output_is_whole(tiny_dir, genai_fp32):
     assert genai.is_genai_dir(genai_fp32)
     assert [p.name for p in genai_fp32.parent.iterdir()] == ["genai-fp32"]  # no staging or cache folders left
     section = genai.decoder(genai_fp32)
     assert (section["num_key_value_heads"], section["head_size"], section["num_hidden_layers"]) == (2, 16, 2)
     with pytest.raises(OutputExistsError):
-        genai.run_builder(hf_dir, genai_fp32, "fp32")  # fails before running anything
+        genai.run_builder(tiny_dir, genai_fp32, "fp32")  # fails before running anything
     assert not genai.is_genai_dir(genai_fp32.parent)
 
 
@@ -70,21 +62,21 @@ def test_missing_package_says_what_to_install(monkeypatch):
         genai.run_builder(genai.Path("."), genai.Path("unused"), "fp32")
 
 
-def test_perplexity_equals_torch(hf_dir, genai_fp32, text_file):
+def test_perplexity_equals_torch(tiny_dir, genai_fp32, text_file):
     """eval auto-detects the genai directory (onnxruntime backend) and scores the same windows as torch."""
-    torch_result = ev.evaluate(hf_dir, "torch", text_file=text_file, seq_len=32, progress=False)
+    torch_result = ev.evaluate(tiny_dir, "torch", text_file=text_file, seq_len=32, progress=False)
     genai_result = ev.evaluate(genai_fp32, text_file=text_file, seq_len=32, progress=False)
     assert genai_result["backend"] == "onnxruntime"
     assert genai_result["tokens_sha256"] == torch_result["tokens_sha256"] and genai_result["tokens"] > 100
     assert genai_result["perplexity"] == pytest.approx(torch_result["perplexity"], rel=1e-4)
 
 
-def test_genai_loop_generates_like_torch_greedy(hf_dir, genai_fp32):
+def test_genai_loop_generates_like_torch_greedy(tiny_dir, genai_fp32):
     from transformers import AutoModelForCausalLM
 
     prompt = np.random.default_rng(0).integers(3, 100, size=(2, 6))
     generated = genai.GenaiRuntime(genai_fp32, threads=1).generate(prompt, 5)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = model.generate(torch.from_numpy(prompt), max_new_tokens=5, min_new_tokens=5, do_sample=False)
     np.testing.assert_array_equal(generated, expected.numpy())
@@ -104,7 +96,7 @@ def test_bench_times_a_genai_directory(genai_fp32):
     assert "| genai-fp32 (baseline) | genai |" in table and "| ppl | ppl x |" in table
 
 
-def test_genai_baselines_are_built_once(hf_dir, genai_fp32, tmp_path, monkeypatch):
+def test_genai_baselines_are_built_once(tiny_dir, genai_fp32, tmp_path, monkeypatch):
     built = []
 
     def fake_builder(source, out, precision, *, overwrite=False):
@@ -114,9 +106,9 @@ def test_genai_baselines_are_built_once(hf_dir, genai_fp32, tmp_path, monkeypatc
 
     monkeypatch.setenv("LESTD_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(genai, "run_builder", fake_builder)
-    first = genai.genai_baselines(str(hf_dir), progress=False)
+    first = genai.genai_baselines(str(tiny_dir), progress=False)
     assert [p.name for p in first] == ["genai-fp32", "genai-int4"] and built == ["fp32", "int4"]
-    assert genai.genai_baselines(str(hf_dir), progress=False) == first and len(built) == 2
+    assert genai.genai_baselines(str(tiny_dir), progress=False) == first and len(built) == 2
 
 
 @pytest.mark.parametrize("damage", ["config", "decoder"])
