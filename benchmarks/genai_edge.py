@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -72,9 +73,12 @@ def main() -> int:
     for precision in PRECISIONS:
         base, mine = by_dir[dense[precision].resolve()], by_dir[ours[precision].resolve()]
         speedup = mine["decode_tokens_per_s"]["median"] / base["decode_tokens_per_s"]["median"]
+        paired = statistics.median(m / b for m, b in zip(mine["decode_tokens_per_s_runs"],
+                                                         base["decode_tokens_per_s_runs"]))
         bytes_ratio = base["model_bytes"] / mine["model_bytes"]
         summary[precision] = {
             "dense": base["variant"], "lestd": mine["variant"], "decode_speedup": speedup,
+            "decode_speedup_paired": paired,
             "prefill_speedup": mine["prefill_tokens_per_s"]["median"] / base["prefill_tokens_per_s"]["median"],
             "bytes_ratio": bytes_ratio, "bytes_bound_fraction": speedup / bytes_ratio,
             "perplexity_ratio": mine["quality"]["perplexity"] / base["quality"]["perplexity"],

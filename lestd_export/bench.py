@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -236,6 +237,7 @@ def summarise(variant: Variant, runs: list[dict], size_fraction: float | None, q
         "prompt_len": first["prompt_len"], "gen_len": first["gen_len"], "repeats": len(runs),
         "prefill_tokens_per_s": _stats([r["prefill_tokens_per_s"] for r in runs]),
         "decode_tokens_per_s": _stats([r["decode_tokens_per_s"] for r in runs]) if first["gen_len"] else None,
+        "decode_tokens_per_s_runs": [r["decode_tokens_per_s"] for r in runs] if first["gen_len"] else None,
         "latency_ms": {"p50": float(np.percentile(latencies, 50)), "p90": float(np.percentile(latencies, 90))}
         if latencies else None,
         "ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
@@ -253,6 +255,8 @@ def summarise(variant: Variant, runs: list[dict], size_fraction: float | None, q
 def compute_ratios(records: list[dict]) -> dict:
     """Per variant, vs the record with ``is_baseline``: speedups, bytes ratio, bytes-bound fraction.
 
+    ``decode_speedup_paired`` = the median over repeats of the variant's decode rate over the baseline's in
+    the same repeat (robust to drift between repeats on a noisy machine; None without per-run rates);
     ``bytes_ratio`` = baseline bytes / variant bytes (what a purely memory-bound decode would gain);
     ``bytes_bound_fraction`` = decode_speedup / bytes_ratio (1.0: the size saving fully turned into speed);
     ``perplexity_ratio`` = variant perplexity / baseline perplexity (None without the quality column).
@@ -265,10 +269,14 @@ def compute_ratios(records: list[dict]) -> dict:
         decode = (record["decode_tokens_per_s"]["median"] / base["decode_tokens_per_s"]["median"]
                   if record.get("decode_tokens_per_s") and base.get("decode_tokens_per_s") else None)
         prefill = record["prefill_tokens_per_s"]["median"] / base["prefill_tokens_per_s"]["median"]
+        runs, base_runs = record.get("decode_tokens_per_s_runs"), base.get("decode_tokens_per_s_runs")
+        paired = (statistics.median(r / b for r, b in zip(runs, base_runs))
+                  if runs and base_runs and len(runs) == len(base_runs) else None)
         bytes_ratio = base["model_bytes"] / record["model_bytes"]
         quality, base_quality = record.get("quality"), base.get("quality")
         ratios[record["variant"]] = {
-            "decode_speedup": decode, "prefill_speedup": prefill, "bytes_ratio": bytes_ratio,
+            "decode_speedup": decode, "decode_speedup_paired": paired, "prefill_speedup": prefill,
+            "bytes_ratio": bytes_ratio,
             "bytes_bound_fraction": decode / bytes_ratio if decode is not None else None,
             "perplexity_ratio": quality["perplexity"] / base_quality["perplexity"] if quality and base_quality
             else None}
@@ -390,8 +398,8 @@ def run_benchmark(dirs: list[Path], baseline: Path | None = None, provider: str 
 
     runs: dict[str, list[dict]] = {v.name: [] for v in variants}
     with tqdm(total=repeats * len(variants), desc="bench", unit="run", file=sys.stderr, disable=not progress) as bar:
-        for repeat in range(repeats):  # interleaved A/B/A/B: drift on a noisy machine hits every variant alike
-            for variant in variants:
+        for repeat in range(repeats):  # interleaved, in a fresh order each repeat: drift hits every variant alike
+            for variant in random.Random(repeat).sample(variants, len(variants)):
                 bar.set_postfix_str(f"{variant.name} r{repeat + 1}")
                 runs[variant.name].append(run_worker(variant, provider, threads, batch, prompt_len, gen_len,
                                                      warmup, seed=repeat))
@@ -415,15 +423,16 @@ def to_markdown(result: dict) -> str:
              f"{', onnxruntime-genai ' + str(machine.get('onnxruntime_genai')) if genai else ''}, "
              f"provider {machine['provider']}, threads {machine['threads']}; batch {first['batch']}, "
              f"prompt {first['prompt_len']}, gen {first['gen_len']}, {first['repeats']} repeats (medians, "
-             "one fresh process per run, A/B interleaved)."]
+             "one fresh process per run, interleaved in a fresh order each repeat; paired x = median over repeats "
+             "of the ratio within a repeat)."]
     quality = result.get("quality") or {}
     if "tokens_sha256" in quality:
         lines.append(f"Quality: perplexity through ONNX Runtime on the same {quality['text_tokens']} tokens of the "
                      f"default text for every variant ({quality['seq_len']}-token windows, tokens sha256 "
                      f"{quality['tokens_sha256'][:12]}); ppl x = perplexity / the baseline's.")
     lines += ["", "| variant | runtime | size fraction | MB on disk | prefill tok/s | decode tok/s | p50 ms | p90 ms "
-                  "| TTFT ms | peak RSS MB | decode x | prefill x | bytes x | bytes-bound | ppl | ppl x |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| TTFT ms | peak RSS MB | decode x | paired x | prefill x | bytes x | bytes-bound | ppl | ppl x |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["records"]:
         q = result["ratios"][r["variant"]]
         lat = r["latency_ms"] or {}
@@ -435,7 +444,7 @@ def to_markdown(result: dict) -> str:
             f"| {r['model_bytes'] / 2**20:.1f} | {r['prefill_tokens_per_s']['median']:.0f} "
             f"| {_fmt(decode.get('median'))} | {_fmt(lat.get('p50'), '.2f')} | {_fmt(lat.get('p90'), '.2f')} "
             f"| {r['ttft_ms']:.1f} | {r['peak_rss_mb']:.0f} | {_fmt(q['decode_speedup'], '.2f')} "
-            f"| {q['prefill_speedup']:.2f} | {q['bytes_ratio']:.2f} | {_fmt(q['bytes_bound_fraction'], '.2f')} "
+            f"| {_fmt(q.get('decode_speedup_paired'), '.2f')} | {q['prefill_speedup']:.2f} | {q['bytes_ratio']:.2f} | {_fmt(q['bytes_bound_fraction'], '.2f')} "
             f"| {_fmt(ppl, '.3f')} | {_fmt(q.get('perplexity_ratio'), '.3f')} |")
     return "\n".join(lines) + "\n"
 

@@ -21,6 +21,16 @@ INDEX_COST = {"fp32": 1, "int8": 4, "int4": 8}  # stored values an int32 row ind
 DEFAULT_CALIBRATION_TOKENS = 4096
 
 
+def default_input_whitening(dense_output: bool, layout: str) -> float:
+    """Power of the input Gram in ``U1``'s metric (measured at 0.5 on the default model, README Quality):
+    1 when ``U1`` serves only the Q/K/V inputs (dense output: their output error exactly); with a factored
+    output ``U1`` is also the output heads' output side, where the input Gram misallocates the budget:
+    0 in the shared layout, 0.5 in the plain layout, whose Q/K/V keep far fewer (shared) rows."""
+    if dense_output:
+        return 1.0
+    return 0.5 if layout == "plain" else 0.0
+
+
 @dataclass(frozen=True)
 class CompressionConfig:
     """How to compress the attention of a model.
@@ -50,6 +60,8 @@ class CompressionConfig:
     ``dense_output``: the output projection stays dense and exact; Stage I/II, the refit and the
     budget cover Q/K/V only (the size fraction still counts all four projections). In the plain
     layout a factored output projection pays ``d`` more per kept row and one more MatMul per layer.
+    ``input_whitening`` (``p``) whitens the shared basis's ``d`` mode by the input Gram to the power
+    ``p``; the default depends on what ``U1`` serves (``default_input_whitening``).
 
     ``objective``: the norm that Stage I and Stage II minimise (numerics/planner.py).
     ``balanced`` (the default for ``lestd``) weights each slice group (q, k, v, o of a layer) by
@@ -74,7 +86,7 @@ class CompressionConfig:
     damping: float = 0.01  # ridge on the calibration Gram matrices, relative to their mean diagonal
     refit: bool = True  # with calibration: least-squares refit of the kept core values, layer by layer
     refit_target: str = "layer"  # "layer": the dense layer on the compressed model's inputs; "model": the dense model's outputs
-    input_whitening: float = 0.0  # power p of the input Gram in the shared left metric (0: none, 1: full whitening)
+    input_whitening: float | None = None  # power p of the input Gram in U1's metric; None: default_input_whitening
     heal: bool = False  # with calibration: distil the compressed model against the dense one
     heal_tokens: int = 16384
     heal_steps: int = 300
@@ -127,8 +139,6 @@ class CompressionConfig:
             bad(f"damping must be a positive number, got {self.damping!r}")
         if self.refit_target not in REFIT_TARGETS:
             bad(f"unknown refit target {self.refit_target!r}; choose one of {', '.join(REFIT_TARGETS)}")
-        if not (isinstance(self.input_whitening, (int, float)) and 0 <= self.input_whitening <= 1):
-            bad(f"input whitening must lie in [0, 1], got {self.input_whitening!r}")
         if self.heal and self.calibration == "none":
             bad("--heal distils on calibration data: give a --calibration source")
         if not (isinstance(self.heal_tokens, int) and self.heal_tokens >= 128 and isinstance(self.heal_steps, int)
@@ -140,6 +150,10 @@ class CompressionConfig:
             bad(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}")
         if self.storage != "fp32" and self.layout == "shared":  # quantisers only take plain 2-D MatMul weights
             object.__setattr__(self, "layout", "plain")
+        if self.input_whitening is None:
+            object.__setattr__(self, "input_whitening", default_input_whitening(self.dense_output, self.layout))
+        if not (isinstance(self.input_whitening, (int, float)) and 0 <= self.input_whitening <= 1):
+            bad(f"input whitening must lie in [0, 1], got {self.input_whitening!r}")
         if self.dense_output and self.method == "svd":
             bad("svd compresses every matrix on its own: --dense-output does not apply")
         if self.layout == "plain" and self.granularity == "element":

@@ -27,6 +27,7 @@ DATASETS = ("default", "wikitext2")
 DEFAULT_SEQ_LEN = 512
 BATCH_WINDOWS = 4  # windows per forward pass
 REPORT_FILE = "compression_report.json"  # written next to a compressed checkpoint (see compress.py)
+EXPORT_REPORT_FILE = "export_report.json"  # the export's report; a genai export's holds the size fraction
 ONNX_FILE = "model.onnx"
 FIX_DIR = "re-create the directory (lestd-export export / compress)"
 RESULT_KEYS = ("perplexity", "tokens", "seq_len", "backend", "text_source", "model", "size_fraction",
@@ -261,16 +262,19 @@ def _fraction_from(compression: dict | None) -> float | None:
 
 
 def size_fraction_of_dir(path: Path) -> float | None:
-    """``with_indices`` from ``config.json``'s compression section or ``compression_report.json``."""
+    """``with_indices`` from ``config.json``'s compression section, ``compression_report.json`` or (an
+    onnxruntime-genai export, which has no config.json) ``export_report.json``."""
     path = Path(path)
     config = path / "config.json"
     if config.is_file():
         fraction = _fraction_from(read_json(config, FIX_DIR).get(COMPRESSION_KEY))
         if fraction is not None:
             return fraction
-    report = path / REPORT_FILE
-    if report.is_file():
-        return _fraction_from(read_json(report, FIX_DIR))
+    for report in (path / REPORT_FILE, path / EXPORT_REPORT_FILE):
+        if report.is_file():
+            fraction = _fraction_from(read_json(report, FIX_DIR))
+            if fraction is not None:
+                return fraction
     return None
 
 

@@ -16,6 +16,11 @@ The plain layout's planner (numerics/planner.py) gives Q, K and V the same rows,
 MatMuls, ``X @ A @ W``, and a layer adds one MatMul for Q/K/V and one for O (none with
 ``--dense-output``). A checkpoint planned for the shared layout still grafts (with Gathers).
 
+Every factor pair ``x @ F @ S`` is written range-equalised (cross-layer equalisation, Nagel et al. 2019):
+column ``j`` of ``F`` times ``s_j``, row ``j`` of ``S`` divided by it, ``s_j = sqrt(max|S_j| / max|F_j|)``, so
+both have the same range. The product is unchanged; MatMulNBits blocks run along ``S``'s rows, which the
+whitened basis leaves at very different scales, and int4 rounds them far less after equalising.
+
 ``D`` is the second layout of ``U1`` that a quantised product needs (MatMulNBits blocks along the
 reduction axis, which differs between ``X U1`` and ``latent U1^T``); only the rows the output heads
 keep are stored. When ``R2 < d_h`` each head is mapped through ``U2^T`` (Q/K/V) or ``U2`` (O).
@@ -127,14 +132,30 @@ class _Builder:
         return self.node("Reshape", [x, shape], name, output)
 
 
+def equalize(first: np.ndarray, second: np.ndarray, second_ranges: np.ndarray | None = None):
+    """``(F diag(s), s)`` with ``s_j = sqrt(r_j / max|F[:, j]|)`` for ``x @ F @ S`` (``F [K, r]``, ``S [r, N]``);
+    ``r_j`` is ``max|S[j, :]|`` unless ``second_ranges`` gives it. Divide ``S``'s rows by ``s``."""
+    first_ranges = np.abs(first).max(axis=0)  # [r]
+    second_ranges = np.abs(second).max(axis=1) if second_ranges is None else second_ranges
+    valid = (first_ranges > 0) & (second_ranges > 0)
+    scale = np.sqrt(np.where(valid, second_ranges / np.where(valid, first_ranges, 1.0), 1.0))
+    return first * scale, scale
+
+
 def _qkv(b: _Builder, layer: LatentLayer, site: AttentionSite) -> None:
     union = layer.qkv_union
-    z = b.matmul(site.qkv_input, layer.u1[:, union], "u1_in")  # [B, T, u]
+    positions = [None if rows is None else np.searchsorted(union, rows) for _, rows, _ in layer.segments]
+    ranges = np.zeros(len(union))  # the largest |entry| of each union row over the segments that read it
+    for (weight, _, _), pos in zip(layer.segments, positions):
+        np.maximum.at(ranges, slice(None) if pos is None else pos, np.abs(weight).max(axis=1))
+    first, scale = equalize(layer.u1[:, union], None, ranges)
+    z = b.matmul(site.qkv_input, first, "u1_in")  # [B, T, u]
     outs, widths = [], []
-    for j, (weight, rows, group_widths) in enumerate(layer.segments):
+    for j, ((weight, rows, group_widths), pos) in enumerate(zip(layer.segments, positions)):
         source = z
+        weight = weight / scale[slice(None) if pos is None else pos, None]
         if rows is not None and not np.array_equal(rows, union):
-            position = b.constant(f"rows_{j}", np.searchsorted(union, rows).astype(np.int32), weight=False)
+            position = b.constant(f"rows_{j}", pos.astype(np.int32), weight=False)
             source = b.node("Gather", [z, position], f"gather_{j}", axis=-1)  # [B, T, k_j]
         out = b.matmul(source, weight, f"core_{j}")  # [B, T, cols_j]
         if layer.u2 is not None:  # blocks are in the R2 basis: map every head through U2^T
@@ -184,9 +205,10 @@ def _output(b: _Builder, layer: LatentLayer, site: AttentionSite) -> None:
     if layer.u2 is not None:
         dh = layer.u2.shape[0]
         heads = b.flat(b.matmul(b.heads(heads, dh, "o_heads"), layer.u2, "u2_out"), "o_flat")  # [B, T, h R2]
-    latent = b.matmul(heads, layer.o_weight, "core_o")  # [B, T, k_O]
     u1 = layer.u1 if layer.o_rows is None else layer.u1[:, layer.o_rows]
-    b.matmul(latent, u1.T, "u1_out", site.o_output)  # [B, T, d]
+    core, scale = equalize(layer.o_weight, u1.T)
+    latent = b.matmul(heads, core, "core_o")  # [B, T, k_O]
+    b.matmul(latent, u1.T / scale[:, None], "u1_out", site.o_output)  # [B, T, d]
 
 
 @dataclass
@@ -206,8 +228,13 @@ class LowRankLayer:
         return cls([part for module in qkv for part in parts(module)], parts(o)[0])
 
 
+def _low_rank(b: _Builder, x: str, a: np.ndarray, w: np.ndarray, name: str, output: str | None = None) -> str:
+    a, scale = equalize(a, w)
+    return b.matmul(b.matmul(x, a, f"a_{name}"), w / scale[:, None], f"b_{name}", output)
+
+
 def _qkv_low_rank(b: _Builder, layer: LowRankLayer, site: AttentionSite) -> None:
-    outs = [b.matmul(b.matmul(site.qkv_input, a, f"a_{j}"), w, f"b_{j}") for j, (a, w) in enumerate(layer.qkv)]
+    outs = [_low_rank(b, site.qkv_input, a, w, str(j)) for j, (a, w) in enumerate(layer.qkv)]
     _write_qkv(b, outs, [w.shape[1] for _, w in layer.qkv], site)
 
 
@@ -229,7 +256,7 @@ def graft_attention(model, sites: list[AttentionSite], layers: list[LatentLayer 
         out = _Builder(prefix + "/o", f"lestd.layers.{site.layer}.o")
         if isinstance(layer, LowRankLayer):
             _qkv_low_rank(qkv, layer, site)
-            out.matmul(out.matmul(site.o_input, layer.o[0], "a_o"), layer.o[1], "b_o", site.o_output)
+            _low_rank(out, site.o_input, *layer.o, "o", site.o_output)
         else:
             _qkv(qkv, layer, site)
             if layer.o_weight is not None:

@@ -67,16 +67,22 @@ def test_each_run_in_its_own_process(result):
 
 
 def test_ratio_arithmetic():
-    def record(name, decode, prefill, size, base=False, ppl=None):
-        return {"variant": name, "is_baseline": base, "model_bytes": size,
+    def record(name, decode, prefill, size, base=False, ppl=None, runs=None):
+        return {"variant": name, "is_baseline": base, "model_bytes": size, "decode_tokens_per_s_runs": runs,
                 "decode_tokens_per_s": {"median": decode}, "prefill_tokens_per_s": {"median": prefill},
                 "quality": None if ppl is None else {"perplexity": ppl, "tokens": 1000}}
 
     ratios = compute_ratios([record("dense", 100.0, 1000.0, 400, True), record("small", 150.0, 800.0, 200)])
-    assert ratios["small"] == pytest.approx({"decode_speedup": 1.5, "prefill_speedup": 0.8, "bytes_ratio": 2.0,
+    assert ratios["small"] == pytest.approx({"decode_speedup": 1.5, "decode_speedup_paired": None,
+                                             "prefill_speedup": 0.8, "bytes_ratio": 2.0,
                                              "bytes_bound_fraction": 0.75, "perplexity_ratio": None})
-    assert ratios["dense"] == pytest.approx({"decode_speedup": 1.0, "prefill_speedup": 1.0, "bytes_ratio": 1.0,
+    assert ratios["dense"] == pytest.approx({"decode_speedup": 1.0, "decode_speedup_paired": None,
+                                             "prefill_speedup": 1.0, "bytes_ratio": 1.0,
                                              "bytes_bound_fraction": 1.0, "perplexity_ratio": None})
+    # paired: the ratio within each repeat, then the median (drift between repeats cancels)
+    ratios = compute_ratios([record("dense", 100.0, 1000.0, 400, True, runs=[100.0, 50.0, 200.0]),
+                             record("small", 100.0, 800.0, 200, runs=[110.0, 60.0, 100.0])])
+    assert ratios["small"]["decode_speedup_paired"] == pytest.approx(1.1)
     ratios = compute_ratios([record("dense", 100.0, 1000.0, 400, True, 10.0),
                              record("small", 150.0, 800.0, 200, ppl=12.5)])
     assert ratios["small"]["perplexity_ratio"] == pytest.approx(1.25)

@@ -74,6 +74,26 @@ def test_whitened_selection_lowers_the_output_error_it_targets():
     assert errors[0] < errors[1]
 
 
+def test_dense_output_whitens_the_qkv_inputs_by_default():
+    """With the output projection dense, ``U1`` serves only the Q/K/V inputs: the default is full whitening
+    (``p = 1``), whose plan has a lower Q/K/V output error ``||X (W - What)||`` than the unwhitened one."""
+    assert CompressionConfig(dense_output=True).input_whitening == 1.0
+    assert CompressionConfig().input_whitening == 0.0
+    assert CompressionConfig(storage="int4").input_whitening == 0.5  # plain layout, factored output
+    assert CompressionConfig(dense_output=True, input_whitening=0.25).input_whitening == 0.25
+    rng = np.random.default_rng(5)
+    groups = SliceGroups(("q", "k", "v"), (4, 2, 2))
+    w = rng.standard_normal((groups.total, D, DH))
+    x_gram, x = random_gram(rng, D)
+    request = TuckerRequest(size_fraction=0.4, objective="balanced")
+    errors = []
+    for power in (1.0, 0.0):
+        metric = layer_metric(x_gram, None, (*groups.sizes, 0), DH, damping=1e-6, input_power=power)
+        (layer,) = compress_layers([w], groups, request, metrics=[metric])
+        errors.append(float(np.sum((x @ (w - reconstruct_layer(layer, groups))) ** 2)))
+    assert errors[0] < 0.9 * errors[1]
+
+
 def test_refit_input_group_is_the_least_squares_optimum():
     rng = np.random.default_rng(4)
     n, k, tokens = 2, 6, 300

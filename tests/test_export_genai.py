@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime_genai")
 from lestd_export.compress import compress_model  # noqa: E402
 from lestd_export.config import CompressionConfig  # noqa: E402
 from lestd_export.export_genai import _latent_layers, export_genai, genai_logits  # noqa: E402
-from lestd_export.graft import LatentLayer  # noqa: E402
+from lestd_export.graft import LatentLayer, equalize  # noqa: E402
 from lestd_export.loading import LoadedModel  # noqa: E402
 
 from test_evaluate import tiny_llama, tiny_tokenizer  # noqa: E402
@@ -43,6 +43,9 @@ def test_grafted_genai_model_equals_pytorch(settings, tmp_path):
     np.testing.assert_allclose(genai_logits(tmp_path / "genai", ids), expected, atol=1e-4, rtol=1e-4)
     assert len(report["runtime"]["generated"]) == 4  # the genai runtime loads the directory and generates
     assert json.loads((tmp_path / "genai" / "export_report.json").read_text())["format"] == "onnxruntime-genai"
+    from lestd_export.evaluate import size_fraction_of_dir, size_fraction_of_model
+
+    assert size_fraction_of_dir(tmp_path / "genai") == size_fraction_of_model(loaded.model) < 1  # eval reports it
 
 
 @pytest.mark.parametrize("storage,op", [("int4", "MatMulNBits"), ("int8", "MatMulNBits")])
@@ -63,6 +66,29 @@ def test_quantised_graft_leaves_no_fp32_weight_product(storage, op, tmp_path):
         expected = loaded.model(torch.from_numpy(ids)).logits.numpy().ravel()
     correlation = np.corrcoef(genai_logits(tmp_path / "genai", ids).ravel(), expected)[0, 1]
     assert correlation > 0.8  # int4 noise on a random tiny model (the builder's own dense int4: 0.93), not a wrong graph
+
+
+def test_equalised_factor_pairs_keep_the_product_and_share_their_ranges():
+    """Cross-layer equalisation of ``x @ F @ S``: the product is unchanged, column j of F and row j of S end up
+    with the same largest entry (rows of zeros stay), and the rounding error of blockwise int4 along S's rows
+    (what MatMulNBits does) drops when the rows' scales differ as a whitened basis makes them."""
+    rng = np.random.default_rng(0)
+    first = np.linalg.qr(rng.standard_normal((64, 8)))[0]  # orthonormal columns, like U1
+    second = rng.standard_normal((8, 48)) * np.array([30.0, 8.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.0])[:, None]
+    equalised, scale = equalize(first, second)
+    balanced = second / scale[:, None]
+    np.testing.assert_allclose(equalised @ balanced, first @ second, atol=1e-10)
+    np.testing.assert_allclose(np.abs(equalised).max(0)[:7], np.abs(balanced).max(1)[:7], rtol=1e-12)
+    assert np.all(balanced[7] == 0)
+
+    def int4_rows(w):  # symmetric int4 in blocks of 8 rows per column, the largest |entry| -> 8 steps
+        blocks = w.reshape(-1, 8, w.shape[1])
+        step = np.abs(blocks).max(1, keepdims=True) / 8
+        return (np.round(blocks / np.where(step > 0, step, 1)) * step).reshape(w.shape)
+
+    x = rng.standard_normal((256, 64))
+    errors = [np.linalg.norm(x @ f @ (s - int4_rows(s))) for f, s in ((first, second), (equalised, balanced))]
+    assert errors[1] < 0.6 * errors[0]  # 0.53 here
 
 
 def test_plain_layout_budget_counts_what_the_graft_stores():

@@ -44,9 +44,11 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--refit-target", choices=REFIT_TARGETS, default="layer",
                        help="what the refit fits: layer (default: the dense layer on the compressed model's "
                             "inputs) or model (the dense model's outputs)")
-    group.add_argument("--input-whitening", type=float, default=0.0, metavar="P",
-                       help="power of the input Gram in the shared basis's metric, 0..1 (default 0; 1 whitens "
-                            "the input side exactly but shifts the output heads' budget to outlier dimensions)")
+    group.add_argument("--input-whitening", type=float, default=None, metavar="P",
+                       help="power of the input Gram in the shared basis's metric, 0..1 (default: 1 with "
+                            "--dense-output, 0.5 with --quantize or --format genai, else 0; 1 whitens the "
+                            "Q/K/V inputs exactly but, with a factored output projection, shifts the output "
+                            "heads' budget to outlier dimensions)")
     group.add_argument("--heal", action="store_true",
                        help="with calibration: distil the compressed model against the dense one (logit KL), "
                             "updating only stored values; about 10 minutes on 2 cores with the defaults")
@@ -94,5 +96,5 @@ def compression_flags_given(args: argparse.Namespace) -> bool:
                 "granularity": "row", "budget": "layer", "objective": None, "hooi_tol": 1e-6, "hooi_max_iter": 10,
                 "calibration": None, "calibration_tokens": DEFAULT_CALIBRATION_TOKENS, "no_refit": False, "heal": False,
                 "heal_tokens": 16384, "heal_steps": 300, "damping": 0.01, "refit_target": "layer",
-                "input_whitening": 0.0, "dense_output": False}
+                "input_whitening": None, "dense_output": False}
     return any(getattr(args, key) != value for key, value in defaults.items())
