@@ -8,7 +8,7 @@ prefill/decode tokens/s, file bytes and a short perplexity (the same default-tex
 The JSON adds, per precision, LeSTD's decode speedup, bytes ratio, bytes-bound fraction and perplexity ratio
 against the builder's dense model of that precision.
 
-Usage: python benchmarks/genai_edge.py [--fraction 0.5] [--settings dense_output|factored_output|svd_llm]
+Usage: python benchmarks/genai_edge.py [--fraction 0.5] [--settings dense_output|dense_output_heal|factored_output|svd_llm]
        [--repeats 5]
        [--out benchmarks/results/genai_edge_<settings>.json]
 The builder 0.15.2's int8 model of a tied-embedding model does not load with its shared embedding;
@@ -32,6 +32,7 @@ from lestd_export.loading import load_model
 
 PRECISIONS = ("int4", "int8")
 SETTINGS = {"dense_output": {"dense_output": True}, "factored_output": {},
+            "dense_output_heal": {"dense_output": True, "heal": True},  # + logit-KL healing, 300 steps
             "svd_llm": {"method": "svd"}}  # the per-matrix baseline, calibrated (SVD-LLM), grafted the same way
 
 
@@ -57,28 +58,32 @@ def main() -> int:
     parser.add_argument("--fraction", type=float, default=0.5)
     parser.add_argument("--settings", choices=tuple(SETTINGS), default="dense_output")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precisions", default="int4,int8", help="comma list of int4, int8 (default both)")
     parser.add_argument("--quality-tokens", type=int, default=2048)
     parser.add_argument("--root", type=Path, default=Path("artifacts/genai-edge"))
     parser.add_argument("--out", type=Path, default=None,
                         help="default: benchmarks/results/genai_edge_<settings>.json (and .md)")
     args = parser.parse_args()
+    precisions = tuple(args.precisions.split(","))
+    if not precisions or not set(precisions) <= set(PRECISIONS):
+        parser.error(f"--precisions takes a comma list of {', '.join(PRECISIONS)}")
     args.out = args.out or Path(f"benchmarks/results/genai_edge_{args.settings}.json")
 
-    dense = dict(zip(PRECISIONS, genai_baselines(None, precisions=PRECISIONS)))
-    ours = {p: lestd_variant(args.root, args.fraction, p, args.settings) for p in PRECISIONS}
-    result = run_benchmark([dense["int4"], ours["int4"], dense["int8"], ours["int8"]], baseline=dense["int4"],
+    dense = dict(zip(precisions, genai_baselines(None, precisions=precisions)))
+    ours = {p: lestd_variant(args.root, args.fraction, p, args.settings) for p in precisions}
+    result = run_benchmark([d for p in precisions for d in (dense[p], ours[p])], baseline=dense[precisions[0]],
                            threads=2, repeats=args.repeats, quality_tokens=args.quality_tokens)
     by_dir = {Path(r["export_dir"]).resolve(): r for r in result["records"]}
     summary = {}
-    for precision in PRECISIONS:
+    for precision in precisions:
         base, mine = by_dir[dense[precision].resolve()], by_dir[ours[precision].resolve()]
         speedup = mine["decode_tokens_per_s"]["median"] / base["decode_tokens_per_s"]["median"]
-        paired = statistics.median(m / b for m, b in zip(mine["decode_tokens_per_s_runs"],
-                                                         base["decode_tokens_per_s_runs"]))
+        within = [m / b for m, b in zip(mine["decode_tokens_per_s_runs"], base["decode_tokens_per_s_runs"])]
+        paired = statistics.median(within)
         bytes_ratio = base["model_bytes"] / mine["model_bytes"]
         summary[precision] = {
             "dense": base["variant"], "lestd": mine["variant"], "decode_speedup": speedup,
-            "decode_speedup_paired": paired,
+            "decode_speedup_paired": paired, "decode_speedup_paired_quartiles": statistics.quantiles(within, n=4),
             "prefill_speedup": mine["prefill_tokens_per_s"]["median"] / base["prefill_tokens_per_s"]["median"],
             "bytes_ratio": bytes_ratio, "bytes_bound_fraction": speedup / bytes_ratio,
             "perplexity_ratio": mine["quality"]["perplexity"] / base["quality"]["perplexity"],

@@ -151,7 +151,8 @@ class CompressionConfig:
         if self.storage != "fp32" and self.layout == "shared":  # quantisers only take plain 2-D MatMul weights
             object.__setattr__(self, "layout", "plain")
         if self.input_whitening is None:
-            object.__setattr__(self, "input_whitening", default_input_whitening(self.dense_output, self.layout))
+            object.__setattr__(self, "input_whitening", 0.0 if self.method == "svd"  # SVD-LLM whitens on its own
+                               else default_input_whitening(self.dense_output, self.layout))
         if not (isinstance(self.input_whitening, (int, float)) and 0 <= self.input_whitening <= 1):
             bad(f"input whitening must lie in [0, 1], got {self.input_whitening!r}")
         if self.dense_output and self.method == "svd":
