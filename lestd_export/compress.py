@@ -125,7 +125,7 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
             from .refit import sequential_refit
 
             output_errors = sequential_refit(model, spec, groups, tensors, cores, calibration, install,
-                                             target=config.refit_target, progress=progress)
+                                             target=config.refit_target, bits=config.bits, progress=progress)
             for core, dense in zip(cores, tensors):  # the refit changed the values: recount the plain error
                 core.kept_energy = core.energy - float(np.sum((dense - reconstruct_layer(core, groups)) ** 2))
         else:

@@ -17,6 +17,7 @@ REFIT_TARGETS = ("layer", "model")
 STORAGES = ("fp32", "int8", "int4")  # precision of the stored attention weights in the exported file
 LAYOUTS = ("shared", "plain")
 INDEX_COST = {"fp32": 1, "int8": 4, "int4": 8}  # stored values an int32 row index costs
+STORAGE_BITS = {"int8": 8, "int4": 4}  # MatMulNBits bits of a quantised storage
 # 2048 measured worse at 0.5: x2.57 / x2.75 against x2.38 / x2.67 (default text / prose, 4096 tokens each)
 DEFAULT_CALIBRATION_TOKENS = 4096
 
@@ -174,6 +175,11 @@ class CompressionConfig:
     def index_cost(self) -> int:
         """Stored values one int32 row index costs at this storage precision."""
         return INDEX_COST[self.storage]
+
+    @property
+    def bits(self) -> int | None:
+        """MatMulNBits bits of the storage (None: fp32)."""
+        return STORAGE_BITS.get(self.storage)
 
     @property
     def needs_size_fraction(self) -> bool:

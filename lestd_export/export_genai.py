@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import STORAGE_BITS
 from .errors import InvalidConfigError
 from .io import atomic_output_dir, write_json
 from .loading import COMPRESSION_KEY, LoadedModel
 
 STORAGES = ("fp32", "int8", "int4")  # also the builder's precision names
-BITS = {"int8": 8, "int4": 4}
 MODEL_FILE = "model.onnx"
 REPORT_FILE = "export_report.json"
 
@@ -131,8 +131,8 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
                 dense_bytes = _node_weight_bytes(model, {n for s in sites for n in (*s.qkv_nodes, s.o_node)})
                 before = sum(initializer_sizes(model).values())
                 nodes = graft_attention(model, sites, latents)
-                if storage in BITS:
-                    model = quantize_nodes(model, nodes, BITS[storage], block_size)
+                if storage in STORAGE_BITS:
+                    model = quantize_nodes(model, nodes, STORAGE_BITS[storage], block_size)
                 after = sum(initializer_sizes(model).values())
                 stored = dense_bytes + after - before  # a projection left dense keeps its bytes
                 report["attention_bytes"] = {"dense": dense_bytes, "compressed": stored,
@@ -170,7 +170,7 @@ def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str
     from .graft import graft_attention, quantize_nodes
     from .onnx_sites import locate_by_name
 
-    if storage not in BITS:
+    if storage not in STORAGE_BITS:
         raise InvalidConfigError(f"quantised optimum export takes int8 or int4, not {storage!r}")
     started = time.perf_counter()
     with atomic_output_dir(Path(out_dir), overwrite) as staging:
@@ -186,7 +186,7 @@ def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str
             initializers = {i.name: len(i.dims) for i in model.graph.initializer}
             weight_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"
                               and initializers.get(n.input[1]) == 2]
-            model = quantize_nodes(model, weight_matmuls, BITS[storage], block_size)
+            model = quantize_nodes(model, weight_matmuls, STORAGE_BITS[storage], block_size)
             onnx.save(model, str(staging / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                       location=MODEL_FILE + ".data", size_threshold=1024)
             for item in (work / "dense").iterdir():

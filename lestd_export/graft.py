@@ -16,10 +16,11 @@ The plain layout's planner (numerics/planner.py) gives Q, K and V the same rows,
 MatMuls, ``X @ A @ W``, and a layer adds one MatMul for Q/K/V and one for O (none with
 ``--dense-output``). A checkpoint planned for the shared layout still grafts (with Gathers).
 
-Every factor pair ``x @ F @ S`` is written range-equalised (cross-layer equalisation, Nagel et al. 2019):
+LeSTD's factor pairs ``x @ F @ S`` are written range-equalised (cross-layer equalisation, Nagel et al. 2019):
 column ``j`` of ``F`` times ``s_j``, row ``j`` of ``S`` divided by it, ``s_j = sqrt(max|S_j| / max|F_j|)``, so
 both have the same range. The product is unchanged; MatMulNBits blocks run along ``S``'s rows, which the
-whitened basis leaves at very different scales, and int4 rounds them far less after equalising.
+whitened basis leaves at very different scales, and int4 rounds them far less after equalising. The SVD
+baseline's pairs are written as they are (equalising them measured worse: README, Edge deployment).
 
 ``D`` is the second layout of ``U1`` that a quantised product needs (MatMulNBits blocks along the
 reduction axis, which differs between ``X U1`` and ``latent U1^T``); only the rows the output heads
@@ -228,13 +229,8 @@ class LowRankLayer:
         return cls([part for module in qkv for part in parts(module)], parts(o)[0])
 
 
-def _low_rank(b: _Builder, x: str, a: np.ndarray, w: np.ndarray, name: str, output: str | None = None) -> str:
-    a, scale = equalize(a, w)
-    return b.matmul(b.matmul(x, a, f"a_{name}"), w / scale[:, None], f"b_{name}", output)
-
-
 def _qkv_low_rank(b: _Builder, layer: LowRankLayer, site: AttentionSite) -> None:
-    outs = [_low_rank(b, site.qkv_input, a, w, str(j)) for j, (a, w) in enumerate(layer.qkv)]
+    outs = [b.matmul(b.matmul(site.qkv_input, a, f"a_{j}"), w, f"b_{j}") for j, (a, w) in enumerate(layer.qkv)]
     _write_qkv(b, outs, [w.shape[1] for _, w in layer.qkv], site)
 
 
@@ -256,7 +252,7 @@ def graft_attention(model, sites: list[AttentionSite], layers: list[LatentLayer 
         out = _Builder(prefix + "/o", f"lestd.layers.{site.layer}.o")
         if isinstance(layer, LowRankLayer):
             _qkv_low_rank(qkv, layer, site)
-            _low_rank(out, site.o_input, *layer.o, "o", site.o_output)
+            out.matmul(out.matmul(site.o_input, layer.o[0], "a_o"), layer.o[1], "b_o", site.o_output)
         else:
             _qkv(qkv, layer, site)
             if layer.o_weight is not None:

@@ -36,6 +36,7 @@ import numpy as np
 from .config import CompressionConfig
 from .errors import CheckpointError, InvalidConfigError
 from .files import check_onnx, read_json
+from .numerics.quantize import round_qkv_basis
 from .onnx_sites import AttentionSite, DecoderIO, GraphMappingError
 
 GENAI_CONFIG = "genai_config.json"
@@ -421,16 +422,17 @@ def _gram(xs: list[np.ndarray], ys: list[np.ndarray] | None = None) -> np.ndarra
 
 
 def sequential_refit_onnx(source: OnnxInput, cores: list, tensors: list[np.ndarray], data, groups, *,
-                          target: str = "layer", damping: float = 1e-6, progress: bool = True,
-                          cuts: LayerCuts | None = None) -> list[dict]:
+                          target: str = "layer", damping: float = 1e-6, bits: int | None = None,
+                          progress: bool = True, cuts: LayerCuts | None = None) -> list[dict]:
     """The layer-by-layer refit of ``compress`` (:func:`~.refit.sequential_refit`), replayed through ONNX
     Runtime: the graph is cut at every layer's attention input (:class:`LayerCuts`), the cut's tensors
     are carried from layer to layer for each calibration batch, and layer ``i`` runs as its own small
     session: Q/K/V refit on its compressed-stream input ``Xc``, the layer grafted and run to the output
     projection's input (``Hc``, from the refit Q/K/V), O refit on ``Hc``, then the finished layer run
     to the next cut. ``target`` ``layer`` fits the dense weights on the compressed stream (``Xc W``);
-    ``model`` fits the dense model's outputs (``Xd W``, a dense stream carried alongside). Returns per
-    layer and group the relative calibration output error before and after (against that target)."""
+    ``model`` fits the dense model's outputs (``Xd W``, a dense stream carried alongside); ``bits`` rounds
+    Q/K/V's ``U1`` columns to their int grid first (as ``sequential_refit``). Returns per layer and group the
+    relative calibration output error before and after (against that target)."""
     from tqdm.auto import tqdm
 
     from .graft import LatentLayer, graft_attention
@@ -482,6 +484,8 @@ def sequential_refit_onnx(source: OnnxInput, cores: list, tensors: list[np.ndarr
         xd = xc if dense is None else [state[site.qkv_input] for state in dense]
         c_cc = _gram(xc)
         c_cd, c_dd = (c_cc, c_cc) if dense is None else (_gram(xc, xd), _gram(xd))
+        if bits is not None:
+            round_qkv_basis(core, bits)
         for name in ("q", "k", "v"):
             group = core.groups[name]
             basis = core.u1 if group.rows is None else core.u1[:, group.rows]
@@ -524,10 +528,12 @@ def sequential_refit_onnx(source: OnnxInput, cores: list, tensors: list[np.ndarr
     return errors
 
 
-def dense_refit(cores: list, tensors: list[np.ndarray], statistics: list, groups, damping: float = 1e-6) -> list[dict]:
+def dense_refit(cores: list, tensors: list[np.ndarray], statistics: list, groups, damping: float = 1e-6,
+                bits: int | None = None) -> list[dict]:
     """Refit every layer's kept values against the dense model's activations (see the module doc):
-    Q/K/V on the input Gram, O on the head Gram; a refit is kept only where it lowers the layer's
-    calibration output error. Returns per layer and group the relative output error before and after."""
+    Q/K/V on the input Gram (``bits``: after rounding their ``U1`` columns to the int grid), O on the head
+    Gram; a refit is kept only where it lowers the layer's calibration output error. Returns per layer and
+    group the relative output error before and after."""
     from .numerics.pruning import CoreGroup
     from .numerics.refit import refit_input_group, refit_output_group
     from .refit import _relative
@@ -535,6 +541,8 @@ def dense_refit(cores: list, tensors: list[np.ndarray], statistics: list, groups
     errors = []
     for core, dense, stats in zip(cores, tensors, statistics):
         record = {}
+        if bits is not None:
+            round_qkv_basis(core, bits)
         for name in core.groups:  # q, k, v (and o unless the output projection stays dense)
             group = core.groups[name]
             basis = core.u1 if group.rows is None else core.u1[:, group.rows]
@@ -633,10 +641,10 @@ def plan_cores(source: OnnxInput, config: CompressionConfig, *,
             cuts, why = None, str(error)
         if cuts is not None:
             errors = sequential_refit_onnx(source, cores, tensors, data, groups, target=config.refit_target,
-                                           progress=progress, cuts=cuts)
+                                           bits=config.bits, progress=progress, cuts=cuts)
             refit = f"layer by layer through onnxruntime (target: {config.refit_target})"
         else:
-            errors = dense_refit(cores, tensors, statistics, groups)
+            errors = dense_refit(cores, tensors, statistics, groups, bits=config.bits)
             refit = f"dense activations ({why})"
         for core, dense in zip(cores, tensors):  # the refit changed the values: recount the plain error
             core.kept_energy = core.energy - float(np.sum((dense - reconstruct_layer(core, groups)) ** 2))

@@ -16,7 +16,8 @@ pytest.importorskip("onnxruntime_genai")
 from lestd_export.compress import compress_model  # noqa: E402
 from lestd_export.config import CompressionConfig  # noqa: E402
 from lestd_export.export_genai import _latent_layers, export_genai, genai_logits  # noqa: E402
-from lestd_export.graft import LatentLayer, equalize  # noqa: E402
+from lestd_export.graft import LatentLayer, equalize, quantize_nodes  # noqa: E402
+from lestd_export.numerics.quantize import blockwise_round  # noqa: E402
 from lestd_export.loading import LoadedModel  # noqa: E402
 
 from test_evaluate import tiny_llama, tiny_tokenizer  # noqa: E402
@@ -89,6 +90,45 @@ def test_equalised_factor_pairs_keep_the_product_and_share_their_ranges():
     x = rng.standard_normal((256, 64))
     errors = [np.linalg.norm(x @ f @ (s - int4_rows(s))) for f, s in ((first, second), (equalised, balanced))]
     assert errors[1] < 0.6 * errors[0]  # 0.53 here
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_blockwise_round_is_what_matmulnbits_computes_with(bits):
+    """The simulated rounding equals ONNX Runtime's quantiser (K not a multiple of the block), and a column
+    scaled by any positive factor stays on its grid (so the graft's equalisation keeps rounded values)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(bits)
+    k, n = 70, 5
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [numpy_helper.from_array(weight, "w")])
+    model = quantize_nodes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), ["mm"], bits)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    eye = np.eye(k, dtype=np.float32)  # one-hot rows pass accuracy level 4's input quantisation exactly
+    stored = np.concatenate([session.run(None, {"x": eye[i:i + 1]})[0] for i in range(k)])
+    rounded = blockwise_round(weight, bits)
+    np.testing.assert_allclose(rounded, stored, atol=1e-6)
+    assert np.abs(rounded - weight).max() > 1e-3  # it does round
+    scale = rng.uniform(0.1, 10.0, n).astype(np.float32)
+    np.testing.assert_allclose(blockwise_round(rounded * scale, bits), rounded * scale, rtol=1e-5, atol=1e-7)
+
+
+def test_quantised_plain_checkpoint_refits_on_the_rounded_basis():
+    """With int4 storage and calibration, the Q/K/V columns of U1 are on the int4 grid before the refit, so the
+    grafted first MatMul stores them as they are and the refit core has compensated their rounding."""
+    model = tiny_llama()
+    config = CompressionConfig(size_fraction=0.5, storage="int4", calibration="self", calibration_tokens=256)
+    compress_model(model, config, progress=False)
+    for layer in (LatentLayer.from_module(m) for m in _latent_layers(model)):
+        first = layer.u1[:, layer.qkv_union]
+        np.testing.assert_allclose(blockwise_round(first, 4), first, atol=1e-6)
+        ranges = np.abs(layer.segments[0][0]).max(axis=1)
+        equalised = equalize(first, None, ranges)[0]
+        np.testing.assert_allclose(blockwise_round(equalised, 4), equalised, rtol=1e-5, atol=1e-6)
 
 
 def test_plain_layout_budget_counts_what_the_graft_stores():
