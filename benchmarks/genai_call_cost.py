@@ -14,7 +14,7 @@ taken within a round, medians and quartiles over rounds (this machine's per-roun
   so that ``half_bytes / slice_only`` is the ceiling without them.
 - any ``DIR`` given: a grafted model (``lestd-export export --format genai --quantize int4``) timed alike.
 
-Usage: python benchmarks/genai_call_cost.py [DIR ...] [--rounds 120] [--past 128] [--threads 2]
+Usage: python benchmarks/genai_call_cost.py [DIR ...] [--rounds 200] [--past 128] [--threads 2]
        [--out benchmarks/results/genai_call_cost.json]
 """
 
@@ -75,6 +75,7 @@ def split_qkv(model) -> None:
             nodes.append(node)
             continue
         weight, scales = (numpy_helper.to_array(inits[i]) for i in node.input[1:3])
+        scales = scales.reshape(weight.shape[0], -1)  # [N, blocks] (also when stored flat)
         n = _attr(node, "N")
         halves = []
         for part, rows in enumerate((slice(0, n // 2), slice(n // 2, n))):
@@ -185,7 +186,7 @@ def attention_weight_bytes(path: Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dirs", nargs="*", type=Path, help="grafted onnxruntime-genai directories to time too")
-    parser.add_argument("--rounds", type=int, default=120)
+    parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--steps", type=int, default=25, help="decode steps per variant and round")
     parser.add_argument("--past", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)

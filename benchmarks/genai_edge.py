@@ -38,7 +38,7 @@ SETTINGS = {"dense_output": {"dense_output": True}, "factored_output": {},
 
 def lestd_variant(root: Path, fraction: float, storage: str, settings: str) -> Path:
     """Compress (calibrated; plain layout) once per fraction and settings, export to genai at ``storage``;
-    cached under ``root``. The plain layout stores no index, so its plan is the same for int4 and int8."""
+    cached under ``root`` (delete it after changing the code: cached builds are reused as they are). The plain layout stores no index, so its plan is the same for int4 and int8."""
     out = root / f"lestd-{fraction}-{settings}-{storage}"
     if (out / "export_report.json").is_file():
         return out
@@ -89,7 +89,9 @@ def main() -> int:
             "perplexity_ratio": mine["quality"]["perplexity"] / base["quality"]["perplexity"],
             "attention_bytes": json.loads((ours[precision] / "export_report.json").read_text())["attention_bytes"]}
     result["lestd_vs_builder"] = summary
-    result["settings"] = {"fraction": args.fraction, "compression": args.settings}
+    checkpoint = args.root / f"checkpoint-{args.fraction}-{args.settings}" / "compression_report.json"
+    result["settings"] = {"fraction": args.fraction, "compression": args.settings,  # cached builds are reused:
+                          "checkpoint_config": json.loads(checkpoint.read_text())["config"]}  # say what was timed
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(to_markdown(result) + "\n")

@@ -93,7 +93,7 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
                 tensors = [w.slice_tensor(shape)[:groups.total] for w in weights]  # q, k, v slices first
                 metrics = None if statistics is None else [
                     layer_metric(s.x_gram, s.h_gram, (*groups.sizes, 0)[:4], shape.head_dim, config.damping,
-                                 config.input_whitening) for s in statistics]
+                                 config.whitening_power) for s in statistics]
                 sensitivities = None if statistics is None else [s.grad_sq for s in statistics]
                 cores = compress_layers(tensors, groups, request, bar.update, metrics, sensitivities)
         except ValueError as error:

@@ -23,7 +23,8 @@ DEFAULT_CALIBRATION_TOKENS = 4096
 
 
 def default_input_whitening(dense_output: bool, layout: str) -> float:
-    """Power of the input Gram in ``U1``'s metric (measured at 0.5 on the default model, README Quality):
+    """Power of the input Gram in ``U1``'s metric (measured at 0.5 on the default model, README "Data-aware
+    compression"):
     1 when ``U1`` serves only the Q/K/V inputs (dense output: their output error exactly); with a factored
     output ``U1`` is also the output heads' output side, where the input Gram misallocates the budget:
     0 in the shared layout, 0.5 in the plain layout, whose Q/K/V keep far fewer (shared) rows."""
@@ -87,7 +88,7 @@ class CompressionConfig:
     damping: float = 0.01  # ridge on the calibration Gram matrices, relative to their mean diagonal
     refit: bool = True  # with calibration: least-squares refit of the kept core values, layer by layer
     refit_target: str = "layer"  # "layer": the dense layer on the compressed model's inputs; "model": the dense model's outputs
-    input_whitening: float | None = None  # power p of the input Gram in U1's metric; None: default_input_whitening
+    input_whitening: float | None = None  # power p of the input Gram in U1's metric; None: see whitening_power
     heal: bool = False  # with calibration: distil the compressed model against the dense one
     heal_tokens: int = 16384
     heal_steps: int = 300
@@ -151,10 +152,8 @@ class CompressionConfig:
             bad(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}")
         if self.storage != "fp32" and self.layout == "shared":  # quantisers only take plain 2-D MatMul weights
             object.__setattr__(self, "layout", "plain")
-        if self.input_whitening is None:
-            object.__setattr__(self, "input_whitening", 0.0 if self.method == "svd"  # SVD-LLM whitens on its own
-                               else default_input_whitening(self.dense_output, self.layout))
-        if not (isinstance(self.input_whitening, (int, float)) and 0 <= self.input_whitening <= 1):
+        if self.input_whitening is not None and not (isinstance(self.input_whitening, (int, float))
+                                                     and 0 <= self.input_whitening <= 1):
             bad(f"input whitening must lie in [0, 1], got {self.input_whitening!r}")
         if self.dense_output and self.method == "svd":
             bad("svd compresses every matrix on its own: --dense-output does not apply")
@@ -175,6 +174,14 @@ class CompressionConfig:
     def index_cost(self) -> int:
         """Stored values one int32 row index costs at this storage precision."""
         return INDEX_COST[self.storage]
+
+    @property
+    def whitening_power(self) -> float:
+        """``input_whitening`` as given, else :func:`default_input_whitening` of the (final) layout; ``svd``:
+        0 (SVD-LLM whitens on its own). Resolved on use, so ``dataclasses.replace`` of the layout follows."""
+        if self.input_whitening is not None:
+            return float(self.input_whitening)
+        return 0.0 if self.method == "svd" else default_input_whitening(self.dense_output, self.layout)
 
     @property
     def bits(self) -> int | None:

@@ -570,6 +570,8 @@ def check_config(config: CompressionConfig) -> CompressionConfig:
                                  "frobenius for an ONNX input")
     if config.granularity == "element":
         raise InvalidConfigError("element pruning is not grafted into ONNX graphs: use --granularity row")
+    if config.input_whitening is None:  # p > 0 is not exact at full rank through this path yet (README)
+        config = replace(config, input_whitening=0.0)
     return config if config.layout == "plain" else replace(config, layout="plain")
 
 
@@ -625,7 +627,7 @@ def plan_cores(source: OnnxInput, config: CompressionConfig, *,
     data, statistics = _calibrate(source, config, progress)
     metrics = None if statistics is None else [
         layer_metric(s.x_gram, s.h_gram, (*groups.sizes, 0)[:4], shape.head_dim, config.damping,
-                     config.input_whitening) for s in statistics]
+                     config.whitening_power) for s in statistics]
     with tqdm(total=len(tensors), desc=f"{config.method}: decomposing layers", unit="layer",
               disable=not progress) as bar:
         try:

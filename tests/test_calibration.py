@@ -1,5 +1,7 @@
 """Data-aware LeSTD: whitened error identities, refit optimality, exactness with calibration, typed source errors."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -77,10 +79,11 @@ def test_whitened_selection_lowers_the_output_error_it_targets():
 def test_dense_output_whitens_the_qkv_inputs_by_default():
     """With the output projection dense, ``U1`` serves only the Q/K/V inputs: the default is full whitening
     (``p = 1``), whose plan has a lower Q/K/V output error ``||X (W - What)||`` than the unwhitened one."""
-    assert CompressionConfig(dense_output=True).input_whitening == 1.0
-    assert CompressionConfig().input_whitening == 0.0
-    assert CompressionConfig(storage="int4").input_whitening == 0.5  # plain layout, factored output
-    assert CompressionConfig(dense_output=True, input_whitening=0.25).input_whitening == 0.25
+    assert CompressionConfig(dense_output=True).whitening_power == 1.0
+    assert CompressionConfig().whitening_power == 0.0
+    assert CompressionConfig(storage="int4").whitening_power == 0.5  # plain layout, factored output
+    assert replace(CompressionConfig(), layout="plain").whitening_power == 0.5  # follows a later layout change
+    assert CompressionConfig(dense_output=True, input_whitening=0.25).whitening_power == 0.25
     rng = np.random.default_rng(5)
     groups = SliceGroups(("q", "k", "v"), (4, 2, 2))
     w = rng.standard_normal((groups.total, D, DH))

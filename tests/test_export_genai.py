@@ -118,16 +118,18 @@ def test_blockwise_round_is_what_matmulnbits_computes_with(bits):
 
 
 def test_quantised_plain_checkpoint_refits_on_the_rounded_basis():
-    """With int4 storage and calibration, the Q/K/V columns of U1 are on the int4 grid before the refit, so the
-    grafted first MatMul stores them as they are and the refit core has compensated their rounding."""
+    """With int4 storage and calibration, the checkpoint's Q/K/V columns of U1 lie on the int4 grid (rounded before
+    the refit, which fits the core to them), and stay on it after the graft's equalisation with its own ranges,
+    so the grafted first MatMul stores exactly the values the refit saw."""
     model = tiny_llama()
     config = CompressionConfig(size_fraction=0.5, storage="int4", calibration="self", calibration_tokens=256)
     compress_model(model, config, progress=False)
     for layer in (LatentLayer.from_module(m) for m in _latent_layers(model)):
         first = layer.u1[:, layer.qkv_union]
         np.testing.assert_allclose(blockwise_round(first, 4), first, atol=1e-6)
-        ranges = np.abs(layer.segments[0][0]).max(axis=1)
-        equalised = equalize(first, None, ranges)[0]
+        rows = layer.segments[0][1]  # plain layout: one block over the shared rows
+        assert len(layer.segments) == 1 and (rows is None or np.array_equal(rows, layer.qkv_union))
+        equalised = equalize(first, layer.segments[0][0])[0]  # what graft._qkv writes for one segment
         np.testing.assert_allclose(blockwise_round(equalised, 4), equalised, rtol=1e-5, atol=1e-6)
 
 

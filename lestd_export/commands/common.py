@@ -46,7 +46,7 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
                             "inputs) or model (the dense model's outputs)")
     group.add_argument("--input-whitening", type=float, default=None, metavar="P",
                        help="power of the input Gram in the shared basis's metric, 0..1 (default: 1 with "
-                            "--dense-output, 0.5 with --quantize or --format genai, else 0; 1 whitens the "
+                            "--dense-output, 0.5 with --quantize or --format genai, else 0 (an ONNX input: 0); 1 whitens the "
                             "Q/K/V inputs exactly but, with a factored output projection, shifts the output "
                             "heads' budget to outlier dimensions)")
     group.add_argument("--heal", action="store_true",
