@@ -570,7 +570,7 @@ def check_config(config: CompressionConfig) -> CompressionConfig:
                                  "frobenius for an ONNX input")
     if config.granularity == "element":
         raise InvalidConfigError("element pruning is not grafted into ONNX graphs: use --granularity row")
-    if config.input_whitening is None:  # p > 0 is not exact at full rank through this path yet (README)
+    if config.input_whitening is None:  # p > 0: the full-rank refit is exact on calibration-like text only (README)
         config = replace(config, input_whitening=0.0)
     return config if config.layout == "plain" else replace(config, layout="plain")
 
