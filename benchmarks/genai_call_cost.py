@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from lestd_export.bench import machine_info
+from lestd_export.export import initializer_sizes
 from lestd_export.genai import decoder, decoder_file, genai_baselines
 
 
@@ -79,8 +80,9 @@ def split_qkv(model) -> None:
         n = _attr(node, "N")
         halves = []
         for part, rows in enumerate((slice(0, n // 2), slice(n // 2, n))):
-            clone = helper.make_node("MatMulNBits", [node.input[0], _replace(graph, f"{node.input[1]}.{part}", weight[rows]),
-                                                     _replace(graph, f"{node.input[2]}.{part}", scales[rows])],
+            inputs = [node.input[0], _replace(graph, f"{node.input[1]}.{part}", weight[rows]),
+                      _replace(graph, f"{node.input[2]}.{part}", scales[rows])]
+            clone = helper.make_node("MatMulNBits", inputs,
                                      [f"{node.output[0]}.{part}"], name=f"{node.name}.{part}", domain=node.domain)
             clone.attribute.extend(node.attribute)
             _set_attr(clone, "N", rows.stop - rows.start)
@@ -179,8 +181,7 @@ def attention_weight_bytes(path: Path) -> int:
 
     model = onnx.load(str(path), load_external_data=False)
     names = {i for n in model.graph.node if "/attn/" in n.name and n.op_type == "MatMulNBits" for i in n.input[1:]}
-    return sum(int(np.prod(init.dims)) * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-               for init in model.graph.initializer if init.name in names)
+    return sum(size for name, size in initializer_sizes(model).items() if name in names)
 
 
 def main() -> int:

@@ -23,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from lestd_export.bench import run_benchmark, to_markdown
+from lestd_export.bench import run_benchmark, to_markdown, within_repeat_ratios
 from lestd_export.compress import compress_model, save_compressed
 from lestd_export.config import CompressionConfig
 from lestd_export.export_genai import export_genai
@@ -38,7 +38,8 @@ SETTINGS = {"dense_output": {"dense_output": True}, "factored_output": {},
 
 def lestd_variant(root: Path, fraction: float, storage: str, settings: str) -> Path:
     """Compress (calibrated; plain layout) once per fraction and settings, export to genai at ``storage``;
-    cached under ``root`` (delete it after changing the code: cached builds are reused as they are). The plain layout stores no index, so its plan is the same for int4 and int8."""
+    cached under ``root`` (delete it after changing the code: cached builds are reused as they are). The plain
+    layout stores no index, so its plan is the same for int4 and int8."""
     out = root / f"lestd-{fraction}-{settings}-{storage}"
     if (out / "export_report.json").is_file():
         return out
@@ -78,7 +79,7 @@ def main() -> int:
     for precision in precisions:
         base, mine = by_dir[dense[precision].resolve()], by_dir[ours[precision].resolve()]
         speedup = mine["decode_tokens_per_s"]["median"] / base["decode_tokens_per_s"]["median"]
-        within = [m / b for m, b in zip(mine["decode_tokens_per_s_runs"], base["decode_tokens_per_s_runs"])]
+        within = within_repeat_ratios(mine, base)
         paired = statistics.median(within)
         bytes_ratio = base["model_bytes"] / mine["model_bytes"]
         summary[precision] = {

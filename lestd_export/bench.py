@@ -252,6 +252,14 @@ def summarise(variant: Variant, runs: list[dict], size_fraction: float | None, q
     }
 
 
+def within_repeat_ratios(record: dict, base: dict) -> list[float] | None:
+    """Per repeat, ``record``'s decode rate over ``base``'s in the same repeat (None without per-run rates)."""
+    runs, base_runs = record.get("decode_tokens_per_s_runs"), base.get("decode_tokens_per_s_runs")
+    if not runs or not base_runs or len(runs) != len(base_runs):
+        return None
+    return [r / b for r, b in zip(runs, base_runs)]
+
+
 def compute_ratios(records: list[dict]) -> dict:
     """Per variant, vs the record with ``is_baseline``: speedups, bytes ratio, bytes-bound fraction.
 
@@ -269,9 +277,8 @@ def compute_ratios(records: list[dict]) -> dict:
         decode = (record["decode_tokens_per_s"]["median"] / base["decode_tokens_per_s"]["median"]
                   if record.get("decode_tokens_per_s") and base.get("decode_tokens_per_s") else None)
         prefill = record["prefill_tokens_per_s"]["median"] / base["prefill_tokens_per_s"]["median"]
-        runs, base_runs = record.get("decode_tokens_per_s_runs"), base.get("decode_tokens_per_s_runs")
-        paired = (statistics.median(r / b for r, b in zip(runs, base_runs))
-                  if runs and base_runs and len(runs) == len(base_runs) else None)
+        within = within_repeat_ratios(record, base)
+        paired = statistics.median(within) if within else None
         bytes_ratio = base["model_bytes"] / record["model_bytes"]
         quality, base_quality = record.get("quality"), base.get("quality")
         ratios[record["variant"]] = {
@@ -444,7 +451,8 @@ def to_markdown(result: dict) -> str:
             f"| {r['model_bytes'] / 2**20:.1f} | {r['prefill_tokens_per_s']['median']:.0f} "
             f"| {_fmt(decode.get('median'))} | {_fmt(lat.get('p50'), '.2f')} | {_fmt(lat.get('p90'), '.2f')} "
             f"| {r['ttft_ms']:.1f} | {r['peak_rss_mb']:.0f} | {_fmt(q['decode_speedup'], '.2f')} "
-            f"| {_fmt(q.get('decode_speedup_paired'), '.2f')} | {q['prefill_speedup']:.2f} | {q['bytes_ratio']:.2f} | {_fmt(q['bytes_bound_fraction'], '.2f')} "
+            f"| {_fmt(q.get('decode_speedup_paired'), '.2f')} | {q['prefill_speedup']:.2f} | {q['bytes_ratio']:.2f} "
+            f"| {_fmt(q['bytes_bound_fraction'], '.2f')} "
             f"| {_fmt(ppl, '.3f')} | {_fmt(q.get('perplexity_ratio'), '.3f')} |")
     return "\n".join(lines) + "\n"
 

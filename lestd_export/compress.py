@@ -54,8 +54,7 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
     from tqdm.auto import tqdm
 
     from .numerics.lowrank import svd_layers
-    from .numerics.metric import layer_metric
-    from .numerics.planner import TuckerRequest, compress_layers, reconstruct_layer
+    from .numerics.planner import compress_layers, reconstruct_layer
     from .surgery import install_core_attention, install_low_rank, read_attention, slice_groups
 
     started = time.perf_counter()
@@ -68,7 +67,7 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
     dense_per_layer = shape.num_slices * shape.hidden * shape.head_dim
     dense_output = config.dense_output  # the output projection stays as it is: Q/K/V carry the budget
     groups = slice_groups(shape, with_output=not dense_output)
-    output_entries = shape.heads * shape.head_dim * shape.hidden if dense_output else 0
+    output_entries = dense_output_entries(shape, config)
     calibration, statistics, teacher, heal_data = _calibrate(model, config, tokenizer, spec, shape, progress)
 
     with tqdm(total=len(layers), desc=f"{config.method}: decomposing layers", unit="layer",
@@ -82,20 +81,11 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
                                       rank=(r1 or shape.hidden) if config.ranks else None, lefts=lefts)
                 bar.update(len(layers))
             else:
-                request = TuckerRequest(method=config.method,
-                                        size_fraction=_qkv_fraction(config.size_fraction, dense_per_layer,
-                                                                    output_entries),
-                                        ranks=config.ranks, core_density=config.core_density,
-                                        granularity=config.granularity, budget=config.budget,
-                                        tol=config.hooi_tol, max_iter=config.hooi_max_iter,
-                                        objective=config.objective, index_cost=config.index_cost,
-                                        plain_layout=config.layout == "plain")
                 tensors = [w.slice_tensor(shape)[:groups.total] for w in weights]  # q, k, v slices first
-                metrics = None if statistics is None else [
-                    layer_metric(s.x_gram, s.h_gram, (*groups.sizes, 0)[:4], shape.head_dim, config.damping,
-                                 config.whitening_power) for s in statistics]
+                metrics = layer_metrics(statistics, groups, shape, config)
                 sensitivities = None if statistics is None else [s.grad_sq for s in statistics]
-                cores = compress_layers(tensors, groups, request, bar.update, metrics, sensitivities)
+                cores = compress_layers(tensors, groups, tucker_request(config, shape), bar.update, metrics,
+                                        sensitivities)
         except ValueError as error:
             raise InvalidConfigError(f"cannot meet the request: {error}") from None
 
@@ -199,6 +189,35 @@ def _qkv_fraction(size_fraction: float | None, dense: int, output_entries: int) 
         raise InvalidConfigError(f"size fraction {size_fraction} does not even hold the dense output projection "
                                  f"({output_entries / dense:.3f} of the attention): raise it or drop --dense-output")
     return left / (dense - output_entries)
+
+
+def dense_output_entries(shape, config: CompressionConfig) -> int:
+    """Entries of the output projection when it stays dense (``--dense-output``), else 0."""
+    return shape.heads * shape.head_dim * shape.hidden if config.dense_output else 0
+
+
+def tucker_request(config: CompressionConfig, shape):
+    """The planner request of ``config`` (with ``--dense-output`` the Q/K/V share what the dense output
+    projection leaves of the budget); ``compress`` and the ONNX input plan with it."""
+    from .numerics.planner import TuckerRequest
+
+    dense = shape.num_slices * shape.hidden * shape.head_dim
+    return TuckerRequest(method=config.method,
+                         size_fraction=_qkv_fraction(config.size_fraction, dense, dense_output_entries(shape, config)),
+                         ranks=config.ranks, core_density=config.core_density, granularity=config.granularity,
+                         budget=config.budget, tol=config.hooi_tol, max_iter=config.hooi_max_iter,
+                         objective=config.objective, index_cost=config.index_cost,
+                         plain_layout=config.layout == "plain")
+
+
+def layer_metrics(statistics, groups, shape, config: CompressionConfig) -> list | None:
+    """Per layer the data-aware metric of Stage I/II from calibration statistics (None without them)."""
+    from .numerics.metric import layer_metric
+
+    if statistics is None:
+        return None
+    return [layer_metric(s.x_gram, s.h_gram, (*groups.sizes, 0)[:4], shape.head_dim, config.damping,
+                         config.whitening_power) for s in statistics]
 
 
 def _stored_entries(core, config: CompressionConfig, output_entries: int) -> dict:

@@ -88,7 +88,7 @@ class CompressionConfig:
     damping: float = 0.01  # ridge on the calibration Gram matrices, relative to their mean diagonal
     refit: bool = True  # with calibration: least-squares refit of the kept core values, layer by layer
     refit_target: str = "layer"  # "layer": the dense layer on the compressed model's inputs; "model": the dense model's outputs
-    input_whitening: float | None = None  # power p of the input Gram in U1's metric; None: see whitening_power
+    input_whitening: float | None = None  # power p of the input Gram in U1's metric (None: whitening_power)
     heal: bool = False  # with calibration: distil the compressed model against the dense one
     heal_tokens: int = 16384
     heal_steps: int = 300

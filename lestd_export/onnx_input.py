@@ -36,7 +36,6 @@ import numpy as np
 from .config import CompressionConfig
 from .errors import CheckpointError, InvalidConfigError
 from .files import check_onnx, read_json
-from .numerics.quantize import round_qkv_basis
 from .onnx_sites import AttentionSite, DecoderIO, GraphMappingError
 
 GENAI_CONFIG = "genai_config.json"
@@ -436,9 +435,7 @@ def sequential_refit_onnx(source: OnnxInput, cores: list, tensors: list[np.ndarr
     from tqdm.auto import tqdm
 
     from .graft import LatentLayer, graft_attention
-    from .numerics.pruning import CoreGroup
-    from .numerics.refit import refit_input_group, refit_output_group
-    from .refit import _relative
+    from .refit import refit_output, refit_qkv
 
     model, sites = source.model, source.sites
     cuts = cuts or LayerCuts(model, sites)
@@ -477,22 +474,14 @@ def sequential_refit_onnx(source: OnnxInput, cores: list, tensors: list[np.ndarr
     dense = compressed if target == "model" else None
     errors = []
     for i in tqdm(range(len(sites)), desc="refit (layer by layer, onnxruntime)", unit="layer", disable=not progress):
-        site, core, record = sites[i], cores[i], {}
+        site, core = sites[i], cores[i]
         last = i + 1 == len(sites)
         following = [site.o_output] if last else cuts.live[i + 1]
         xc = [state[site.qkv_input] for state in compressed]
         xd = xc if dense is None else [state[site.qkv_input] for state in dense]
         c_cc = _gram(xc)
         c_cd, c_dd = (c_cc, c_cc) if dense is None else (_gram(xc, xd), _gram(xd))
-        if bits is not None:
-            round_qkv_basis(core, bits)
-        for name in ("q", "k", "v"):
-            group = core.groups[name]
-            basis = core.u1 if group.rows is None else core.u1[:, group.rows]
-            result = refit_input_group(basis, core.u2, group.block, tensors[i][groups.span(name)], c_cc, c_cd, c_dd,
-                                       damping)
-            core.groups[name] = CoreGroup(group.rows, result.block)
-            record[name] = _relative(result.error_before, result.error_after, result.target)
+        record = refit_qkv(core, tensors[i], groups, c_cc, c_cd, c_dd, damping, bits)
         given = types(compressed)
         layer = subgraph_model(model, [site.o_input, *following], given)  # the dense layer from the cut on
         if "o" not in core.groups:  # the output projection stays dense: nothing more to refit in this layer
@@ -510,14 +499,9 @@ def sequential_refit_onnx(source: OnnxInput, cores: list, tensors: list[np.ndarr
                                                [site.o_input], compressed)]
         if dense is None:
             hd = hc
-        group = core.groups["o"]
-        basis = core.u1 if group.rows is None else core.u1[:, group.rows]
         h_cc = _gram(hc)
         h_cd, h_dd = (h_cc, h_cc) if dense is None else (_gram(hc, hd), _gram(hd))
-        result = refit_output_group(basis, core.u2, group.block, tensors[i][groups.span("o")], h_cc, h_cd, h_dd,
-                                    damping)
-        core.groups["o"] = CoreGroup(group.rows, result.block)
-        record["o"] = _relative(result.error_before, result.error_after, result.target)
+        record["o"] = refit_output(core, tensors[i], groups, h_cc, h_cd, h_dd, damping)
         errors.append(record)
         if last:
             break
@@ -534,26 +518,14 @@ def dense_refit(cores: list, tensors: list[np.ndarray], statistics: list, groups
     Q/K/V on the input Gram (``bits``: after rounding their ``U1`` columns to the int grid), O on the head
     Gram; a refit is kept only where it lowers the layer's calibration output error. Returns per layer and
     group the relative output error before and after."""
-    from .numerics.pruning import CoreGroup
-    from .numerics.refit import refit_input_group, refit_output_group
-    from .refit import _relative
+    from .refit import refit_output, refit_qkv
 
     errors = []
     for core, dense, stats in zip(cores, tensors, statistics):
-        record = {}
-        if bits is not None:
-            round_qkv_basis(core, bits)
-        for name in core.groups:  # q, k, v (and o unless the output projection stays dense)
-            group = core.groups[name]
-            basis = core.u1 if group.rows is None else core.u1[:, group.rows]
-            if name == "o":
-                c = stats.h_gram
-                result = refit_output_group(basis, core.u2, group.block, dense[groups.span(name)], c, c, c, damping)
-            else:
-                c = stats.x_gram
-                result = refit_input_group(basis, core.u2, group.block, dense[groups.span(name)], c, c, c, damping)
-            core.groups[name] = CoreGroup(group.rows, result.block)
-            record[name] = _relative(result.error_before, result.error_after, result.target)
+        x, h = stats.x_gram, stats.h_gram
+        record = refit_qkv(core, dense, groups, x, x, x, damping, bits)
+        if "o" in core.groups:  # unless the output projection stays dense
+            record["o"] = refit_output(core, dense, groups, h, h, h, damping)
         errors.append(record)
     return errors
 
@@ -586,53 +558,28 @@ def _storage(config: CompressionConfig, quantize: str | None) -> tuple[Compressi
     return (config if config.storage == wanted else replace(config, storage=wanted)), quantize
 
 
-def tucker_request(config: CompressionConfig, shape):
-    """The planner request of ``config``, as ``compress`` builds it (with ``--dense-output`` the Q/K/V
-    share what the dense output projection leaves of the budget)."""
-    from .compress import _qkv_fraction
-    from .numerics.planner import TuckerRequest
-
-    dense = shape.num_slices * shape.hidden * shape.head_dim
-    output = shape.heads * shape.head_dim * shape.hidden if config.dense_output else 0
-    return TuckerRequest(method=config.method, size_fraction=_qkv_fraction(config.size_fraction, dense, output),
-                         ranks=config.ranks, core_density=config.core_density, granularity=config.granularity,
-                         budget=config.budget, tol=config.hooi_tol, max_iter=config.hooi_max_iter,
-                         objective=config.objective, index_cost=config.index_cost,
-                         plain_layout=config.layout == "plain")
-
-
 def plan_cores(source: OnnxInput, config: CompressionConfig, *,
                progress: bool = True) -> tuple[list, list[np.ndarray], object, list | None, list | None, str | None]:
     """Weights -> calibrated Stage I/II -> refit. Returns ``(cores, dense tensors, calibration data,
     statistics, relative output errors, how the refit ran)`` (the last four None without calibration)."""
     from tqdm.auto import tqdm
 
-    from .numerics.metric import layer_metric
+    from .compress import _check_ranks, layer_metrics, tucker_request
     from .numerics.planner import compress_layers, reconstruct_layer
     from .surgery import slice_groups
 
     config = check_config(config)  # the plain layout the graft writes
     shape = source.shape
     groups = slice_groups(shape, with_output=not config.dense_output)
-    if config.ranks is not None:
-        r1, r2 = config.ranks
-        if r1 is not None and r1 > shape.hidden:
-            raise InvalidConfigError(f"R1={r1} exceeds the hidden size d={shape.hidden}: use at most {shape.hidden} "
-                                     "or 'full'")
-        if r2 is not None and r2 > shape.head_dim:
-            raise InvalidConfigError(f"R2={r2} exceeds the head dim d_h={shape.head_dim}: use at most "
-                                     f"{shape.head_dim} or 'full'")
+    _check_ranks(config, shape.hidden, shape.head_dim)
     weights = read_weights(source)
     tensors = [w.slice_tensor(shape)[:groups.total] for w in weights]  # q, k, v slices first
     data, statistics = _calibrate(source, config, progress)
-    metrics = None if statistics is None else [
-        layer_metric(s.x_gram, s.h_gram, (*groups.sizes, 0)[:4], shape.head_dim, config.damping,
-                     config.whitening_power) for s in statistics]
+    metrics = layer_metrics(statistics, groups, shape, config)
     with tqdm(total=len(tensors), desc=f"{config.method}: decomposing layers", unit="layer",
               disable=not progress) as bar:
         try:
-            request = tucker_request(config, shape)
-            cores = compress_layers(tensors, groups, request, bar.update, metrics, None)
+            cores = compress_layers(tensors, groups, tucker_request(config, shape), bar.update, metrics, None)
         except ValueError as error:
             raise InvalidConfigError(f"cannot meet the request: {error}") from None
     errors, refit = None, None
@@ -658,13 +605,12 @@ def plan_low_rank(source: OnnxInput, config: CompressionConfig, *,
                   progress: bool = True) -> tuple[list, list[dict], object]:
     """The per-matrix low-rank baseline (``--method svd``; SVD-LLM whitening when calibrated), as
     ``compress`` computes it: ``(graft layers, report entries, calibration data or None)``."""
-    from .compress import _svd_metrics
+    from .compress import _check_ranks, _svd_metrics
     from .graft import LowRankLayer
     from .numerics.lowrank import svd_layers
 
     shape = source.shape
-    if config.ranks is not None and config.ranks[0] is not None and config.ranks[0] > shape.hidden:
-        raise InvalidConfigError(f"svd rank {config.ranks[0]} exceeds the hidden size {shape.hidden}")
+    _check_ranks(config, shape.hidden, shape.head_dim)
     weights = read_weights(source)
     data, statistics = _calibrate(source, config, progress)
     lefts = None if statistics is None else [_svd_metrics(s, config.damping) for s in statistics]
@@ -689,10 +635,10 @@ def plan_low_rank(source: OnnxInput, config: CompressionConfig, *,
 
 def _entries(cores: list, shape, config: CompressionConfig, output_energies: list[float]) -> list[dict]:
     """Per layer what compress's report records (a dense output projection counted as stored, exact)."""
-    from .compress import _stored_entries
+    from .compress import _stored_entries, dense_output_entries
 
     dense = shape.num_slices * shape.hidden * shape.head_dim
-    output = shape.heads * shape.head_dim * shape.hidden if config.dense_output else 0
+    output = dense_output_entries(shape, config)
     entries = []
     for core, energy in zip(cores, output_energies):
         entries.append({"ranks": list(core.ranks), "density": core.density(shape.num_slices),

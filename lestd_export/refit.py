@@ -25,6 +25,31 @@ def _relative(before: float, after: float, target: float) -> dict:
     return {"before": float(np.sqrt(max(before, 0.0) / scale)), "after": float(np.sqrt(max(after, 0.0) / scale))}
 
 
+def refit_qkv(core: LayerCore, dense: np.ndarray, groups: SliceGroups, c_cc, c_cd, c_dd, damping: float,
+              bits: int | None = None) -> dict:
+    """Refit the kept Q/K/V values of ``core`` in place (input Grams ``C_cc``, ``C_cd``, ``C_dd``), after
+    putting their ``U1`` columns on the ``bits`` int grid when given; returns their relative errors."""
+    if bits is not None:
+        round_qkv_basis(core, bits)
+    record = {}
+    for name in ("q", "k", "v"):
+        group = core.groups[name]
+        basis = core.u1 if group.rows is None else core.u1[:, group.rows]
+        result = refit_input_group(basis, core.u2, group.block, dense[groups.span(name)], c_cc, c_cd, c_dd, damping)
+        core.groups[name] = CoreGroup(group.rows, result.block)
+        record[name] = _relative(result.error_before, result.error_after, result.target)
+    return record
+
+
+def refit_output(core: LayerCore, dense: np.ndarray, groups: SliceGroups, h_cc, h_cd, h_dd, damping: float) -> dict:
+    """Refit the kept output-head values of ``core`` in place (head Grams); returns their relative error."""
+    group = core.groups["o"]
+    basis = core.u1 if group.rows is None else core.u1[:, group.rows]
+    result = refit_output_group(basis, core.u2, group.block, dense[groups.span("o")], h_cc, h_cd, h_dd, damping)
+    core.groups["o"] = CoreGroup(group.rows, result.block)
+    return _relative(result.error_before, result.error_after, result.target)
+
+
 def sequential_refit(model, spec, groups: SliceGroups, tensors: list[np.ndarray], cores: list[LayerCore],
                      data: CalibrationData, install: Callable[[int, LayerCore], object], *, target: str = "layer",
                      damping: float = 1e-6, bits: int | None = None, progress: bool = True) -> list[dict]:
@@ -53,16 +78,8 @@ def sequential_refit(model, spec, groups: SliceGroups, tensors: list[np.ndarray]
         if target == "layer":
             xd = xc
         c_cc, c_cd, c_dd = gram(xc), gram(xc, xd), gram(xd)
-        core, record = cores[i], {}
-        if bits is not None:
-            round_qkv_basis(core, bits)
-        for name in ("q", "k", "v"):
-            group = core.groups[name]
-            basis = core.u1 if group.rows is None else core.u1[:, group.rows]
-            result = refit_input_group(basis, core.u2, group.block, tensors[i][groups.span(name)],
-                                       c_cc, c_cd, c_dd, damping)
-            core.groups[name] = CoreGroup(group.rows, result.block)
-            record[name] = _relative(result.error_before, result.error_after, result.target)
+        core = cores[i]
+        record = refit_qkv(core, tensors[i], groups, c_cc, c_cd, c_dd, damping, bits)
         output = install(i, core)
         if "o" not in core.groups:  # the output projection stayed dense
             compressed_stream, _ = replay.run(i, compressed_stream)
@@ -72,12 +89,7 @@ def sequential_refit(model, spec, groups: SliceGroups, tensors: list[np.ndarray]
         _, (hc,) = replay.run(i, compressed_stream, watch=(output,), stop_at=output)
         if target == "layer":  # the dense output projection on the compressed model's heads
             hd = hc
-        group = core.groups["o"]
-        basis = core.u1 if group.rows is None else core.u1[:, group.rows]
-        result = refit_output_group(basis, core.u2, group.block, tensors[i][groups.span("o")],
-                                    gram(hc), gram(hc, hd), gram(hd), damping)
-        core.groups["o"] = CoreGroup(group.rows, result.block)
-        record["o"] = _relative(result.error_before, result.error_after, result.target)
+        record["o"] = refit_output(core, tensors[i], groups, gram(hc), gram(hc, hd), gram(hd), damping)
         with torch.no_grad():
             output.weight.copy_(torch.from_numpy(output_weight(core)).to(output.weight.dtype))
         compressed_stream, _ = replay.run(i, compressed_stream)
