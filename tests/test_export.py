@@ -16,7 +16,7 @@ from lestd_export.errors import CheckpointError
 from lestd_export.export import initializer_sizes, check_parity, constant_bytes, export_model, ort_optimized_sizes
 from lestd_export.loading import LoadedModel
 from lestd_export.runtime import OrtCausalLM
-from tiny import TINY_CONFIGS, tiny_model
+from tiny import TINY_CONFIGS, assert_same_greedy, tiny_model
 
 ROW_PRUNED = CompressionConfig(ranks=(48, 16), size_fraction=0.5)  # pruned rows in every group
 LOW_R2 = CompressionConfig(ranks=(40, 12), size_fraction=0.5)  # llama-gqa: R2 < d_h = 24, U2 not folded
@@ -99,7 +99,7 @@ def test_tied_embedding_is_stored_and_read_once_even_after_ort_optimisation(tmp_
     with torch.no_grad():
         expected = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     optimum_model = ORTModelForCausalLM.from_pretrained(out)
-    assert torch.equal(optimum_model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0), expected)
+    assert_same_greedy(optimum_model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0), expected, model)
 
 
 def test_full_rank_export_reproduces_the_original_model(tmp_path):
@@ -135,7 +135,7 @@ def test_runtime_generates_greedy_and_sampled_with_stop_tokens(tmp_path):
     with torch.no_grad():
         reference = model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=5,
                                    do_sample=False, pad_token_id=0)
-    assert np.array_equal(greedy, reference.numpy())
+    assert_same_greedy(greedy, reference.numpy(), model, mask)
     stop = int(greedy[0, 4])
     stopped = runtime.generate(ids[:1], mask[:1], max_new_tokens=5, eos_token_id=stop)
     assert stopped.shape == (1, 5)
@@ -155,7 +155,7 @@ def test_runtime_handles_an_export_without_kv_cache(tmp_path):
     ids = np.array([[5, 6, 7, 8]])
     with torch.no_grad():
         reference = model.generate(torch.from_numpy(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert np.array_equal(runtime.generate(ids, max_new_tokens=4), reference.numpy())
+    assert_same_greedy(runtime.generate(ids, max_new_tokens=4), reference.numpy(), model)
 
 
 def test_runtime_refuses_a_graph_that_is_not_a_causal_lm(tmp_path):

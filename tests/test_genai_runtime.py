@@ -20,6 +20,7 @@ from lestd_export.errors import OutputExistsError  # noqa: E402
 # tiny_dir: the tiny Llama (4 query, 2 KV heads of 16: the CPU GroupQueryAttention kernel needs a head size
 # that is a multiple of 16), context 256, with a word-level tokenizer
 from test_evaluate import SENTENCES, tiny_dir  # noqa: E402,F401
+from tiny import assert_same_greedy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_genai_loop_generates_like_torch_greedy(tiny_dir, genai_fp32):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = model.generate(torch.from_numpy(prompt), max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    np.testing.assert_array_equal(generated, expected.numpy())
+    assert_same_greedy(generated, expected.numpy(), model)
 
 
 def test_bench_times_a_genai_directory(genai_fp32):

@@ -51,6 +51,7 @@ from .pruning import (
     row_cost,
     row_gains,
 )
+from .ties import descending_order, first_best
 from .tucker import hooi, hosvd_basis, project_core, reconstruct
 
 Progress = Callable[[int], None]
@@ -192,8 +193,8 @@ def _best_ranks_row(cumulative: list[np.ndarray], scales: list[float], groups: S
         r1 = int((budget / len(cumulative) - factor_cost(d, dh, 0, r2))
                  // (request.factor_cost(d, dh, 1, 0) + groups.total * r2 + sum(extra.values())))
         fill += [(r1 + j, r2) for j in range(3) if 1 <= r1 + j <= d]
-    best, best_kept, fallback = None, -1.0, None
-    for r1, r2 in list(candidates) + fill:
+    filled, fallback = {}, None
+    for r1, r2 in sorted(set(candidates) | set(fill)):  # ascending ranks: a tie goes to the smaller
         factors = len(cumulative) * request.factor_cost(d, dh, r1, r2)
         core_budget = budget - factors
         if core_budget <= 0:
@@ -207,12 +208,13 @@ def _best_ranks_row(cumulative: list[np.ndarray], scales: list[float], groups: S
             stored = factors + sum(k * (row_cost(size, r2, request.row_index_cost) + extra.get(name, 0))
                                    for layer in counts for (name, k), size in zip(layer.items(), groups.sizes))
         fallback = fallback or (r1, r2)
-        if stored >= MIN_FILL * budget and kept > best_kept:  # the size asked for is the size delivered
-            best, best_kept = (r1, r2), kept
-    best = best or fallback
-    if best is None:
+        if stored >= MIN_FILL * budget:  # the size asked for is the size delivered
+            filled[(r1, r2)] = kept
+    if filled:  # the most kept energy; near-ties (numerics.ties) go to the smallest ranks on every machine
+        return list(filled)[first_best(list(filled.values()))]
+    if fallback is None:
         raise ValueError("size fraction too small: even the smallest ranks do not fit")
-    return best
+    return fallback
 
 
 def _best_ranks_dense(cumulative: np.ndarray, budget: float, rank2_options: Sequence[int], request: TuckerRequest,
@@ -229,7 +231,8 @@ def _best_ranks_dense(cumulative: np.ndarray, budget: float, rank2_options: Sequ
             options.append((stored >= MIN_FILL * budget, float(cumulative[:, :r1, r2 - 1].sum()), (r1, r2)))
     if not options:
         raise ValueError("size fraction too small: even the smallest ranks do not fit")
-    return max(options)[2]
+    eligible = [option for option in options if option[0]] or options  # those that fill the budget, if any
+    return eligible[first_best([kept for _, kept, _ in eligible])][2]  # near-ties: the smallest R2
 
 
 def fisher_weights(groups: SliceGroups, sensitivity: dict[str, float]) -> np.ndarray:
@@ -399,7 +402,7 @@ def _refit_row_gains(factors, metric: LayerMetric, dense: np.ndarray, weights: n
         if name == "o":
             continue
         span = groups.span(name)
-        order = np.argsort(-np.sum(factors.core[span] ** 2, axis=(0, 2)), kind="stable")
+        order = descending_order(np.sum(factors.core[span] ** 2, axis=(0, 2)))  # as build_row_layer keeps them
         gains[name] = refit_gains(basis[:, order], metric.input_gram, dense[span] * weights[span][:, None, None])
     return gains
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .ties import descending_order
+
 INDEX_BYTES = 4  # indices are stored as int32; an index entry costs as much as an fp32 value
 
 
@@ -129,11 +131,12 @@ def allocate(gains: list[np.ndarray], costs: list[float], budget: float) -> np.n
     ``gains[g][j]`` is what the ``j``-th step of group ``g`` adds; each step of ``g`` costs
     ``costs[g]``. Steps are taken in order of gain per cost while the running cost fits
     ``budget``; returns the number of steps per group. Exact for concave gains up to one step.
+    Ratios within :data:`~.ties.TIE_RTOL` of the largest are taken in group order.
     """
     ratios = np.concatenate([np.asarray(g, dtype=np.float64) / c for g, c in zip(gains, costs)])
     owner = np.concatenate([np.full(len(g), i) for i, g in enumerate(gains)])
     step_cost = np.asarray(costs, dtype=np.float64)[owner]
-    order = np.argsort(-ratios, kind="stable")
+    order = descending_order(ratios)  # near-equal ratios: the earlier group first, on every machine
     taken = np.cumsum(step_cost[order]) <= budget + 1e-9
     return np.bincount(owner[order][taken], minlength=len(gains))
 
@@ -153,8 +156,8 @@ def row_cost(group_size: int, rank2: int, index_cost: int = 1) -> int:
 
 
 def _top_rows(row_score: np.ndarray, k: int) -> np.ndarray:
-    """Indices ``[k]`` of the ``k`` best rows, ascending (for memory locality)."""
-    return np.sort(np.argsort(-row_score, kind="stable")[:k])
+    """Indices ``[k]`` of the ``k`` best rows, ascending (for memory locality); near-ties: the lower index."""
+    return np.sort(descending_order(row_score)[:k])
 
 
 def build_row_layer(
@@ -209,40 +212,42 @@ def element_format_cost(keep: np.ndarray, groups: SliceGroups, rank2: int, index
                for name, size in zip(groups.names, groups.sizes))
 
 
+def _top_entry_masks(scores: list[np.ndarray], count: int) -> list[np.ndarray]:
+    """Masks of the ``count`` highest scores over all given arrays; near-ties: the earlier entry."""
+    flat = np.concatenate([x.ravel() for x in scores])
+    keep = np.zeros(flat.size, dtype=bool)
+    keep[descending_order(flat)[:count]] = True
+    bounds = np.cumsum([0] + [x.size for x in scores])
+    return [keep[a:b].reshape(x.shape) for a, b, x in zip(bounds[:-1], bounds[1:], scores)]
+
+
 def element_masks_for_budget(
     cores: list[np.ndarray], scales: list[float], groups: SliceGroups, budget: float, index_cost: int = 1
 ) -> list[np.ndarray]:
-    """Largest top-score element masks (one threshold over all given layers) whose stored cost fits.
+    """Largest top-score element masks (one ranking over all given layers) whose stored cost fits.
 
     ``scales[l]`` divides layer ``l``'s scores ``g^2`` (1 for a per-layer budget, the layer energy
-    for a global one). Binary search over the sorted scores; cost is monotone in the threshold.
+    for a global one). Binary search over the number of kept entries; cost is monotone in it.
     """
     scores = [c**2 / s for c, s in zip(cores, scales)]
-    flat = np.sort(np.concatenate([x.ravel() for x in scores]))[::-1]
-
-    def masks_at(position: int) -> list[np.ndarray]:
-        threshold = flat[position]
-        return [x >= threshold for x in scores]
 
     def cost(masks: list[np.ndarray]) -> int:
         return sum(element_format_cost(m, groups, c.shape[2], index_cost) for m, c in zip(masks, cores))
 
-    lo, hi = 0, len(flat) - 1
-    if cost(masks_at(lo)) > budget:
+    lo, hi = 1, sum(x.size for x in scores)
+    if cost(_top_entry_masks(scores, lo)) > budget:
         raise ValueError("budget too small to keep a single core entry")
-    while lo < hi:  # largest position whose masks fit
+    while lo < hi:  # the most entries whose masks fit
         mid = (lo + hi + 1) // 2
-        if cost(masks_at(mid)) <= budget:
+        if cost(_top_entry_masks(scores, mid)) <= budget:
             lo = mid
         else:
             hi = mid - 1
-    return masks_at(lo)
+    return _top_entry_masks(scores, lo)
 
 
 def element_masks_for_density(cores: list[np.ndarray], scales: list[float], density: float) -> list[np.ndarray]:
     """Masks keeping the ``density`` fraction of entries with the highest (scaled) ``g^2``."""
     scores = [c**2 / s for c, s in zip(cores, scales)]
-    flat = np.concatenate([x.ravel() for x in scores])
-    keep = max(1, int(round(density * flat.size)))
-    threshold = np.partition(flat, flat.size - keep)[flat.size - keep]
-    return [x >= threshold for x in scores]
+    total = sum(x.size for x in scores)
+    return _top_entry_masks(scores, max(1, int(round(density * total))))

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .ties import improves
+
 
 @dataclass(frozen=True)
 class RefitResult:
@@ -47,7 +49,7 @@ def refit_input_group(basis: np.ndarray, u2: np.ndarray, block: np.ndarray, dens
     old = block.transpose(1, 0, 2).reshape(k, n * rank2)
     new = _solve(gram, cross, damping)
     before, after = _quadratic_error(old, gram, cross, target), _quadratic_error(new, gram, cross, target)
-    if after >= before:
+    if not improves(after, before):  # a near-tie keeps the plan's values, on every machine
         return RefitResult(block, before, before, target)
     return RefitResult(new.reshape(k, n, rank2).transpose(1, 0, 2), before, after, target)
 
@@ -71,7 +73,7 @@ def refit_output_group(basis: np.ndarray, u2: np.ndarray, block: np.ndarray, den
 
     new = _solve(gram, cross, damping) @ np.linalg.inv(right + damping * np.eye(k) * (np.mean(np.diag(right)) or 1.0))
     before, after = error(old), error(new)
-    if after >= before:
+    if not improves(after, before):  # a near-tie keeps the plan's values, on every machine
         return RefitResult(block, before, before, target)
     return RefitResult(new.reshape(h, rank2, k).transpose(0, 2, 1), before, after, target)
 
