@@ -4,6 +4,13 @@ An :class:`ArchSpec` says where the decoder layers and their attention modules l
 projections are called, whether Q/K/V are fused into one module and whether the weights are stored
 ``[in, out]`` (GPT-2 ``Conv1D``) rather than ``[out, in]`` (``nn.Linear``). Head counts and the head
 dimension are read from the config, never assumed to be ``hidden / heads``.
+
+Every weight the tool may touch belongs to one :class:`WeightGroup` kind (:data:`GROUP_KINDS`): weights
+that read one input (Q/K/V; the MLP's gate and up) form one group, so one input basis or one set of
+calibration statistics can serve them. :meth:`ArchSpec.weight_groups` gives an architecture's groups as
+module paths; :data:`ONNX_NAMES` says how the onnxruntime-genai builder and this tool's grafts name the
+same groups in a graph (optimum's names are the module paths, see :func:`optimum_node_prefix`).
+Adding a weight kind is a new entry here plus its numerics; adding an architecture is one ArchSpec.
 """
 
 from __future__ import annotations
@@ -11,6 +18,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import UnsupportedArchitectureError
+
+
+GROUP_KINDS = ("embedding", "attention.qkv", "attention.o", "mlp.in", "mlp.out", "lm_head")
+ATTENTION_KINDS = ("attention.qkv", "attention.o")
+
+
+@dataclass(frozen=True)
+class WeightGroup:
+    """Weights of one kind that share an input (or are one weight): ``members`` are module paths relative
+    to a decoder layer when ``per_layer``, else to the ``*ForCausalLM`` model (embedding, lm_head)."""
+
+    kind: str  # one of GROUP_KINDS
+    members: tuple[str, ...]
+    per_layer: bool = True
+
+    @property
+    def shares_input(self) -> bool:
+        """Several weights read one input (Q/K/V, gate/up): one input basis can serve them all."""
+        return len(self.members) > 1
 
 
 @dataclass(frozen=True)
@@ -26,6 +52,20 @@ class ArchSpec:
     weight_in_out: bool = False  # weight stored [in, out] (Conv1D) instead of [out, in] (Linear)
     rotary: str = "full"  # "full", "partial" or "none": documentation and export hints
     uses_position_ids: bool = True
+    mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")  # read the layer's MLP input (SwiGLU gate, up)
+    mlp_out: str = "mlp.down_proj"
+    embedding: str = "model.embed_tokens"  # the token table (tied to the lm_head when the config says so)
+    lm_head: str = "lm_head"
+
+    def weight_groups(self) -> tuple[WeightGroup, ...]:
+        """Every weight group of the architecture, in :data:`GROUP_KINDS` order."""
+        qkv = (self.fused_qkv,) if self.fused_qkv else (self.q, self.k, self.v)
+        return (WeightGroup("embedding", (self.embedding,), per_layer=False),
+                WeightGroup("attention.qkv", tuple(f"{self.attention}.{m}" for m in qkv)),
+                WeightGroup("attention.o", (f"{self.attention}.{self.o}",)),
+                WeightGroup("mlp.in", self.mlp_in),
+                WeightGroup("mlp.out", (self.mlp_out,)),
+                WeightGroup("lm_head", (self.lm_head,), per_layer=False))
 
 
 @dataclass(frozen=True)
@@ -50,19 +90,50 @@ REGISTRY: dict[str, ArchSpec] = {
         ArchSpec("qwen2", "model.layers", "self_attn"),
         ArchSpec("qwen3", "model.layers", "self_attn"),
         ArchSpec("gpt2", "transformer.h", "attn", o="c_proj", fused_qkv="c_attn", weight_in_out=True,
-                 rotary="none", uses_position_ids=False),
-        ArchSpec("opt", "model.decoder.layers", "self_attn", o="out_proj", rotary="none"),
-        ArchSpec("gptj", "transformer.h", "attn", o="out_proj", rotary="partial"),
+                 rotary="none", uses_position_ids=False, mlp_in=("mlp.c_fc",), mlp_out="mlp.c_proj",
+                 embedding="transformer.wte"),
+        ArchSpec("opt", "model.decoder.layers", "self_attn", o="out_proj", rotary="none", mlp_in=("fc1",),
+                 mlp_out="fc2", embedding="model.decoder.embed_tokens"),
+        ArchSpec("gptj", "transformer.h", "attn", o="out_proj", rotary="partial", mlp_in=("mlp.fc_in",),
+                 mlp_out="mlp.fc_out", embedding="transformer.wte"),
         # q/k norms (olmo2: over the full projected width), soft-capping, sliding-window layers, NoPE
         # layers and scaled embeddings live in the original forward, which the compressed modules wrap
         ArchSpec("gemma2", "model.layers", "self_attn"),
         ArchSpec("gemma3_text", "model.layers", "self_attn"),
-        ArchSpec("phi3", "model.layers", "self_attn", fused_qkv="qkv_proj"),  # nn.Linear rows Q | K | V
+        # nn.Linear rows Q | K | V; one gate_up_proj (rows gate | up)
+        ArchSpec("phi3", "model.layers", "self_attn", fused_qkv="qkv_proj", mlp_in=("mlp.gate_up_proj",)),
         ArchSpec("granite", "model.layers", "self_attn"),
         ArchSpec("olmo2", "model.layers", "self_attn"),
         ArchSpec("smollm3", "model.layers", "self_attn"),
     )
 }
+
+
+# How graphs name each group's nodes, below ``.../layers.{i}/`` (per-layer kinds) or at the top: the
+# onnxruntime-genai builder's names (whatever the architecture) and this tool's grafted blocks
+# (graft.py writes ``.../attn/lestd/qkv/...`` and ``.../attn/lestd/o/...``).
+ONNX_NAMES: dict[str, tuple[str, ...]] = {
+    "embedding": ("model/embed_tokens",),
+    "attention.qkv": ("attn/qkv_proj", "attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/lestd/qkv"),
+    "attention.o": ("attn/o_proj", "attn/dense", "attn/lestd/o"),
+    "mlp.in": ("mlp/gate_proj", "mlp/up_proj", "mlp/gate_up_proj", "mlp/fc1"),
+    "mlp.out": ("mlp/down_proj", "mlp/fc2"),
+    "lm_head": ("lm_head",),
+}
+
+
+def optimum_node_prefix(spec: ArchSpec, group: WeightGroup, member: str, layer: int | None) -> str:
+    """The node-name prefix a TorchScript (optimum) export gives a module: its path with ``/`` separators,
+    e.g. ``/model/layers.3/mlp/gate_proj/``."""
+    path = f"{spec.layers_path}.{layer}.{member}" if group.per_layer else member
+    parts = path.split(".")
+    merged = []
+    for part in parts:  # "layers", "3" -> "layers.3"
+        if part.isdigit() and merged:
+            merged[-1] = f"{merged[-1]}.{part}"
+        else:
+            merged.append(part)
+    return "/" + "/".join(merged) + "/"
 
 
 def spec_for(config) -> ArchSpec:
