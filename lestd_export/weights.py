@@ -66,9 +66,12 @@ class WeightMap:
                 "storage": self.storages(), "sites": [asdict(site) for site in self.sites]}
 
 
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "int2", "uint8")
+
+
 def _precision(storages: list[str]) -> str:
-    kinds = list(dict.fromkeys(s.split()[0] for s in storages if s.split()[0] in {"fp32", "fp16", "bf16", "int8",
-                                                                                  "int4", "int2", "uint8"}))
+    """One storage name (``fp32``, ``int4``...) or ``mixed (...)``, from the sites' storages."""
+    kinds = list(dict.fromkeys(word for s in storages for word in s.split()[:1] if word in PRECISIONS))
     return kinds[0] if len(kinds) == 1 else f"mixed ({', '.join(kinds)})" if kinds else "unknown"
 
 
@@ -83,14 +86,17 @@ def torch_weight_map(model, format: str = "pytorch") -> WeightMap:
     spec = spec_for(model.config)
     state = model.state_dict()
     layers = int(getattr(model.config, "num_hidden_layers", 0) or 0) or None
-    seen: set[int] = set()
+    seen: dict[tuple, str] = {}
     by_site: dict[tuple, WeightSite] = {}
     for name, tensor in state.items():
+        kind, layer, site = classify_parameter(spec, name)
         key = (tensor.data_ptr(), tuple(tensor.shape))
         if tensor.numel() and key in seen:  # tied weights (lm_head = embedding) are stored once
+            if seen[key] != kind:
+                by_site[(kind, layer, site)] = WeightSite(kind, layer, site, [name], [list(tensor.shape)], 0,
+                                                          f"tied to {seen[key]}")
             continue
-        seen.add(key)
-        kind, layer, site = classify_parameter(spec, name)
+        seen[key] = kind
         dtype = str(tensor.dtype).removeprefix("torch.").replace("float32", "fp32").replace("float16", "fp16")
         storage = "lestd (compressed)" if kind in ("attention.qkv", "attention.o") and \
             not _is_dense_member(spec, name) else dtype.replace("bfloat16", "bf16")
@@ -179,6 +185,7 @@ def onnx_weight_map(model, format: str, architecture: str | None = None, layers:
     initializers = {init.name: init for init in model.graph.initializer}
     rules = _node_rules(REGISTRY.get(architecture or ""), layers)
     claimed: dict[str, tuple[str, int | None, str, str]] = {}
+    tied: list[WeightSite] = []  # a node reading another kind's tensors only (a tied lm_head): 0 bytes
     for node in model.graph.node:
         found = classify_node(node.name, rules)
         if found is None:
@@ -186,8 +193,13 @@ def onnx_weight_map(model, format: str, architecture: str | None = None, layers:
         storage = _node_storage(node, initializers)
         if "/lestd/" in node.name or "/svd/" in node.name:
             storage = f"lestd (compressed), {storage}"
-        for name in node.input:
-            if name in initializers and name not in claimed:
+        weights = [name for name in node.input if name in initializers]
+        owners = {claimed[name][0] for name in weights if name in claimed}
+        if weights and len(owners) == 1 and all(name in claimed for name in weights) and found[0] not in owners:
+            tied.append(WeightSite(*found, node.name, weights, [[int(d) for d in initializers[w].dims]
+                                                                 for w in weights], 0, f"tied to {owners.pop()}"))
+        for name in weights:
+            if name not in claimed:
                 claimed[name] = (*found, node.name, storage)
     by_site: dict[tuple, WeightSite] = {}
     for name, init in initializers.items():
@@ -196,7 +208,7 @@ def onnx_weight_map(model, format: str, architecture: str | None = None, layers:
         entry.tensors.append(name)
         entry.shapes.append([int(d) for d in init.dims])
         entry.bytes += sizes[name]
-    sites = list(by_site.values())
+    sites = list(by_site.values()) + tied
     return WeightMap(format, _precision([s.storage.removeprefix("lestd (compressed), ") for s in sites
                                          if s.kind != OTHER]), architecture, layers, sites)
 
