@@ -13,8 +13,8 @@ _EXPORTS = {
     "CompressionConfig": "config",
     "load_model": "loading",
     "compress_model": "compress",
-    "save_compressed": "compress",
-    "load_compressed": "compress",
+    "save_compressed": "checkpoint",
+    "load_compressed": "checkpoint",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -306,8 +306,9 @@ def measure_quality(variants: list[Variant], tokens: int = QUALITY_TOKENS, threa
     ``info`` says what was scored (``tokens_sha256``), or ``{"skipped": why}`` with no results."""
     from tqdm.auto import tqdm
 
-    from .evaluate import DEFAULT_SEQ_LEN, default_text, ort_perplexity, tokenize, tokens_sha256
-    from .loading import load_tokenizer
+    from .evaluate import DEFAULT_SEQ_LEN, default_text, ort_perplexity
+    from .hf import load_tokenizer
+    from .text import tokenize, tokens_sha256
 
     source = next((v.export_dir for v in variants if load_tokenizer(v.export_dir) is not None), None)
     if source is None:

@@ -26,6 +26,7 @@ import numpy as np
 
 from .config import DEFAULT_CALIBRATION_TOKENS as DEFAULT_TOKENS
 from .errors import LestdError
+from .text import tokenize, tokens_sha256
 
 SOURCES = ("default", "wikitext2", "self", "none")
 MIN_TOKENS = 128  # fewer tokens than this cannot estimate a d x d Gram matrix usefully
@@ -63,8 +64,6 @@ class CalibrationData:
     @property
     def sha256(self) -> str:
         """Digest of the token ids (comma-separated decimal), as ``eval --json`` records its tokens."""
-        from .evaluate import tokens_sha256
-
         return tokens_sha256(self.sequences.ravel().tolist())
 
     def batches(self) -> Iterator[np.ndarray]:
@@ -148,8 +147,6 @@ def _sample_from_model(model, tokenizer, tokens: int, seq_len: int, seed: int = 
 def load_calibration(source: str, model, tokenizer, tokens: int = DEFAULT_TOKENS,
                      seq_len: int = SEQ_LEN) -> CalibrationData | None:
     """Calibration sequences from ``source`` (see module doc); ``None`` for ``none``."""
-    from .evaluate import tokenize
-
     if tokens < MIN_TOKENS:
         raise CalibrationError(f"--calibration-tokens {tokens} is too few: use at least {MIN_TOKENS}")
     if source == "none":

@@ -1,32 +1,27 @@
 """The ``compress`` verb: ``compress_model(model, config)`` rewrites a model in place, like torchao's
-``quantize_``; ``save_compressed``/``load_compressed`` write and reload a checkpoint without
-recomputing anything.
+``quantize_``; ``save_compressed``/``load_compressed`` (:mod:`.checkpoint`, importable from here too)
+write and reload a checkpoint without recomputing anything.
 
-Checkpoint layout: ``model.safetensors`` (shared factors stored once), ``config.json`` with a
-``lestd_compression`` section (method, settings and the per-layer layout needed to rebuild the
-modules), ``generation_config.json``, tokenizer files, and ``compression_report.json``.
+The planning requests, the per-layer report entries (:func:`core_entry`, :func:`low_rank_entry`) and
+the report (:func:`build_report`) are built here for the ONNX input (:mod:`.onnx_input`) as well, so
+both count the same sizes and errors.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import COMPRESSION_KEY, FORMAT_VERSION
+from .checkpoint import REPORT_FILE, WEIGHTS_FILE, load_compressed, save_compressed  # noqa: F401 -- the verb's API
 from .config import CompressionConfig
-from .errors import CheckpointError, InvalidConfigError
-from .io import atomic_output_dir, write_json
-from .loading import COMPRESSION_KEY, LoadedModel, load_tokenizer
+from .errors import InvalidConfigError
 from .registry import attention_shape, decoder_layers, spec_for
 
-FORMAT_VERSION = 2  # 2: rows shared by a group's heads, U2 folded into the blocks at R2 == d_h
-REPORT_FILE = "compression_report.json"
-WEIGHTS_FILE = "model.safetensors"
 
-
-def _check_ranks(config: CompressionConfig, hidden: int, head_dim: int) -> None:
+def check_ranks(config: CompressionConfig, hidden: int, head_dim: int) -> None:
+    """Refuse explicit ranks (``config.ranks``) above the hidden size (R1, an svd rank) or the head dim (R2)."""
     if config.ranks is None:
         return
     r1, r2 = config.ranks
@@ -53,14 +48,13 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
     """
     from tqdm.auto import tqdm
 
-    from .numerics.lowrank import svd_layers
     from .numerics.planner import compress_layers, reconstruct_layer
     from .surgery import install_core_attention, install_low_rank, read_attention, slice_groups
 
     started = time.perf_counter()
     spec = spec_for(model.config)
     shape = attention_shape(model.config)
-    _check_ranks(config, shape.hidden, shape.head_dim)
+    check_ranks(config, shape.hidden, shape.head_dim)
     layers = decoder_layers(model, spec)
     weights = [read_attention(getattr(layer, spec.attention), spec, shape, i) for i, layer in enumerate(layers)]
     dtype = next(model.parameters()).dtype
@@ -74,11 +68,7 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
               disable=not progress) as bar:
         try:
             if config.method == "svd":
-                r1 = config.ranks[0] if config.ranks else None
-                lefts = None if statistics is None else [_svd_metrics(s, config.damping) for s in statistics]
-                low_rank = svd_layers([[w.matrices[n] for n in ("q", "k", "v", "o")] for w in weights],
-                                      config.size_fraction or 1.0, config.budget,
-                                      rank=(r1 or shape.hidden) if config.ranks else None, lefts=lefts)
+                low_rank = svd_factors(weights, statistics, config, shape)
                 bar.update(len(layers))
             else:
                 tensors = [w.slice_tensor(shape)[:groups.total] for w in weights]  # q, k, v slices first
@@ -89,17 +79,10 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
         except ValueError as error:
             raise InvalidConfigError(f"cannot meet the request: {error}") from None
 
-    entries = []
     if config.method == "svd":
+        entries = [low_rank_entry(factors, shape) for factors in low_rank]
         for layer, w, factors in zip(layers, weights, low_rank):
-            named = dict(zip(("q", "k", "v", "o"), factors))
-            stored = sum(f.entries for f in factors)
-            energy = sum(f.energy for f in factors)
-            error = sum(f.energy - f.kept_energy for f in factors)
-            entries.append({"ranks": {n: f.rank for n, f in named.items()}, "density": 1.0,
-                            "values": stored, "indices": 0, "factors": stored, "dense": dense_per_layer,
-                            "energy": energy, "squared_error": max(error, 0.0)})
-            install_low_rank(layer, spec, named, w.biases, dtype)
+            install_low_rank(layer, spec, dict(zip(("q", "k", "v", "o"), factors)), w.biases, dtype)
         output_errors = None
     else:
         def summary(core):
@@ -122,15 +105,8 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
             for i, core in enumerate(cores):
                 install(i, core)
             output_errors = None
-        def output_energy(w):
-            return float(np.sum(w.matrices["o"] ** 2)) if dense_output else 0.0
-
-        for core, w in zip(cores, weights):
-            entries.append({"ranks": list(core.ranks), "density": core.density(shape.num_slices),
-                            "rows": {n: (None if g.rows is None else len(g.rows)) for n, g in core.groups.items()},
-                            **_stored_entries(core, config, output_entries),
-                            "dense": dense_per_layer, "energy": core.energy + output_energy(w),
-                            "squared_error": core.squared_error})
+        entries = [core_entry(core, shape, config, float(np.sum(w.matrices["o"] ** 2)))
+                   for core, w in zip(cores, weights)]
 
     healing = None
     if config.heal:
@@ -138,11 +114,8 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
 
         healing = heal(model, teacher, heal_data.sequences, config.heal_steps, progress=progress)
         healing["tokens_sha256"] = heal_data.sha256
-    report = _report(config, entries, spec.model_type, source, time.perf_counter() - started)
-    if calibration is not None:
-        report["calibration"] = calibration.record()
-        if output_errors is not None:
-            report["calibration"]["relative_output_error"] = output_errors
+    report = build_report(config, entries, spec.model_type, source, time.perf_counter() - started, calibration,
+                          output_errors)
     if healing is not None:
         report["healing"] = healing
     setattr(model.config, COMPRESSION_KEY, {
@@ -172,8 +145,22 @@ def _calibrate(model, config: CompressionConfig, tokenizer, spec, shape, progres
     return data, statistics, copy.deepcopy(model), heal_data
 
 
-def _svd_metrics(statistics, damping: float) -> list:
-    """SVD-LLM whitening: left factors ``L^T`` of the input Grams of Q, K, V (``X``) and O (``H``)."""
+def svd_factors(weights: list, statistics: list | None, config: CompressionConfig, shape) -> list[list]:
+    """Per layer the q, k, v, o :class:`~.numerics.lowrank.LowRankMatrix` of ``--method svd`` from the
+    layers' :class:`~.surgery.AttentionWeights` (SVD-LLM whitening with calibration ``statistics``);
+    ``compress`` and the ONNX input truncate with it. Raises ValueError for a request it cannot meet."""
+    from .numerics.lowrank import svd_layers
+
+    r1 = config.ranks[0] if config.ranks else None
+    lefts = None if statistics is None else [svd_metrics(s, config.damping) for s in statistics]
+    return svd_layers([[w.matrices[n] for n in ("q", "k", "v", "o")] for w in weights],
+                      config.size_fraction or 1.0, config.budget,
+                      rank=(r1 or shape.hidden) if config.ranks else None, lefts=lefts)
+
+
+def svd_metrics(statistics, damping: float) -> list[np.ndarray]:
+    """SVD-LLM whitening of one layer's :class:`~.calibration.LayerStatistics`: left factors ``L^T`` of the
+    input Grams of Q, K, V (``X``, ``[d, d]``) and O (``H``, ``[h d_h, h d_h]``)."""
     from .numerics.metric import cholesky_factor
 
     x = cholesky_factor(statistics.x_gram, damping).T
@@ -220,6 +207,27 @@ def layer_metrics(statistics, groups, shape, config: CompressionConfig) -> list 
                          config.whitening_power) for s in statistics]
 
 
+def low_rank_entry(factors: list, shape) -> dict:
+    """What the report records of one layer compressed per matrix (``--method svd``): ``factors`` its q,
+    k, v, o :class:`~.numerics.lowrank.LowRankMatrix` (see :func:`svd_factors`)."""
+    stored = sum(f.entries for f in factors)
+    return {"ranks": {n: f.rank for n, f in zip(("q", "k", "v", "o"), factors)}, "density": 1.0, "values": stored,
+            "indices": 0, "factors": stored, "dense": shape.num_slices * shape.hidden * shape.head_dim,
+            "energy": sum(f.energy for f in factors),
+            "squared_error": max(sum(f.energy - f.kept_energy for f in factors), 0.0)}
+
+
+def core_entry(core, shape, config: CompressionConfig, output_energy: float) -> dict:
+    """What the report records of one Tucker layer (``core``: its :class:`~.numerics.pruning.LayerCore`);
+    ``output_energy`` is ``||W_O||^2`` of its dense output projection, counted when that stays dense."""
+    return {"ranks": list(core.ranks), "density": core.density(shape.num_slices),
+            "rows": {n: (None if g.rows is None else len(g.rows)) for n, g in core.groups.items()},
+            **_stored_entries(core, config, dense_output_entries(shape, config)),
+            "dense": shape.num_slices * shape.hidden * shape.head_dim,
+            "energy": core.energy + (output_energy if config.dense_output else 0.0),
+            "squared_error": core.squared_error}
+
+
 def _stored_entries(core, config: CompressionConfig, output_entries: int) -> dict:
     """What one layer stores: values (factors, core blocks, a dense output projection), indices, and the
     plain layout's output-side copy of ``U1`` columns. The plain layout (graft.py) stores the ``U1``
@@ -243,8 +251,11 @@ def _layout(entry: dict) -> dict:
     return {k: entry[k] for k in keys if k in entry}
 
 
-def _report(config: CompressionConfig, entries: list[dict], model_type: str, source: str | None,
-            seconds: float) -> dict:
+def build_report(config: CompressionConfig, entries: list[dict], model_type: str, source: str | None,
+                 seconds: float, calibration=None, output_errors: list | None = None) -> dict:
+    """The compression report of per-layer ``entries`` (:func:`core_entry`, :func:`low_rank_entry`): sizes
+    (values, indices, factors), ranks, densities and relative weight errors, overall and per layer; with
+    ``calibration`` (a :class:`~.calibration.CalibrationData`) its record and the refit's ``output_errors``."""
     dense = sum(e["dense"] for e in entries)
     output_copy = sum(e.get("output_copy", 0) for e in entries)
     values = sum(e["values"] for e in entries) + output_copy
@@ -253,7 +264,7 @@ def _report(config: CompressionConfig, entries: list[dict], model_type: str, sou
     factors = sum(e["factors"] for e in entries)
     energy = sum(e["energy"] for e in entries)
     error = sum(e["squared_error"] for e in entries)
-    return {
+    report = {
         "method": config.method,
         "model": source,
         "model_type": model_type,
@@ -274,88 +285,8 @@ def _report(config: CompressionConfig, entries: list[dict], model_type: str, sou
                    for i, e in enumerate(entries)],
         "seconds": seconds,
     }
-
-
-def save_compressed(loaded: LoadedModel, report: dict, out_dir: Path, *, overwrite: bool = False) -> Path:
-    """Write a reloadable checkpoint atomically (staging directory, then rename)."""
-    from safetensors.torch import save_model
-
-    model = loaded.model
-    if getattr(model.config, COMPRESSION_KEY, None) is None:
-        raise CheckpointError("the model is not compressed: call compress_model first")
-    with atomic_output_dir(Path(out_dir), overwrite) as staging:
-        save_model(model, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        model.config.save_pretrained(staging)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(staging)
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(staging)
-        write_json(staging / REPORT_FILE, report)
-    return Path(out_dir)
-
-
-def apply_layout(model, compression: dict) -> None:
-    """Swap in empty compressed modules of the recorded shapes (weights are loaded afterwards)."""
-    from .numerics.lowrank import LowRankMatrix
-    from .numerics.pruning import CoreGroup, LayerCore
-    from .surgery import install_core_attention, install_low_rank, read_attention, slice_groups
-
-    spec = spec_for(model.config)
-    shape = attention_shape(model.config)
-    groups = slice_groups(shape, with_output=not compression["config"].get("dense_output", False))
-    dtype = next(model.parameters()).dtype
-    layers = decoder_layers(model, spec)
-    if len(layers) != len(compression["layers"]):
-        raise CheckpointError(f"config records {len(compression['layers'])} compressed layers, model has {len(layers)}")
-    for i, (layer, entry) in enumerate(zip(layers, compression["layers"])):
-        biases = read_attention(getattr(layer, spec.attention), spec, shape, i).biases
-        if compression["method"] == "svd":
-            sizes = {"q": (shape.hidden, shape.heads * shape.head_dim),
-                     "k": (shape.hidden, shape.kv_heads * shape.head_dim),
-                     "v": (shape.hidden, shape.kv_heads * shape.head_dim),
-                     "o": (shape.heads * shape.head_dim, shape.hidden)}
-            factors = {n: LowRankMatrix(np.zeros((a, entry["ranks"][n])), np.zeros((entry["ranks"][n], b)), 0.0, 0.0)
-                       for n, (a, b) in sizes.items()}
-            install_low_rank(layer, spec, factors, biases, dtype)
-            continue
-        r1, r2 = entry["ranks"]
-        kept = {}
-        for name, size in zip(groups.names, groups.sizes):
-            k = entry["rows"][name]
-            kept[name] = CoreGroup(rows=None if k is None else np.zeros(k, dtype=np.int32),
-                                   block=np.zeros((size, r1 if k is None else k, r2)))
-        core = LayerCore(np.zeros((shape.hidden, r1)), np.zeros((shape.head_dim, r2)), kept, 0.0, 0.0)
-        summary = {"ranks": entry["ranks"], "density": entry["density"],
-                   "stored": entry["values"] + entry["indices"], "dense": entry["dense"]}
-        install_core_attention(layer, spec, core, biases, dtype, summary,
-                               shared_rows=compression["config"].get("layout") == "plain")
-
-
-def load_compressed(path: Path) -> LoadedModel:
-    """Rebuild a compressed model from a checkpoint directory; nothing is recomputed."""
-    import torch
-    from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-    path = Path(path)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{path} has no {WEIGHTS_FILE}: it is not a complete compressed checkpoint")
-    config = AutoConfig.from_pretrained(path)
-    compression = getattr(config, COMPRESSION_KEY, None)
-    if not compression or compression.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}/config.json has no {COMPRESSION_KEY} section of format {FORMAT_VERSION}")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    apply_layout(model, compression)
-    missing, unexpected = load_model(model, str(weights), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{weights} does not match its config: missing {sorted(missing)[:5]}, "
-                              f"unexpected {sorted(unexpected)[:5]}")
-    model.eval()
-    if (path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
-    return LoadedModel(model=model, tokenizer=load_tokenizer(path), source=str(path), compressed=True)
-
-
-def read_report(path: Path) -> dict:
-    return json.loads((Path(path) / REPORT_FILE).read_text())
+    if calibration is not None:
+        report["calibration"] = calibration.record()
+        if output_errors is not None:
+            report["calibration"]["relative_output_error"] = output_errors
+    return report

@@ -13,14 +13,14 @@ Text is tokenised without special tokens (no BOS), so every window is plain text
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from .checkpoint import COMPRESSION_KEY
 from .errors import CheckpointError, InvalidConfigError, LestdError
 from .files import check_model_dir, read_json
-from .loading import COMPRESSION_KEY
+from .text import tokenize, tokens_sha256
 
 BACKENDS = ("torch", "onnxruntime")
 DATASETS = ("default", "wikitext2")
@@ -93,41 +93,6 @@ def load_text(text_file: str | Path | None = None, dataset: str | None = None) -
     if dataset == "wikitext2":
         return _wikitext2(), "wikitext2 (wikitext-2-raw-v1, test split)"
     raise InvalidConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)} or pass --text-file")
-
-
-def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
-    """Token ids of ``text`` without special tokens, cut to ``max_tokens``.
-
-    With ``max_tokens``, only a prefix of the text is tokenised when that is enough (a generous
-    number of characters per token, with a margin so that the cut never changes a kept token).
-    """
-    if tokenizer is None:
-        raise CheckpointError("the model has no tokenizer files: save the tokenizer next to the model "
-                              "(tokenizer.json / tokenizer_config.json) to evaluate on text")
-
-    def encode(part: str) -> list[int]:
-        return list(tokenizer(part, add_special_tokens=False, return_attention_mask=False,
-                              verbose=False)["input_ids"])
-
-    if max_tokens is not None:
-        margin = 64
-        chars = (max_tokens + margin) * 16
-        if chars < len(text):
-            ids = encode(text[:chars])
-            if len(ids) >= max_tokens + margin:
-                return ids[:max_tokens]
-    ids = encode(text)
-    return ids if max_tokens is None else ids[:max_tokens]
-
-
-def tokens_sha256(token_ids: Sequence[int]) -> str:
-    """SHA-256 of token ids written as comma-separated decimals (recorded by eval and calibration)."""
-    return hashlib.sha256(",".join(map(str, list(token_ids))).encode()).hexdigest()
-
-
-def tokens_digest(token_ids: Sequence[int]) -> str:
-    """A short hash of a token sequence (for cache keys): the first 16 hex digits of :func:`tokens_sha256`."""
-    return tokens_sha256(token_ids)[:16]
 
 
 # ------------------------------------------------------------------------------------------ windows
@@ -338,7 +303,7 @@ def evaluate(target: str | Path | None, backend: str | None = None, text_file: s
         if not genai and not (export_dir / ONNX_FILE).is_file():
             raise CheckpointError(f"{export_dir} holds no {ONNX_FILE}: pass an export directory "
                                   "(lestd-export export ...), or use --backend torch for a model")
-        from .loading import load_tokenizer
+        from .hf import load_tokenizer
 
         check_model_dir(export_dir, FIX_DIR)
         ids = tokenize(load_tokenizer(export_dir), text, max_tokens)

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import COMPRESSION_KEY
 from .errors import InvalidConfigError, LestdError
+from .hf import LoadedModel
 from .io import atomic_output_dir, write_json
-from .loading import COMPRESSION_KEY, LoadedModel
 from .registry import spec_for
 
 DEFAULT_OPSET = 18

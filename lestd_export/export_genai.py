@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import COMPRESSION_KEY
 from .config import STORAGE_BITS
 from .errors import InvalidConfigError
+from .hf import LoadedModel
 from .io import atomic_output_dir, write_json
-from .loading import COMPRESSION_KEY, LoadedModel
 
 STORAGES = ("fp32", "int8", "int4")  # also the builder's precision names
 MODEL_FILE = "model.onnx"

@@ -167,7 +167,8 @@ def _hf_dir(model_arg: str, scratch: Path) -> Iterator[Path]:
     """A Hugging Face directory of the dense model ``model_arg``: the one it was loaded from when that is a
     plain Hugging Face directory (e.g. the dequantised-GGUF cache), else a ``save_pretrained`` copy in a
     temporary folder under ``scratch`` (removed afterwards)."""
-    from .loading import WEIGHT_PATTERNS, is_compressed_checkpoint, load_model
+    from .checkpoint import is_compressed_checkpoint
+    from .loading import WEIGHT_PATTERNS, load_model
 
     loaded = load_model(model_arg)
     if loaded.compressed:

@@ -64,7 +64,7 @@ class LatentLayer:
         qkv = latent.qkv
         segments = []
         for j in range(qkv.num_segments):
-            rows = qkv._rows(j)
+            rows = qkv.segment_rows(j)
             segments.append((_numpy(getattr(qkv, f"weight_{j}")), None if rows is None else _numpy(rows),
                              list(qkv.group_widths[j])))
         out = _core_output(latent.attention)  # None: the output projection stayed dense

@@ -172,14 +172,15 @@ class LatentQKV(nn.Module):
                 self.register_buffer(f"rows_{j}", rows.to(torch.int32))
         self.u2 = u2  # [d_h, R2] when R2 < d_h, else None
 
-    def _rows(self, j: int) -> torch.Tensor | None:
+    def segment_rows(self, j: int) -> torch.Tensor | None:
+        """The rows ``rows_j [k]`` that segment ``j`` gathers, or None for a dense segment (all ``R1`` rows)."""
         return self._buffers.get(f"rows_{j}")
 
     def forward(self, z: torch.Tensor) -> list[torch.Tensor]:
         zt = None
         outputs = []
         for j in range(self.num_segments):
-            weight, rows = getattr(self, f"weight_{j}"), self._rows(j)
+            weight, rows = getattr(self, f"weight_{j}"), self.segment_rows(j)
             if rows is None:
                 out = torch.matmul(z, weight)  # [B, T, cols]
             else:
@@ -198,7 +199,7 @@ class LatentQKV(nn.Module):
         for j in range(self.num_segments):
             k, cols = getattr(self, f"weight_{j}").shape
             parts.append(f"{len(self.group_widths[j])} group(s), {cols} cols x "
-                         f"{'all' if self._rows(j) is None else k} rows")
+                         f"{'all' if self.segment_rows(j) is None else k} rows")
         return "; ".join(parts)
 
 

@@ -32,9 +32,9 @@ from pathlib import Path
 from .compress import compress_model
 from .config import BUDGETS, DEFAULT_CALIBRATION_TOKENS, GRANULARITIES, METHODS, CompressionConfig, parse_choices
 from .errors import InvalidConfigError
-from .evaluate import (DEFAULT_SEQ_LEN, check_lengths, load_text, ort_perplexity, tokenize, tokens_digest,
-                       torch_perplexity)
+from .evaluate import DEFAULT_SEQ_LEN, check_lengths, load_text, ort_perplexity, torch_perplexity
 from .io import check_output_files, write_json
+from .text import tokenize, tokens_digest
 
 CACHE_VERSION = 2  # 2: calibration / heal axes, model_bytes, ONNX Runtime rows
 ROW_KEYS = ("method", "granularity", "budget", "calibration", "heal", "size_fraction", "requested_fraction",
@@ -165,8 +165,8 @@ def model_fingerprint(model) -> str:
 
 # modules whose code decides a row's numbers: a change to any of them invalidates the cache
 CODE_MODULES = ("calibration.py", "compress.py", "config.py", "evaluate.py", "healing.py", "modules.py", "refit.py",
-                "registry.py", "surgery.py", "numerics/lowrank.py", "numerics/metric.py", "numerics/planner.py",
-                "numerics/pruning.py", "numerics/refit.py", "numerics/tucker.py")
+                "registry.py", "surgery.py", "text.py", "numerics/lowrank.py", "numerics/metric.py",
+                "numerics/planner.py", "numerics/pruning.py", "numerics/refit.py", "numerics/tucker.py")
 # ... and those that decide the ONNX Runtime rows (with the versions of the packages that export and quantise)
 ORT_CODE_MODULES = ("bench.py", "export.py", "runtime.py")
 ORT_PACKAGES = ("onnx", "onnxruntime", "optimum-onnx", "torch", "transformers")

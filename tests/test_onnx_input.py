@@ -201,7 +201,7 @@ def test_onnx_input_equals_compress_on_the_pytorch_model(models, tmp_path, monke
     the refit's output errors, the report's sizes and the resulting logits agree with the PyTorch model
     that compress_model rewrote. ``stubs``: every initializer of the ONNX Runtime subgraphs is a stub
     (as the large ones of a real model are), the grafted ones included."""
-    import lestd_export.onnx_input as onnx_input
+    import lestd_export.onnx_input.sessions as onnx_input
     from lestd_export.compress import compress_model
     from lestd_export.loading import load_model
 
@@ -338,7 +338,7 @@ def test_error_types(models, tmp_path):
 
 
 def test_graph_that_cannot_be_cut_falls_back_to_the_dense_refit(models, tmp_path, monkeypatch):
-    import lestd_export.onnx_input as onnx_input
+    import lestd_export.onnx_input.plan as onnx_input
 
     def refuse(*args, **kwargs):
         raise GraphMappingError("cannot be replayed layer by layer")

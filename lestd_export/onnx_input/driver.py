@@ -1,0 +1,178 @@
+"""Compress the attention of a decoder ONNX model into a new directory (:func:`compress_onnx`): plan, graft
+the compressed layers (:mod:`~lestd_export.graft`), optionally quantise every weight MatMul, write the
+directory and compare its logits with the input's."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ..config import CompressionConfig
+from ..errors import InvalidConfigError
+from ..onnx_sites import GraphMappingError
+from .plan import check_config, plan_cores, plan_low_rank
+from .sessions import decoder_feed
+from .source import OnnxInput, open_onnx_input
+
+REPORT_FILE = "compression_report.json"
+STALE_FILES = ("export_report.json", REPORT_FILE)  # reports of the input model: they would describe another model
+QUANTIZE_BITS = {"none": None, "int8": 8, "int4": 4}
+EXTERNAL_DATA_BYTES = 1 << 30  # an input without external data is written inline below this size
+
+
+def _storage(config: CompressionConfig, quantize: str | None) -> tuple[CompressionConfig, str]:
+    """One precision for the planner's costs (``config.storage``) and the quantiser (``quantize``, None:
+    the config's)."""
+    if quantize is None:
+        quantize = "none" if config.storage == "fp32" else config.storage
+    if quantize not in QUANTIZE_BITS:
+        raise InvalidConfigError(f"unknown quantisation {quantize!r}; choose one of {', '.join(QUANTIZE_BITS)}")
+    wanted = "fp32" if quantize == "none" else quantize
+    return (config if config.storage == wanted else replace(config, storage=wanted)), quantize
+
+
+def _weight_matmuls(model, exclude: set[str]) -> list[str]:
+    """Names of the MatMul nodes (outside ``exclude``) whose right operand is a 2-D fp32 initializer."""
+    from onnx import TensorProto
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        init = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        plain = init is not None and len(init.dims) == 2 and init.data_type == TensorProto.FLOAT
+        if plain and node.name not in exclude:
+            names.append(node.name)
+    return names
+
+
+def compare_logits(reference: Path, candidate: Path, source: OnnxInput, *, batch: int = 2, length: int = 16,
+                   seed: int = 0, ids: np.ndarray | None = None) -> dict:
+    """Prefill logits of two decoder files on the same tokens (``ids [B, T]``, else random ones): max
+    absolute and relative difference, top-1 agreement (the candidate against the reference)."""
+    import onnxruntime as ort
+
+    from ..runtime import session_options
+
+    logits_name = (source.genai_decoder or {}).get("outputs", {}).get("logits", "logits")
+    results, tokens = [], "calibration" if ids is not None else "random"
+    for path in (reference, candidate):
+        try:
+            session = ort.InferenceSession(str(path), sess_options=session_options(None, "all"),
+                                           providers=["CPUExecutionProvider"])
+        except Exception as error:  # noqa: BLE001 -- onnxruntime raises its own untyped errors
+            raise GraphMappingError(f"onnxruntime cannot load {path} ({str(error).splitlines()[0][:200]})") from None
+        if ids is None:
+            vocab = next(o.shape[-1] for o in session.get_outputs() if o.name == logits_name)
+            ids = np.random.default_rng(seed).integers(0, vocab if isinstance(vocab, int) else 32, size=(batch, length))
+        feed = decoder_feed(session, source.io, source.shape, ids, source.genai_decoder)
+        results.append(session.run([logits_name], feed)[0].astype(np.float64))
+        del session
+    ref, new = results
+    scale = float(np.abs(ref).max()) or 1.0
+    return {"max_abs_logit_difference": float(np.abs(new - ref).max()),
+            "max_relative_logit_difference": float(np.abs(new - ref).max() / scale),
+            "top1_agreement": float(np.mean(ref.argmax(-1) == new.argmax(-1))), "batch": int(ids.shape[0]),
+            "length": int(ids.shape[1]), "tokens": tokens}
+
+
+def _copy_directory_files(source: OnnxInput, staging: Path) -> list[str]:
+    """Everything in the input directory but the model file, its external data and stale reports."""
+    skip = {source.model_file.name, *source.external_files, *STALE_FILES}
+    copied = []
+    for item in sorted(source.directory.iterdir()):
+        if item.name in skip or item.name.startswith(".") or item.resolve() == staging.resolve():
+            continue
+        if item.is_dir():
+            continue  # sibling folders (other variants, caches) are not part of the model
+        if item.is_file():
+            shutil.copy2(item, staging / item.name)
+            copied.append(item.name)
+    return copied
+
+
+def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConfig, *, quantize: str | None = None,
+                  overwrite: bool = False, progress: bool = True, validate: bool = True) -> dict:
+    """Compress the attention of the decoder ONNX at ``path`` into ``out_dir``; returns the report.
+
+    ``out_dir`` receives the input directory's other files (genai_config.json, config.json, tokenizer
+    files...), the new model under the same file name (external data ``<name>.data`` when the input
+    used external data or is large) and ``compression_report.json``; it is written into a staging
+    directory renamed into place when complete. ``quantize`` (``int4``/``int8``) turns every weight
+    MatMul of the result (compressed attention, MLP, lm_head) into MatMulNBits, as the genai builder
+    does (None: as ``config.storage`` says). With ``validate`` the
+    written model is loaded by ONNX Runtime and its logits compared with the input's (recorded; a
+    model that does not load is an error and nothing is written).
+    """
+    import onnx
+
+    from ..compress import build_report, core_entry
+    from ..io import atomic_output_dir, check_output_dir, write_json
+
+    config, quantize = _storage(check_config(config), quantize)
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    started = time.perf_counter()
+    source = open_onnx_input(path)
+    if out_dir.resolve() == source.directory.resolve():
+        raise InvalidConfigError(f"-o {out_dir} is the input directory: write the compressed model elsewhere")
+    with atomic_output_dir(out_dir, overwrite) as staging:
+        from ..graft import LatentLayer, graft_attention
+
+        if config.method == "svd":
+            layers, entries, data = plan_low_rank(source, config, progress=progress)
+            errors = refit = None
+        else:
+            cores, _, data, _, errors, refit = plan_cores(source, config, progress=progress)
+            layers = [LatentLayer.from_core(core) for core in cores]
+            entries = [core_entry(core, source.shape, config, energy)
+                       for core, energy in zip(cores, source.output_energies)]
+        model = source.model
+        grafted = graft_attention(model, source.sites, layers)
+        quantised = None
+        if QUANTIZE_BITS[quantize] is not None:
+            from ..graft import quantize_nodes
+
+            nodes = list(grafted) + _weight_matmuls(model, set(grafted))
+            model = quantize_nodes(model, nodes, QUANTIZE_BITS[quantize])
+            quantised = {"bits": QUANTIZE_BITS[quantize], "block_size": 32, "accuracy_level": 4,
+                         "nodes": len(nodes), "attention_nodes": len(grafted)}
+        copied = _copy_directory_files(source, staging)
+        target = staging / source.model_file.name
+        size = sum(len(init.raw_data) for init in model.graph.initializer)
+        external = bool(source.external_files) or size >= EXTERNAL_DATA_BYTES
+        location = source.model_file.name + ".data"
+        if external:
+            onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=location, size_threshold=1024)
+        else:
+            onnx.save_model(model, str(target))
+        del model, source.model
+        written = [target.name] + ([location] if external else [])
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in written:  # onnx creates external data files private (0600); make them like any new file
+            (staging / name).chmod(0o666 & ~umask)
+        output_bytes = sum((staging / name).stat().st_size for name in written)
+        sample = None if data is None else data.sequences[:2, :64]  # real text where there is some
+        vs_input = compare_logits(source.model_file, target, source, ids=sample) if validate else None
+        report = build_report(config, entries, source.model_type or "unknown", str(path),
+                              time.perf_counter() - started, data, errors)
+        report["input"] = {"path": str(path), "model_file": source.model_file.name, "producer": source.producer,
+                           "config": source.config_file.name, "layers": len(source.sites),
+                           "packed_qkv": source.sites[0].packed, "bytes": source.input_bytes(),
+                           "shape": {"hidden": source.shape.hidden, "heads": source.shape.heads,
+                                     "kv_heads": source.shape.kv_heads, "head_dim": source.shape.head_dim}}
+        report["output"] = {"files": written + copied, "model_bytes": output_bytes,
+                            "bytes_fraction": output_bytes / max(source.input_bytes(), 1), "quantize": quantised,
+                            "grafted_matmuls": len(grafted)}
+        report["refit"] = refit
+        if vs_input is not None:
+            report["vs_input"] = vs_input
+        report["seconds"] = time.perf_counter() - started
+        write_json(staging / REPORT_FILE, report)
+    return report
