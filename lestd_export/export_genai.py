@@ -116,6 +116,7 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
     from .genai import run_builder
     from .graft import graft_attention, quantize_nodes
     from .onnx_sites import locate_by_name
+    from .registry import spec_for
 
     if storage not in STORAGES:
         raise InvalidConfigError(f"unknown precision {storage!r}: choose one of {', '.join(STORAGES)}")
@@ -128,7 +129,7 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
             model = onnx.load(str(build / MODEL_FILE))
             report = {"format": "onnxruntime-genai", "storage": storage, "compressed": bool(latents)}
             if latents:
-                _, sites = locate_by_name(model, quantised_ok=True)
+                _, sites = locate_by_name(model, quantised_ok=True, spec=spec_for(loaded.model.config))
                 dense_bytes = _node_weight_bytes(model, {n for s in sites for n in (*s.qkv_nodes, s.o_node)})
                 before = sum(initializer_sizes(model).values())
                 nodes = graft_attention(model, sites, latents)
@@ -170,6 +171,7 @@ def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str
     from .export import describe_export, export_model
     from .graft import graft_attention, quantize_nodes
     from .onnx_sites import locate_by_name
+    from .registry import spec_for
 
     if storage not in STORAGE_BITS:
         raise InvalidConfigError(f"quantised optimum export takes int8 or int4, not {storage!r}")
@@ -182,7 +184,7 @@ def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str
             model = onnx.load(str(work / "dense" / MODEL_FILE))
             latents = grafted_layers(loaded.model)
             if latents:
-                _, sites = locate_by_name(model)
+                _, sites = locate_by_name(model, spec=spec_for(loaded.model.config))
                 graft_attention(model, sites, latents)
             initializers = {i.name: len(i.dims) for i in model.graph.initializer}
             weight_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"

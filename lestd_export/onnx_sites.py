@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import LestdError
-from .registry import AttentionShape
+from .registry import ONNX_NAMES, REGISTRY, ArchSpec, AttentionShape, optimum_node_pattern
 
 
 class GraphMappingError(LestdError):
@@ -71,37 +71,44 @@ class AttentionSite:
         return len(self.qkv_nodes) == 1
 
 
-# name rules per producer: (layer pattern, packed qkv, separate q/k/v, output projection)
-NAME_RULES = {
-    "onnxruntime-genai": (r"^/model/layers\.(\d+)/attn/", "qkv_proj/MatMul", ("q_proj/MatMul", "k_proj/MatMul",
-                                                                            "v_proj/MatMul"), "o_proj/MatMul"),
-    "optimum": (r"^/model/layers\.(\d+)/self_attn/", None, ("q_proj/MatMul", "k_proj/MatMul", "v_proj/MatMul"),
-                "o_proj/MatMul"),
-}
+def name_rules(spec: ArchSpec | None = None) -> dict[str, tuple[str, str | None, tuple[str, ...], str]]:
+    """Per producer: ``(layer pattern, packed qkv, separate q/k/v, output projection)`` node names, from the
+    registry (:data:`~.registry.ONNX_NAMES` for the genai builder; the architecture's module paths for
+    optimum, a Llama-style layout when the architecture is not known). The pattern's group 1 is the layer."""
+    qkv, out = ONNX_NAMES["attention.qkv"], ONNX_NAMES["attention.o"]  # qkv: packed, then q, k, v
+    spec = spec or REGISTRY["llama"]
+    members = [f"{m}/MatMul" for m in ((spec.fused_qkv,) if spec.fused_qkv else (spec.q, spec.k, spec.v))]
+    attn = qkv[0].split("/")[0] + "/"  # the builder's attention scope, "attn/"
+    return {"onnxruntime-genai": (r"^/model/layers\.(\d+)/" + attn, qkv[0].removeprefix(attn) + "/MatMul",
+                                  tuple(n.removeprefix(attn) + "/MatMul" for n in qkv[1:4]),
+                                  out[0].removeprefix(attn) + "/MatMul"),
+            "optimum": (optimum_node_pattern(spec, spec.attention), members[0] if spec.fused_qkv else None,
+                        () if spec.fused_qkv else tuple(members), f"{spec.o}/MatMul")}
 
 
-def locate_by_name(model, quantised_ok: bool = False) -> tuple[str, list[AttentionSite]]:
+def locate_by_name(model, quantised_ok: bool = False, spec: ArchSpec | None = None
+                   ) -> tuple[str, list[AttentionSite]]:
     """Sites found by the known producers' node names: ``(producer, sites in layer order)``.
 
     Raises :class:`GraphMappingError` when no producer's rules match every layer, or when a matched
     node is quantised (``MatMulNBits``: compress the fp32 model, then quantise) unless
     ``quantised_ok`` (grafting into a builder's int4/int8 model whose dense weights are not read).
+    ``spec``: the architecture, whose module paths are optimum's node names (:func:`name_rules`).
     """
     nodes = {}
     for node in model.graph.node:  # the builder names its quantised nodes ".../MatMul_Q4" or "_Q8"
         name = re.sub(r"/MatMul_Q\d+$", "/MatMul", node.name) if quantised_ok else node.name
         nodes[name] = node
-    for producer, (prefix, packed, separate, out) in NAME_RULES.items():
-        layers = sorted({int(m.group(1)) for name in nodes if (m := re.match(prefix, name))})
-        if not layers:
+    for producer, (prefix, packed, separate, out) in name_rules(spec).items():
+        bases = {int(m.group(1)): m.group(0) for name in nodes if (m := re.match(prefix, name))}
+        if not bases:
             continue
         sites = []
-        for layer in layers:
-            base = prefix.replace(r"(\d+)", str(layer)).replace("\\", "").lstrip("^")
+        for layer, base in sorted(bases.items()):
             if not quantised_ok:
                 _refuse_quantised(nodes, base)
             qkv = (base + packed,) if packed and base + packed in nodes else tuple(base + n for n in separate)
-            if not all(name in nodes for name in (*qkv, base + out)):
+            if not qkv or not all(name in nodes for name in (*qkv, base + out)):
                 break
             inputs = {nodes[name].input[0] for name in qkv}
             if len(inputs) != 1:
@@ -367,11 +374,12 @@ def locate_by_structure(model, io: DecoderIO, shape: AttentionShape) -> list[Att
 # -------------------------------------------------------------------------------- locate and check
 
 
-def locate(model, io: DecoderIO, shape: AttentionShape) -> tuple[str, list[AttentionSite]]:
-    """``(producer, sites)``: by name rules where they match, else by structure; shapes checked
-    (:func:`check_sites`), one site per layer of the KV cache."""
+def locate(model, io: DecoderIO, shape: AttentionShape, spec: ArchSpec | None = None
+           ) -> tuple[str, list[AttentionSite]]:
+    """``(producer, sites)``: by name rules where they match (``spec``: the architecture, when known), else by
+    structure; shapes checked (:func:`check_sites`), one site per layer of the KV cache."""
     try:
-        producer, sites = locate_by_name(model)
+        producer, sites = locate_by_name(model, spec=spec)
     except QuantisedGraphError:
         raise
     except GraphMappingError:

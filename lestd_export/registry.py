@@ -9,12 +9,13 @@ Every weight the tool may touch belongs to one :class:`WeightGroup` kind (:data:
 that read one input (Q/K/V; the MLP's gate and up) form one group, so one input basis or one set of
 calibration statistics can serve them. :meth:`ArchSpec.weight_groups` gives an architecture's groups as
 module paths; :data:`ONNX_NAMES` says how the onnxruntime-genai builder and this tool's grafts name the
-same groups in a graph (optimum's names are the module paths, see :func:`optimum_node_prefix`).
+same groups in a graph (optimum's names are the module paths, see :func:`optimum_node_pattern`).
 Adding a weight kind is a new entry here plus its numerics; adding an architecture is one ArchSpec.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .errors import UnsupportedArchitectureError
@@ -122,18 +123,21 @@ ONNX_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
-def optimum_node_prefix(spec: ArchSpec, group: WeightGroup, member: str, layer: int | None) -> str:
-    """The node-name prefix a TorchScript (optimum) export gives a module: its path with ``/`` separators,
-    e.g. ``/model/layers.3/mlp/gate_proj/``."""
-    path = f"{spec.layers_path}.{layer}.{member}" if group.per_layer else member
-    parts = path.split(".")
-    merged = []
-    for part in parts:  # "layers", "3" -> "layers.3"
-        if part.isdigit() and merged:
-            merged[-1] = f"{merged[-1]}.{part}"
+def optimum_node_pattern(spec: ArchSpec, member: str, per_layer: bool = True) -> str:
+    """Regex of the node-name prefix a TorchScript (optimum) export gives a module (group 1: the layer): its
+    path with ``/`` separators, e.g. ``^/model/layers\\.(\\d+)/mlp/gate_proj/``; a leading ``model/`` may be
+    absent (OPT's export names ``/decoder/layers.N/...``). ``member`` is relative to a decoder layer when
+    ``per_layer``, else to the model."""
+    parts = (spec.layers_path.split(".") + ["#"] if per_layer else []) + (member.split(".") if member else [])
+    pattern = ""
+    for i, part in enumerate(parts):
+        if part == "#":
+            pattern += r"\.(\d+)"
+        elif i == 0 and part == "model" and len(parts) > 1:
+            pattern += "(?:/model)?"
         else:
-            merged.append(part)
-    return "/" + "/".join(merged) + "/"
+            pattern += "/" + re.escape(part)
+    return "^" + pattern + "/"
 
 
 def spec_for(config) -> ArchSpec:

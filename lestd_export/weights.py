@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from .registry import GROUP_KINDS, ONNX_NAMES, REGISTRY, ArchSpec, optimum_node_prefix
+from .registry import GROUP_KINDS, ONNX_NAMES, REGISTRY, ArchSpec, optimum_node_pattern
 
 OTHER = "other"
 KINDS = (*GROUP_KINDS, OTHER)
@@ -140,22 +140,22 @@ def classify_parameter(spec: ArchSpec, name: str) -> tuple[str, int | None, str]
 # ------------------------------------------------------------------------------------------------- ONNX
 
 
-def _node_rules(spec: ArchSpec | None, layers: int | None) -> list[tuple[str, str, int | None]]:
-    """``(node-name prefix, kind, layer)`` rules from optimum's module paths (longest first)."""
+def _node_rules(spec: ArchSpec | None) -> list[tuple[re.Pattern, str, bool]]:
+    """``(node-name pattern, kind, per layer)`` from optimum's module paths (longest first)."""
     rules = []
     if spec is not None:
         for group in spec.weight_groups():
             for member in group.members:
-                for layer in (range(layers or 0) if group.per_layer else [None]):
-                    rules.append((optimum_node_prefix(spec, group, member, layer), group.kind, layer))
-    return sorted(rules, key=lambda rule: -len(rule[0]))
+                rules.append((re.compile(optimum_node_pattern(spec, member, group.per_layer)), group.kind,
+                              group.per_layer))
+    return sorted(rules, key=lambda rule: -len(rule[0].pattern))
 
 
-def classify_node(name: str, rules: list[tuple[str, str, int | None]]) -> tuple[str, int | None] | None:
-    """The group kind and layer of a weight node, by the genai builder's / the grafts' names or optimum's."""
-    for prefix, kind, layer in rules:
-        if name.startswith(prefix):
-            return kind, layer
+def classify_node(name: str, rules: list[tuple[re.Pattern, str, bool]]) -> tuple[str, int | None] | None:
+    """The group kind and layer of a weight node, by optimum's names or the genai builder's / the grafts'."""
+    for pattern, kind, per_layer in rules:
+        if match := pattern.match(name):
+            return kind, int(match.group(1)) if per_layer else None
     match = LAYER_NODE.match(name)
     layer, rest = (int(match.group(1)), match.group(2)) if match else (None, name.lstrip("/"))
     for kind, fragments in ONNX_NAMES.items():
@@ -183,7 +183,7 @@ def onnx_weight_map(model, format: str, architecture: str | None = None, layers:
 
     sizes = initializer_sizes(model)
     initializers = {init.name: init for init in model.graph.initializer}
-    rules = _node_rules(REGISTRY.get(architecture or ""), layers)
+    rules = _node_rules(REGISTRY.get(architecture or ""))
     claimed: dict[str, tuple[str, int | None, str, str]] = {}
     tied: list[WeightSite] = []  # a node reading another kind's tensors only (a tied lm_head): 0 bytes
     for node in model.graph.node:

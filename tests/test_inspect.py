@@ -111,3 +111,20 @@ def test_every_architecture_maps_every_weight_group(name):
     assert found.total_bytes == sum(p.numel() * p.element_size() for p in unique.values())
     spec = spec_for(model.config)
     assert [g.kind for g in spec.weight_groups()] == list(GROUP_KINDS)
+
+
+@pytest.mark.parametrize("name", ["opt", "phi3", "gptj"])
+def test_optimum_exports_are_mapped_by_the_registrys_module_paths(name, tmp_path):
+    """One description serves both sides: optimum names nodes by module path (OPT without the leading model/),
+    so the ONNX input finds attention by name and inspect finds every group, for other architectures too."""
+    from lestd_export.export import export_model
+    from lestd_export.hf import LoadedModel
+    from lestd_export.onnx_input import open_onnx_input
+    from test_cli_errors import word_tokenizer
+
+    export_model(LoadedModel(tiny_model(name), word_tokenizer(), name), tmp_path / name, validate=False)
+    assert open_onnx_input(tmp_path / name).producer == "optimum"
+    found = inspect_model(str(tmp_path / name))
+    for kind in LAYER_KINDS:
+        assert sorted({s.layer for s in found.sites if s.kind == kind}) == [0, 1], kind
+    assert found.total_bytes == pytest.approx(onnx_initializer_bytes(tmp_path / name), rel=0.005)

@@ -123,6 +123,7 @@ def open_onnx_input(path: str | Path) -> OnnxInput:
     import onnx
 
     from ..onnx_sites import decoder_io, head_counts, locate
+    from ..registry import REGISTRY
 
     directory, model_file = resolve_input(path)
     fix = "re-create it (onnxruntime-genai builder, or lestd-export export --dense)"
@@ -136,7 +137,8 @@ def open_onnx_input(path: str | Path) -> OnnxInput:
     _refuse_compressed(header, config, model_file)
     io = decoder_io(header, config["model"]["decoder"] if genai else None)
     shape = head_counts(config, genai, header, io, str(config_file))
-    producer, sites = locate(header, io, shape)  # before reading gigabytes of weights
+    model_type = config.get("model", {}).get("type") if genai else config.get("model_type")
+    producer, sites = locate(header, io, shape, REGISTRY.get(model_type))  # before reading gigabytes of weights
     del header
     try:
         model = onnx.load(str(model_file))
