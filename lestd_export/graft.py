@@ -16,6 +16,8 @@ The plain layout's planner (numerics/planner.py) gives Q, K and V the same rows,
 MatMuls, ``X @ A @ W``, and a layer adds one MatMul for Q/K/V and one for O (none with
 ``--dense-output``). A checkpoint planned for the shared layout still grafts (with Gathers).
 
+Every layer is written from its :class:`~.numerics.stored.StoredGroup` s (Q/K/V, output), whatever the method:
+:func:`_emit` maps each field of the chain to nodes once, so a new method or weight kind is new numerics only.
 LeSTD's factor pairs ``x @ F @ S`` are written range-equalised (cross-layer equalisation, Nagel et al. 2019):
 column ``j`` of ``F`` times ``s_j``, row ``j`` of ``S`` divided by it, ``s_j = sqrt(max|S_j| / max|F_j|)``, so
 both have the same range. The product is unchanged; MatMulNBits blocks run along ``S``'s rows, which the
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .numerics.pruning import LayerCore
+from .numerics.stored import StoredGroup, latent_input_group, latent_output_group, low_rank_group
 from .onnx_sites import AttentionSite, GraphMappingError
 from .surgery import output_weight, qkv_segments
 
@@ -71,6 +74,11 @@ class LatentLayer:
         rows = None if out is None else out.rows
         return cls(_numpy(latent.u1), None if qkv.u2 is None else _numpy(qkv.u2), segments,
                    None if out is None else _numpy(out.weight), None if rows is None else _numpy(rows))
+
+    def stored(self) -> tuple[list[StoredGroup], StoredGroup | None]:
+        """The Q/K/V group and the output group (None: the output projection stays dense) as written."""
+        out = None if self.o_weight is None else latent_output_group(self.u1, self.u2, self.o_weight, self.o_rows)
+        return [latent_input_group(self.u1, self.u2, self.segments)], out
 
     @property
     def qkv_union(self) -> np.ndarray:
@@ -133,39 +141,32 @@ class _Builder:
         return self.node("Reshape", [x, shape], name, output)
 
 
-def equalize(first: np.ndarray, second: np.ndarray, second_ranges: np.ndarray | None = None):
-    """``(F diag(s), s)`` with ``s_j = sqrt(r_j / max|F[:, j]|)`` for ``x @ F @ S`` (``F [K, r]``, ``S [r, N]``);
-    ``r_j`` is ``max|S[j, :]|`` unless ``second_ranges`` gives it. Divide ``S``'s rows by ``s``."""
-    first_ranges = np.abs(first).max(axis=0)  # [r]
-    second_ranges = np.abs(second).max(axis=1) if second_ranges is None else second_ranges
-    valid = (first_ranges > 0) & (second_ranges > 0)
-    scale = np.sqrt(np.where(valid, second_ranges / np.where(valid, first_ranges, 1.0), 1.0))
-    return first * scale, scale
-
-
-def _qkv(b: _Builder, layer: LatentLayer, site: AttentionSite) -> None:
-    union = layer.qkv_union
-    positions = [None if rows is None else np.searchsorted(union, rows) for _, rows, _ in layer.segments]
-    ranges = np.zeros(len(union))  # the largest |entry| of each union row over the segments that read it
-    for (weight, _, _), pos in zip(layer.segments, positions):
-        np.maximum.at(ranges, slice(None) if pos is None else pos, np.abs(weight).max(axis=1))
-    first, scale = equalize(layer.u1[:, union], None, ranges)
-    z = b.matmul(site.qkv_input, first, "u1_in")  # [B, T, u]
-    outs, widths = [], []
-    for j, ((weight, rows, group_widths), pos) in enumerate(zip(layer.segments, positions)):
+def _emit(b: _Builder, x: str, group: StoredGroup, tag: str, output: str | None = None) -> list[str]:
+    """Write one :class:`~.numerics.stored.StoredGroup` reading ``x``: the outputs of its blocks (after the head
+    maps), or, with ``last``, the one tensor after it (named ``output`` when given)."""
+    if group.head_in is not None:  # every input head mapped first
+        dh = group.head_in.shape[0]
+        x = b.flat(b.matmul(b.heads(x, dh, f"{tag}heads_in"), group.head_in, f"{tag}head_in"), f"{tag}flat_in")
+    z = x if group.basis is None else b.matmul(x, group.basis, f"{tag}basis")  # [B, T, u]
+    outs = []
+    for j, block in enumerate(group.blocks):
         source = z
-        weight = weight / scale[slice(None) if pos is None else pos, None]
-        if rows is not None and not np.array_equal(rows, union):
-            position = b.constant(f"rows_{j}", pos.astype(np.int32), weight=False)
-            source = b.node("Gather", [z, position], f"gather_{j}", axis=-1)  # [B, T, k_j]
-        out = b.matmul(source, weight, f"core_{j}")  # [B, T, cols_j]
-        if layer.u2 is not None:  # blocks are in the R2 basis: map every head through U2^T
-            rank2, dh = layer.u2.shape[1], layer.u2.shape[0]
-            out = b.flat(b.matmul(b.heads(out, rank2, f"heads_{j}"), layer.u2.T, f"u2t_{j}"), f"flat_{j}")
-            group_widths = [w // rank2 * dh for w in group_widths]
+        if block.positions is not None:
+            position = b.constant(f"{tag}positions_{j}", block.positions.astype(np.int32), weight=False)
+            source = b.node("Gather", [z, position], f"{tag}gather_{j}", axis=-1)  # [B, T, k_j]
+        out = b.matmul(source, block.weight, f"{tag}block_{j}")  # [B, T, cols_j]
+        if group.head_out is not None:  # blocks in the R2 basis: every head mapped through U2^T
+            rank2 = group.head_out.shape[0]
+            out = b.flat(b.matmul(b.heads(out, rank2, f"{tag}heads_{j}"), group.head_out, f"{tag}head_out_{j}"),
+                         f"{tag}flat_{j}")
         outs.append(out)
-        widths += group_widths
-    _write_qkv(b, outs, widths, site)
+    if group.last is not None:
+        latent = outs[0] if len(outs) == 1 else b.node("Concat", outs, f"{tag}concat", axis=-1)
+        outs = [b.matmul(latent, group.last, f"{tag}last")]
+    if output is not None:
+        _rename(b, _rename_last(b, outs, None, f"{tag}concat_out"), output)
+        return [output]
+    return outs
 
 
 def _write_qkv(b: _Builder, outs: list[str], widths: list[int], site: AttentionSite) -> None:
@@ -201,17 +202,6 @@ def _rename(b: _Builder, tensor: str, output: str) -> None:
     raise AssertionError(f"{tensor} is not produced in this subgraph")
 
 
-def _output(b: _Builder, layer: LatentLayer, site: AttentionSite) -> None:
-    heads = site.o_input
-    if layer.u2 is not None:
-        dh = layer.u2.shape[0]
-        heads = b.flat(b.matmul(b.heads(heads, dh, "o_heads"), layer.u2, "u2_out"), "o_flat")  # [B, T, h R2]
-    u1 = layer.u1 if layer.o_rows is None else layer.u1[:, layer.o_rows]
-    core, scale = equalize(layer.o_weight, u1.T)
-    latent = b.matmul(heads, core, "core_o")  # [B, T, k_O]
-    b.matmul(latent, u1.T / scale[:, None], "u1_out", site.o_output)  # [B, T, d]
-
-
 @dataclass
 class LowRankLayer:
     """One layer of the per-matrix low-rank baseline (``svd``; SVD-LLM when calibrated): ``x @ a @ b``."""
@@ -228,10 +218,9 @@ class LowRankLayer:
 
         return cls([part for module in qkv for part in parts(module)], parts(o)[0])
 
-
-def _qkv_low_rank(b: _Builder, layer: LowRankLayer, site: AttentionSite) -> None:
-    outs = [b.matmul(b.matmul(site.qkv_input, a, f"a_{j}"), w, f"b_{j}") for j, (a, w) in enumerate(layer.qkv)]
-    _write_qkv(b, outs, [w.shape[1] for _, w in layer.qkv], site)
+    def stored(self) -> tuple[list[StoredGroup], StoredGroup]:
+        """One group per Q/K/V matrix and the output's, each ``x @ a @ b``."""
+        return [low_rank_group(a, b) for a, b in self.qkv], low_rank_group(*self.o)
 
 
 def graft_attention(model, sites: list[AttentionSite], layers: list[LatentLayer | LowRankLayer]) -> list[str]:
@@ -250,13 +239,11 @@ def graft_attention(model, sites: list[AttentionSite], layers: list[LatentLayer 
         prefix = site.o_node.rsplit("/", 2)[0] + "/lestd"
         qkv = _Builder(prefix + "/qkv", f"lestd.layers.{site.layer}.qkv")
         out = _Builder(prefix + "/o", f"lestd.layers.{site.layer}.o")
-        if isinstance(layer, LowRankLayer):
-            _qkv_low_rank(qkv, layer, site)
-            out.matmul(out.matmul(site.o_input, layer.o[0], "a_o"), layer.o[1], "b_o", site.o_output)
-        else:
-            _qkv(qkv, layer, site)
-            if layer.o_weight is not None:
-                _output(out, layer, site)
+        qkv_groups, o_group = layer.stored()
+        outs = [o for i, group in enumerate(qkv_groups) for o in _emit(qkv, site.qkv_input, group, f"g{i}_")]
+        _write_qkv(qkv, outs, [w for group in qkv_groups for w in group.widths], site)
+        if o_group is not None:
+            _emit(out, site.o_input, o_group, "", site.o_output)
         for name in site.qkv_nodes[:-1]:
             replaced[name] = []
         replaced[site.qkv_nodes[-1]] = qkv.nodes

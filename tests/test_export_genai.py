@@ -16,7 +16,8 @@ pytest.importorskip("onnxruntime_genai")
 from lestd_export.compress import compress_model  # noqa: E402
 from lestd_export.config import CompressionConfig  # noqa: E402
 from lestd_export.export_genai import _latent_layers, export_genai, genai_logits  # noqa: E402
-from lestd_export.graft import LatentLayer, equalize, quantize_nodes  # noqa: E402
+from lestd_export.graft import LatentLayer, quantize_nodes  # noqa: E402
+from lestd_export.numerics.stored import equalize  # noqa: E402
 from lestd_export.numerics.quantize import blockwise_round  # noqa: E402
 from lestd_export.loading import LoadedModel  # noqa: E402
 
@@ -129,7 +130,7 @@ def test_quantised_plain_checkpoint_refits_on_the_rounded_basis():
         np.testing.assert_allclose(blockwise_round(first, 4), first, atol=1e-6)
         rows = layer.segments[0][1]  # plain layout: one block over the shared rows
         assert len(layer.segments) == 1 and (rows is None or np.array_equal(rows, layer.qkv_union))
-        equalised = equalize(first, layer.segments[0][0])[0]  # what graft._qkv writes for one segment
+        equalised = equalize(first, layer.segments[0][0])[0]  # what numerics.stored.latent_input_group writes for one segment
         np.testing.assert_allclose(blockwise_round(equalised, 4), equalised, rtol=1e-5, atol=1e-6)
 
 

@@ -267,3 +267,29 @@ def test_explicit_density_keeps_that_fraction_of_rows():
                                                               size_fraction=None))
     assert layer.ranks == (48, 16)
     assert layer.density(GROUPS.total) == pytest.approx(0.5, abs=0.03)
+
+
+def test_stored_groups_compute_the_products_they_store():
+    """Equalising rescales the factors, never the product: each StoredGroup's chain equals the plain factor product."""
+    from lestd_export.numerics.stored import latent_input_group, latent_output_group, low_rank_group
+
+    rng = np.random.default_rng(4)
+    d, r1, dh, r2, heads = 24, 10, 8, 4, 3
+    u1, u2 = rng.standard_normal((d, r1)), np.linalg.qr(rng.standard_normal((dh, r2)))[0]
+    rows = np.array([1, 3, 4, 8])
+    segments = [(rng.standard_normal((4, 2 * r2)), rows, [r2, r2]),
+                (rng.standard_normal((r1, r2)), None, [r2])]  # a pruned and a dense segment
+    x = rng.standard_normal((5, d)) * np.linspace(0.1, 10, d)
+    qkv = latent_input_group(u1, u2, segments)
+    z = x @ u1
+    blocks = [(z if r is None else z[:, r]) @ w for w, r, _ in segments]
+    expected = np.concatenate([(b.reshape(5, -1, r2) @ u2.T).reshape(5, -1) for b in blocks], axis=1)
+    np.testing.assert_allclose(qkv.apply(x), expected, rtol=1e-10)
+    assert qkv.widths == [dh, dh, dh] and qkv.entries == d * r1 + sum(w.size for w, _, _ in segments)
+    o_weight = rng.standard_normal((heads * r2, len(rows)))
+    h = rng.standard_normal((5, heads * dh))
+    out = latent_output_group(u1, u2, o_weight, rows)
+    expected = (h.reshape(5, heads, dh) @ u2).reshape(5, -1) @ o_weight @ u1[:, rows].T
+    np.testing.assert_allclose(out.apply(h), expected, rtol=1e-10)
+    a, b = rng.standard_normal((d, 3)), rng.standard_normal((3, 7))
+    np.testing.assert_allclose(low_rank_group(a, b).apply(x), x @ a @ b, rtol=1e-12)
