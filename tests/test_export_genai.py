@@ -205,3 +205,30 @@ def test_svd_baseline_grafts_into_genai(tmp_path):
     compress_model(model, CompressionConfig(method="svd", size_fraction=0.5, layout="plain"), progress=False)
     report = export_genai(LoadedModel(model, tiny_tokenizer(), source="tiny"), tmp_path / "genai", storage="fp32")
     assert report["grafted_layers"] == 2 and report["parity"]["max_relative_error"] < 1e-5
+
+
+@pytest.mark.parametrize("bits, block", [(4, 32), (4, 16), (8, 32), (4, 64)])
+def test_our_codes_are_what_matmulnbits_computes_with(bits, block):
+    """Codes on any grid (here a searched one) packed by numerics.quantize run in ONNX Runtime's MatMulNBits as
+    exactly the values the PyTorch simulation uses (K not a multiple of the block)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lestd_export.numerics.quantize import codes, dequantize, pack_matmulnbits, search_scales
+
+    rng = np.random.default_rng(bits + block)
+    k, n = 70, 6
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    scales = search_scales(weight, bits, block)
+    q = codes(weight, scales, bits, block)
+    packed, flat_scales = pack_matmulnbits(q, scales, bits, block)
+    node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(flat_scales, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    eye = np.eye(k, dtype=np.float32)
+    stored = np.concatenate([session.run(None, {"x": eye[i:i + 1]})[0] for i in range(k)])
+    np.testing.assert_allclose(stored, dequantize(q, scales, block), rtol=1e-6, atol=1e-7)

@@ -1,4 +1,12 @@
-"""The values a blockwise-quantised MatMul stores (pure numerics; ONNX Runtime's ``MatMulNBits``, symmetric)."""
+"""The values a blockwise-quantised MatMul stores (pure numerics; ONNX Runtime's ``MatMulNBits``, symmetric).
+
+A weight ``W [K, N]`` read as ``x @ W`` is stored in blocks of ``block_size`` along ``K`` per column, each with
+one scale and the fixed zero point ``2^(bits-1)`` (the builder's symmetric format: no zero-point bytes, the fast
+kernel). :func:`blockwise_round` is ONNX Runtime's own round-to-nearest; :func:`search_scales` chooses each
+block's scale to minimise the (optionally activation-weighted) rounding error, and :func:`gptq` rounds along
+``K`` with error compensation (GPTQ) on a given grid. All of them return values on the format's grid, so an
+export stores exactly what the PyTorch simulation computes with.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +14,100 @@ import numpy as np
 
 from .pruning import LayerCore
 
+CLIP_RATIOS = np.linspace(1.0, 0.7, 16)  # block scales tried by search_scales, as fractions of the max-abs scale
+
+
+def _blocks(matrix: np.ndarray, block_size: int) -> np.ndarray:
+    """``[K, N] -> [blocks, block_size, N]``, zero-padded along ``K``."""
+    k, n = matrix.shape
+    padded = np.concatenate([matrix, np.zeros(((-k) % block_size, n), dtype=matrix.dtype)])
+    return padded.reshape(-1, block_size, n)
+
+
+def max_abs_scales(matrix: np.ndarray, bits: int, block_size: int = 32) -> np.ndarray:
+    """ONNX Runtime's symmetric scales ``[blocks, N]``: the block's entry of largest magnitude maps to
+    ``-2^(bits-1)`` (so the scale carries its sign); 1 for an all-zero block."""
+    blocks = _blocks(matrix, block_size)
+    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None, :], axis=1)[:, 0]  # signed
+    return np.where(largest == 0, 1.0, largest / -(2 ** (bits - 1)))
+
+
+def codes(matrix: np.ndarray, scales: np.ndarray, bits: int, block_size: int = 32) -> np.ndarray:
+    """Signed integer codes ``[K, N]`` in ``[-2^(bits-1), 2^(bits-1) - 1]`` of ``matrix`` on the grid ``scales``."""
+    limit = 2 ** (bits - 1)
+    k = matrix.shape[0]
+    q = np.clip(np.round(_blocks(matrix, block_size) / scales[:, None, :]), -limit, limit - 1)
+    return q.reshape(-1, matrix.shape[1])[:k]
+
+
+def dequantize(q: np.ndarray, scales: np.ndarray, block_size: int = 32) -> np.ndarray:
+    """The values ``q * scale`` ``[K, N]`` that MatMulNBits multiplies by."""
+    k = q.shape[0]
+    return (_blocks(q, block_size) * scales[:, None, :]).reshape(-1, q.shape[1])[:k]
+
+
+def pack_matmulnbits(q: np.ndarray, scales: np.ndarray, bits: int, block_size: int = 32
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``MatMulNBits``'s symmetric inputs for signed codes ``q [K, N]`` on ``scales [blocks, N]``: ``B`` uint8
+    ``[N, blocks, block_size * bits / 8]`` (codes + ``2^(bits-1)``, low bits first) and scales float32
+    ``[N * blocks]``; no zero points (the kernel's default ``2^(bits-1)``, the fast path)."""
+    if bits not in (4, 8):
+        raise ValueError(f"MatMulNBits packs 4 or 8 bits here, not {bits}")
+    unsigned = (_blocks(q, block_size) + 2 ** (bits - 1)).astype(np.uint8)  # [blocks, block_size, N]
+    per_column = unsigned.transpose(2, 0, 1)  # [N, blocks, block_size]
+    if bits == 4:
+        per_column = per_column[..., 0::2] | (per_column[..., 1::2] << 4)
+    return np.ascontiguousarray(per_column), np.ascontiguousarray(scales.T.astype(np.float32).reshape(-1))
+
 
 def blockwise_round(matrix: np.ndarray, bits: int, block_size: int = 32) -> np.ndarray:
-    """What ``MatMulNBits`` computes with for ``x @ matrix`` (``matrix [K, N]``): blocks of ``block_size`` along
-    ``K`` per column, the entry of largest magnitude mapped to ``-2^(bits-1)``, round to nearest (ONNX Runtime's
-    symmetric quantiser, as the genai builder writes it; equal to it to float rounding, tested)."""
+    """What ``MatMulNBits`` computes with for ``x @ matrix`` (``matrix [K, N]``) after ONNX Runtime's symmetric
+    round-to-nearest quantiser, as the genai builder writes it (equal to it to float rounding, tested)."""
+    scales = max_abs_scales(matrix, bits, block_size)
+    return dequantize(codes(matrix, scales, bits, block_size), scales, block_size).astype(matrix.dtype)
+
+
+def search_scales(matrix: np.ndarray, bits: int, block_size: int = 32, importance: np.ndarray | None = None,
+                  ratios: np.ndarray = CLIP_RATIOS) -> np.ndarray:
+    """Per block and column, the scale ``r * max_abs_scale`` (``r`` in ``ratios``) whose rounding error
+    ``sum_k importance_k (w_k - q_k)^2`` is least (``importance [K]``: e.g. the mean squared input of each row,
+    as activation-aware quantisers weigh it; uniform when None). Returns ``[blocks, N]``."""
+    base = max_abs_scales(matrix, bits, block_size)
+    blocks = _blocks(matrix, block_size)
+    weight = np.ones(matrix.shape[0]) if importance is None else np.asarray(importance, dtype=np.float64)
+    weight = _blocks(weight[:, None], block_size)  # [blocks, block_size, 1]
+    limit = 2 ** (bits - 1)
+    best, best_error = base, np.full(base.shape, np.inf)
+    for ratio in ratios:
+        scales = base * ratio
+        q = np.clip(np.round(blocks / scales[:, None, :]), -limit, limit - 1) * scales[:, None, :]
+        error = np.sum(weight * (blocks - q) ** 2, axis=1)  # [blocks, N]
+        better = error < best_error
+        best, best_error = np.where(better, scales, best), np.where(better, error, best_error)
+    return best
+
+
+def gptq(matrix: np.ndarray, hessian: np.ndarray, scales: np.ndarray, bits: int, block_size: int = 32,
+         damping: float = 0.01) -> np.ndarray:
+    """GPTQ (Frantar et al. 2023) on a fixed grid: quantise the rows of ``matrix [K, N]`` in order and push each
+    row's rounding error onto the rows not yet quantised through the inverse of the damped input Gram
+    ``hessian [K, K]`` (``damping`` times its mean diagonal). Returns the dequantised ``[K, N]`` on ``scales``."""
     k, n = matrix.shape
     limit = 2 ** (bits - 1)
-    padded = np.concatenate([matrix, np.zeros(((-k) % block_size, n), dtype=matrix.dtype)])
-    blocks = padded.reshape(-1, block_size, n)  # [blocks, block_size, N]
-    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None, :], axis=1)  # signed, [blocks, 1, N]
-    scale = np.where(largest == 0, 1.0, largest / -limit)
-    return (np.clip(np.round(blocks / scale), -limit, limit - 1) * scale).reshape(-1, n)[:k].astype(matrix.dtype)
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h += damping * float(np.mean(np.diag(h))) * np.eye(k)
+    upper = np.linalg.cholesky(np.linalg.inv(h)).T  # U with H^-1 = U^T U: row i holds the updates of row i
+    w = np.array(matrix, dtype=np.float64)
+    w[dead] = 0.0
+    row_scales = np.repeat(scales, block_size, axis=0)[:k]  # [K, N]
+    out = np.empty_like(w)
+    for i in range(k):
+        q = np.clip(np.round(w[i] / row_scales[i]), -limit, limit - 1) * row_scales[i]
+        out[i] = q
+        w[i + 1:] -= np.outer(upper[i, i + 1:] / upper[i, i], w[i] - q)
+    return out.astype(matrix.dtype)
 
 
 def round_qkv_basis(core: LayerCore, bits: int, block_size: int = 32) -> None:
