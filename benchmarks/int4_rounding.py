@@ -9,9 +9,10 @@ kinds, none used for calibration (calibration: the default Python docstrings):
   narrative  Debian's project history (Debian package debian-history)
 Variants at one block size have the same bytes (symmetric: K/2 bytes + one fp32 scale per block and column):
   rtn   ONNX Runtime's / the builder's round-to-nearest with the max-abs scale
-  mse   each block's scale searched to minimise its squared rounding error (data-free)
-  awq   the same, each row weighted by its mean squared input (activation-aware, calibrated)
-  gptq  error-compensated rounding (GPTQ) on the mse grid, damped input Grams (calibrated)
+  mse       each block's scale searched to minimise its squared rounding error (data-free)
+  awq       the same, each row weighted by its mean squared input (activation-aware, calibrated)
+  awq-sqrt  rows weighted by the root of it; awq-wide: awq over clipping ratios down to 0.5
+  gptq      error-compensated rounding (GPTQ) on the awq grid, damped input Grams (calibrated)
 
     python benchmarks/int4_rounding.py --out benchmarks/results/int4_rounding.json
 """
@@ -31,7 +32,7 @@ import torch
 from lestd_export.calibration import load_calibration
 from lestd_export.evaluate import default_text, torch_perplexity
 from lestd_export.loading import load_model
-from lestd_export.numerics.quantize import blockwise_round, dequantize, codes, gptq, search_scales
+from lestd_export.numerics.quantize import CLIP_RATIOS, blockwise_round, codes, dequantize, gptq, search_scales
 from lestd_export.text import tokenize
 
 TEXTS = {
@@ -73,12 +74,10 @@ def rounded(weight_in_out: np.ndarray, variant: str, block: int, gram: np.ndarra
     """The stored values of ``x @ W`` (``W [K, N]``) under one rounding variant."""
     if variant == "rtn":
         return blockwise_round(weight_in_out, 4, block)
-    if variant == "mse":
-        scales = search_scales(weight_in_out, 4, block)
-    elif variant in ("awq", "gptq"):
-        scales = search_scales(weight_in_out, 4, block, importance=None if variant == "gptq" else np.diag(gram))
-    else:
-        raise ValueError(variant)
+    importance = {"mse": None, "awq": np.diag(gram), "gptq": np.diag(gram), "awq-sqrt": np.sqrt(np.diag(gram)),
+                  "awq-wide": np.diag(gram)}[variant]
+    ratios = np.linspace(1.0, 0.5, 26) if variant == "awq-wide" else CLIP_RATIOS
+    scales = search_scales(weight_in_out, 4, block, importance=importance, ratios=ratios)
     if variant == "gptq":
         return gptq(weight_in_out, gram, scales, 4, block, damping)
     return dequantize(codes(weight_in_out, scales, 4, block), scales, block)

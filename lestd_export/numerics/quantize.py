@@ -50,14 +50,15 @@ def pack_matmulnbits(q: np.ndarray, scales: np.ndarray, bits: int, block_size: i
                      ) -> tuple[np.ndarray, np.ndarray]:
     """``MatMulNBits``'s symmetric inputs for signed codes ``q [K, N]`` on ``scales [blocks, N]``: ``B`` uint8
     ``[N, blocks, block_size * bits / 8]`` (codes + ``2^(bits-1)``, low bits first) and scales float32
-    ``[N * blocks]``; no zero points (the kernel's default ``2^(bits-1)``, the fast path)."""
+    ``[N, blocks]`` (as the genai builder stores them; ``GatherBlockQuantized`` reads the same two for a tied
+    table); no zero points (the kernels' default ``2^(bits-1)``, the fast path)."""
     if bits not in (4, 8):
         raise ValueError(f"MatMulNBits packs 4 or 8 bits here, not {bits}")
     unsigned = (_blocks(q, block_size) + 2 ** (bits - 1)).astype(np.uint8)  # [blocks, block_size, N]
     per_column = unsigned.transpose(2, 0, 1)  # [N, blocks, block_size]
     if bits == 4:
         per_column = per_column[..., 0::2] | (per_column[..., 1::2] << 4)
-    return np.ascontiguousarray(per_column), np.ascontiguousarray(scales.T.astype(np.float32).reshape(-1))
+    return np.ascontiguousarray(per_column), np.ascontiguousarray(scales.T.astype(np.float32))
 
 
 def blockwise_round(matrix: np.ndarray, bits: int, block_size: int = 32) -> np.ndarray:

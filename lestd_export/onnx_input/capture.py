@@ -15,34 +15,37 @@ from .source import OnnxInput
 CAPTURE_BATCH = 4  # calibration sequences per ONNX Runtime run
 
 
-def collect_onnx_statistics(source: OnnxInput, data, *, progress: bool = True) -> list:
-    """Per layer :class:`~lestd_export.calibration.LayerStatistics` (input and head Gram matrices, float64) over the
-    calibration ``data``, captured through ONNX Runtime from the dense graph; memory is bounded by one
-    batch of activations plus the Grams."""
+def capture_grams(source: OnnxInput, tensors: list[str], sequences: np.ndarray, *, progress: bool = True,
+                  what: str = "calibration statistics") -> dict[str, np.ndarray]:
+    """``X^T X / N`` (float64) of each named tensor ``[..., K]`` of the dense graph over the token ``sequences``
+    ``[S, T]``, run through ONNX Runtime in batches; memory is one batch of activations plus the Grams."""
     from tqdm.auto import tqdm
 
-    from ..calibration import LayerStatistics
-
-    wanted = []
-    for site in source.sites:
-        wanted += [site.qkv_input, site.o_input]
-    wanted = list(dict.fromkeys(wanted))
+    wanted = list(dict.fromkeys(tensors))
     session = subgraph_session(subgraph_model(source.model, wanted), source.model)
-    totals = {name: None for name in wanted}
+    totals: dict[str, np.ndarray] = {}
     count = 0
-    with tqdm(total=data.tokens, desc="calibration statistics (onnxruntime)", unit="tok",
-              disable=not progress) as bar:
-        for start in range(0, len(data.sequences), CAPTURE_BATCH):
-            batch = data.sequences[start:start + CAPTURE_BATCH]
+    with tqdm(total=sequences.size, desc=f"{what} (onnxruntime)", unit="tok", disable=not progress) as bar:
+        for start in range(0, len(sequences), CAPTURE_BATCH):
+            batch = sequences[start:start + CAPTURE_BATCH]
             values = session.run(wanted, decoder_feed(session, source.io, source.shape, batch, source.genai_decoder))
             for name, value in zip(wanted, values):
                 x = np.asarray(value, dtype=np.float64).reshape(-1, value.shape[-1])
-                product = x.T @ x
-                totals[name] = product if totals[name] is None else totals[name] + product
+                totals[name] = totals[name] + x.T @ x if name in totals else x.T @ x
             count += batch.size
             bar.update(batch.size)
     del session
-    return [LayerStatistics(totals[site.qkv_input] / count, totals[site.o_input] / count, {}, count)
+    return {name: total / count for name, total in totals.items()}
+
+
+def collect_onnx_statistics(source: OnnxInput, data, *, progress: bool = True) -> list:
+    """Per layer :class:`~lestd_export.calibration.LayerStatistics` (input and head Gram matrices, float64) over the
+    calibration ``data``, captured through ONNX Runtime from the dense graph."""
+    from ..calibration import LayerStatistics
+
+    wanted = [name for site in source.sites for name in (site.qkv_input, site.o_input)]
+    grams = capture_grams(source, wanted, data.sequences, progress=progress)
+    return [LayerStatistics(grams[site.qkv_input], grams[site.o_input], {}, data.sequences.size)
             for site in source.sites]
 
 

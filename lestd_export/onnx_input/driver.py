@@ -15,12 +15,14 @@ import numpy as np
 from ..config import CompressionConfig
 from ..errors import InvalidConfigError
 from ..onnx_sites import GraphMappingError
+from ..quantize_graph import weight_matmuls
 from .plan import check_config, plan_cores, plan_low_rank
 from .sessions import decoder_feed
 from .source import OnnxInput, open_onnx_input
 
 REPORT_FILE = "compression_report.json"
-STALE_FILES = ("export_report.json", REPORT_FILE)  # reports of the input model: they would describe another model
+QUANTIZE_REPORT = "quantization_report.json"
+STALE_FILES = ("export_report.json", REPORT_FILE, QUANTIZE_REPORT)  # reports of the input model: they would describe another model
 QUANTIZE_BITS = {"none": None, "int8": 8, "int4": 4}
 EXTERNAL_DATA_BYTES = 1 << 30  # an input without external data is written inline below this size
 
@@ -34,20 +36,6 @@ def _storage(config: CompressionConfig, quantize: str | None) -> tuple[Compressi
         raise InvalidConfigError(f"unknown quantisation {quantize!r}; choose one of {', '.join(QUANTIZE_BITS)}")
     wanted = "fp32" if quantize == "none" else quantize
     return (config if config.storage == wanted else replace(config, storage=wanted)), quantize
-
-
-def _weight_matmuls(model, exclude: set[str]) -> list[str]:
-    """Names of the MatMul nodes (outside ``exclude``) whose right operand is a 2-D fp32 initializer."""
-    from onnx import TensorProto
-
-    initializers = {init.name: init for init in model.graph.initializer}
-    names = []
-    for node in model.graph.node:
-        init = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
-        plain = init is not None and len(init.dims) == 2 and init.data_type == TensorProto.FLOAT
-        if plain and node.name not in exclude:
-            names.append(node.name)
-    return names
 
 
 def compare_logits(reference: Path, candidate: Path, source: OnnxInput, *, batch: int = 2, length: int = 16,
@@ -80,7 +68,7 @@ def compare_logits(reference: Path, candidate: Path, source: OnnxInput, *, batch
             "length": int(ids.shape[1]), "tokens": tokens}
 
 
-def _copy_directory_files(source: OnnxInput, staging: Path) -> list[str]:
+def copy_directory_files(source: OnnxInput, staging: Path) -> list[str]:
     """Everything in the input directory but the model file, its external data and stale reports."""
     skip = {source.model_file.name, *source.external_files, *STALE_FILES}
     copied = []
@@ -93,6 +81,37 @@ def _copy_directory_files(source: OnnxInput, staging: Path) -> list[str]:
             shutil.copy2(item, staging / item.name)
             copied.append(item.name)
     return copied
+
+
+def write_model(model, source: OnnxInput, staging: Path) -> list[str]:
+    """Save ``model`` as ``staging/<input file name>`` (external data ``<name>.data`` when the input had some or
+    is large); returns the written file names."""
+    import onnx
+
+    target = staging / source.model_file.name
+    size = sum(len(init.raw_data) for init in model.graph.initializer)
+    external = bool(source.external_files) or size >= EXTERNAL_DATA_BYTES
+    location = source.model_file.name + ".data"
+    if external:
+        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=location, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(target))
+    written = [target.name] + ([location] if external else [])
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in written:  # onnx creates external data files private (0600); make them like any new file
+        (staging / name).chmod(0o666 & ~umask)
+    return written
+
+
+def input_record(source: OnnxInput, path: str | Path) -> dict:
+    """The report's description of an ONNX input."""
+    return {"path": str(path), "model_file": source.model_file.name, "producer": source.producer,
+            "config": source.config_file.name, "layers": len(source.sites), "packed_qkv": source.sites[0].packed,
+            "bytes": source.input_bytes(),
+            "shape": {"hidden": source.shape.hidden, "heads": source.shape.heads, "kv_heads": source.shape.kv_heads,
+                      "head_dim": source.shape.head_dim}}
 
 
 def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConfig, *, quantize: str | None = None,
@@ -108,8 +127,6 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
     written model is loaded by ONNX Runtime and its logits compared with the input's (recorded; a
     model that does not load is an error and nothing is written).
     """
-    import onnx
-
     from ..compress import build_report, core_entry
     from ..io import atomic_output_dir, check_output_dir, write_json
 
@@ -137,36 +154,20 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
         if QUANTIZE_BITS[quantize] is not None:
             from ..graft import quantize_nodes
 
-            nodes = list(grafted) + _weight_matmuls(model, set(grafted))
+            nodes = list(grafted) + [n.name for n in weight_matmuls(model) if n.name not in set(grafted)]
             model = quantize_nodes(model, nodes, QUANTIZE_BITS[quantize])
             quantised = {"bits": QUANTIZE_BITS[quantize], "block_size": 32, "accuracy_level": 4,
                          "nodes": len(nodes), "attention_nodes": len(grafted)}
-        copied = _copy_directory_files(source, staging)
-        target = staging / source.model_file.name
-        size = sum(len(init.raw_data) for init in model.graph.initializer)
-        external = bool(source.external_files) or size >= EXTERNAL_DATA_BYTES
-        location = source.model_file.name + ".data"
-        if external:
-            onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=location, size_threshold=1024)
-        else:
-            onnx.save_model(model, str(target))
+        copied = copy_directory_files(source, staging)
+        written = write_model(model, source, staging)
         del model, source.model
-        written = [target.name] + ([location] if external else [])
-        umask = os.umask(0)
-        os.umask(umask)
-        for name in written:  # onnx creates external data files private (0600); make them like any new file
-            (staging / name).chmod(0o666 & ~umask)
+        target = staging / source.model_file.name
         output_bytes = sum((staging / name).stat().st_size for name in written)
         sample = None if data is None else data.sequences[:2, :64]  # real text where there is some
         vs_input = compare_logits(source.model_file, target, source, ids=sample) if validate else None
         report = build_report(config, entries, source.model_type or "unknown", str(path),
                               time.perf_counter() - started, data, errors)
-        report["input"] = {"path": str(path), "model_file": source.model_file.name, "producer": source.producer,
-                           "config": source.config_file.name, "layers": len(source.sites),
-                           "packed_qkv": source.sites[0].packed, "bytes": source.input_bytes(),
-                           "shape": {"hidden": source.shape.hidden, "heads": source.shape.heads,
-                                     "kv_heads": source.shape.kv_heads, "head_dim": source.shape.head_dim}}
+        report["input"] = input_record(source, path)
         report["output"] = {"files": written + copied, "model_bytes": output_bytes,
                             "bytes_fraction": output_bytes / max(source.input_bytes(), 1), "quantize": quantised,
                             "grafted_matmuls": len(grafted)}

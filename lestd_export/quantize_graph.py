@@ -1,0 +1,197 @@
+"""Quantise every weight of a decoder graph with our own rounding, in the onnxruntime-genai builder's layout.
+
+Every ``MatMul`` whose right operand is a 2-D fp32 initializer (attention, MLP, lm_head, and grafted factors)
+becomes ``MatMulNBits`` (symmetric, no zero points: the builder's bytes and fast kernel), and the token table
+becomes ``GatherBlockQuantized``: over the lm_head's own codes when the two are tied (stored once, as the
+builder's shared embedding), else over its own. The rounding (:data:`ROUNDINGS`) is ONNX Runtime's
+round-to-nearest (``rtn``), or each block's scale chosen to minimise the activation-weighted rounding error
+(``awq``: every row weighted by its mean squared input, from calibration), or GPTQ's error-compensated
+rounding on that grid (``gptq``); a calibrated rounding keeps round-to-nearest's codes for any column where
+they have the lower output error on the calibration inputs, so it is never worse there. A table whose width the block does not divide stays fp32 (the builder's
+shared table fails at run time there), and the report says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import InvalidConfigError
+
+ROUNDINGS = ("rtn", "awq", "gptq")
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits' fast-path blocks
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """How every weight is stored: ``bits`` (4 or 8), ``block_size`` along the reduction axis, the rounding."""
+
+    bits: int = 4
+    block_size: int = 32
+    rounding: str = "awq"
+    damping: float = 0.1  # GPTQ: times the mean diagonal of the input Gram
+    accuracy_level: int = 4  # MatMulNBits: int8 activations (the builder's CPU setting)
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise InvalidConfigError(f"--quantize stores 4 or 8 bits, not {self.bits}")
+        if self.block_size not in BLOCK_SIZES:
+            raise InvalidConfigError(f"--block-size {self.block_size} is not one of MatMulNBits' "
+                                     f"{', '.join(map(str, BLOCK_SIZES))}")
+        if self.rounding not in ROUNDINGS:
+            raise InvalidConfigError(f"--rounding {self.rounding!r}: choose one of {', '.join(ROUNDINGS)}")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.rounding != "rtn"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def round_codes(weight: np.ndarray, config: QuantizeConfig, gram: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Signed codes ``[K, N]`` and scales ``[blocks, N]`` of ``x @ weight`` (``weight [K, N]``); ``gram`` is the
+    input's ``X^T X / N`` ``[K, K]`` (needed by ``awq`` and ``gptq``; without it they round to nearest)."""
+    from .numerics.quantize import codes, gptq, max_abs_scales, search_scales
+
+    bits, block = config.bits, config.block_size
+    if config.rounding == "rtn" or gram is None:
+        scales = max_abs_scales(weight, bits, block)
+        return codes(weight, scales, bits, block), scales
+    scales = search_scales(weight, bits, block, importance=np.diag(gram))
+    target = gptq(weight, gram, scales, bits, block, config.damping) if config.rounding == "gptq" else weight
+    q = codes(target, scales, bits, block)
+    nearest = max_abs_scales(weight, bits, block)
+    q_nearest = codes(weight, nearest, bits, block)
+    # per column (the output error separates by column), keep whichever has the lower calibration output error
+    # e^T C e: never worse than round-to-nearest on the calibration inputs
+    worse = _output_error(weight, q, scales, gram, block) > _output_error(weight, q_nearest, nearest, gram, block)
+    return np.where(worse[None, :], q_nearest, q), np.where(worse[None, :], nearest, scales)
+
+
+def _output_error(weight: np.ndarray, q: np.ndarray, scales: np.ndarray, gram: np.ndarray, block: int) -> np.ndarray:
+    """Per column ``n``, ``e_n^T C e_n`` with ``e = weight - dequantised codes`` (the mean squared output error)."""
+    from .numerics.quantize import dequantize
+
+    error = weight - dequantize(q, scales, block)  # [K, N]
+    return np.einsum("kn,kn->n", error, gram @ error)
+
+
+def weight_matmuls(model) -> list:
+    """The nodes ``x @ W`` whose ``W`` is a 2-D fp32 initializer (what is quantised): ``MatMul``, and the
+    ``FusedMatMul(x, E, transB=1)`` that reads a tied token table as the lm_head (this package's optimum export)."""
+    from onnx import TensorProto, helper
+
+    floats = {i.name for i in model.graph.initializer if len(i.dims) == 2 and i.data_type == TensorProto.FLOAT}
+    found = []
+    for node in model.graph.node:
+        if len(node.input) < 2 or node.input[1] not in floats:
+            continue
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        transposed = node.op_type == "FusedMatMul" and attributes == {"transB": 1} | {
+            k: v for k, v in attributes.items() if (k, v) in (("transA", 0), ("alpha", 1.0), ("transBatchA", 0),
+                                                             ("transBatchB", 0))}
+        if node.op_type == "MatMul" or transposed:
+            found.append(node)
+    return found
+
+
+def _weight(node, initializers: dict) -> np.ndarray:
+    """``W [K, N]`` (float64) of a node from :func:`weight_matmuls`."""
+    from onnx import numpy_helper
+
+    weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
+    return weight.T if node.op_type == "FusedMatMul" else weight
+
+
+def _token_tables(model) -> list:
+    """``Gather`` nodes reading a 2-D fp32 initializer table (the token embedding)."""
+    from onnx import TensorProto
+
+    floats = {i.name for i in model.graph.initializer if len(i.dims) == 2 and i.data_type == TensorProto.FLOAT}
+    return [node for node in model.graph.node if node.op_type == "Gather" and node.input[0] in floats]
+
+
+def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] | None = None, *,
+                   progress: bool = True) -> dict:
+    """Quantise ``model`` (an ``onnx.ModelProto`` with its weights loaded) in place; ``grams`` maps a MatMul's
+    input tensor to its Gram ``[K, K]``. Returns a report: nodes quantised, the table's storage, bytes."""
+    from onnx import helper, numpy_helper
+    from tqdm.auto import tqdm
+
+    from .numerics.quantize import pack_matmulnbits
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    matmuls = weight_matmuls(model)
+    tables = _token_tables(model)
+    replaced, new_initializers, packed_of = {}, [], {}
+    for node in tqdm(matmuls, desc=f"int{config.bits} {config.rounding} rounding", unit="weight",
+                     disable=not progress):
+        weight = _weight(node, initializers)  # [K, N]
+        k, n = weight.shape
+        q, scales = round_codes(weight, config, (grams or {}).get(node.input[0]))
+        data, flat_scales = pack_matmulnbits(q, scales, config.bits, config.block_size)
+        name = node.input[1]
+        new_initializers += [numpy_helper.from_array(data, f"{name}_Q{config.bits}"),
+                             numpy_helper.from_array(flat_scales, f"{name}_scales")]
+        packed_of[name] = (f"{name}_Q{config.bits}", f"{name}_scales")
+        replaced[node.name] = [helper.make_node(
+            "MatMulNBits", [node.input[0], *packed_of[name]], list(node.output), name=f"{node.name}_Q{config.bits}",
+            domain="com.microsoft", K=k, N=n, bits=config.bits, block_size=config.block_size,
+            accuracy_level=config.accuracy_level)]
+    table_storage = []
+    for node in tables:
+        replaced[node.name], storage, extra = _quantized_table(node, initializers, matmuls, packed_of, config)
+        new_initializers += extra
+        table_storage.append(storage)
+    nodes = []
+    for node in graph.node:
+        nodes += replaced.get(node.name, [node])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_initializers)
+    used = {i for node in graph.node for i in node.input}
+    keep = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return {**config.to_dict(), "weight_matmuls": len(matmuls), "token_table": table_storage,
+            "calibrated": bool(grams) and config.calibrated}
+
+
+def _quantized_table(node, initializers: dict, matmuls: list, packed_of: dict, config: QuantizeConfig):
+    """``(nodes, storage, new initializers)`` replacing a token-table ``Gather``: GatherBlockQuantized over the
+    tied lm_head's codes, or over the table's own (round to nearest: a lookup has no input to weigh)."""
+    from onnx import helper, numpy_helper
+
+    from .numerics.quantize import codes, max_abs_scales, pack_matmulnbits
+
+    table = numpy_helper.to_array(initializers[node.input[0]])  # [vocab, d]
+    vocab, width = table.shape
+    if width % config.block_size:
+        return [node], f"fp32 (block {config.block_size} does not divide the width {width})", []
+    tied = [m for m in matmuls if m.input[1] == node.input[0] or tuple(initializers[m.input[1]].dims) == (width, vocab)
+            and np.array_equal(numpy_helper.to_array(initializers[m.input[1]]), table.T)]
+    extra = []
+    if tied:
+        data_name, scales_name = packed_of[tied[0].input[1]]
+        storage = f"int{config.bits}, shared with the lm_head"
+    else:
+        scales = max_abs_scales(table.T.astype(np.float64), config.bits, config.block_size)
+        data, flat_scales = pack_matmulnbits(codes(table.T.astype(np.float64), scales, config.bits,
+                                                   config.block_size), scales, config.bits, config.block_size)
+        data_name, scales_name = f"{node.input[0]}_Q{config.bits}", f"{node.input[0]}_scales"
+        extra = [numpy_helper.from_array(data, data_name), numpy_helper.from_array(flat_scales, scales_name)]
+        storage = f"int{config.bits}"
+    shape_name = f"{node.name}/table_shape"
+    extra.append(numpy_helper.from_array(np.array([vocab, width * config.bits // 8], dtype=np.int64), shape_name))
+    flat = f"{node.name}/table_flat"
+    nodes = [helper.make_node("Reshape", [data_name, shape_name], [flat], name=f"{node.name}/Reshape"),
+             helper.make_node("GatherBlockQuantized", [flat, node.input[1], scales_name], list(node.output),
+                              name=f"{node.name}/GatherBlockQuantized", domain="com.microsoft", bits=config.bits,
+                              block_size=config.block_size, gather_axis=0, quantize_axis=1)]
+    return nodes, storage, extra

@@ -1,0 +1,114 @@
+"""`lestd-export quantize`: our rounding of every weight in the builder's int4 layout (issue 18).
+
+Ladder: the calibrated rounding's output error on calibration inputs is at most round-to-nearest's for every
+weight; the written file computes exactly the PyTorch simulation of the values it stores (fp32 activations);
+the token table is stored once when tied; bad settings are typed errors.
+"""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from lestd_export.cli import main
+from lestd_export.errors import InvalidConfigError
+from lestd_export.numerics.quantize import blockwise_round, dequantize
+from lestd_export.quantize_graph import QuantizeConfig, round_codes, weight_matmuls
+from tiny import COMMON
+
+
+def output_error(weight, values, gram):
+    error = weight - values
+    return float(np.trace(error.T @ gram @ error))
+
+
+@pytest.mark.parametrize("rounding", ["awq", "gptq"])
+def test_calibrated_rounding_never_loses_to_round_to_nearest(rounding):
+    rng = np.random.default_rng(0)
+    for k, n, block in ((64, 24, 32), (80, 16, 16), (96, 8, 64)):
+        x = rng.standard_normal((512, k)) * np.exp(rng.standard_normal(k))  # channels of very different scale
+        gram = x.T @ x / len(x)
+        weight = rng.standard_normal((k, n))
+        config = QuantizeConfig(block_size=block, rounding=rounding)
+        q, scales = round_codes(weight, config, gram)
+        ours = output_error(weight, dequantize(q, scales, block), gram)
+        nearest = output_error(weight, blockwise_round(weight, 4, block), gram)
+        assert ours <= nearest * (1 + 1e-12)
+        assert ours < 0.9 * nearest  # and it does help on skewed inputs
+
+
+def test_bad_settings_are_typed_errors(capsys):
+    for bad in (dict(bits=3), dict(block_size=48), dict(rounding="hqq")):
+        with pytest.raises(InvalidConfigError):
+            QuantizeConfig(**bad)
+    with pytest.raises(SystemExit):
+        main(["quantize", "x.onnx", "-o", "out", "--block-size", "48"])
+    assert "invalid choice: 48" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tied_export(tmp_path_factory):
+    """A tiny Llama with tied embeddings, exported by optimum, with its PyTorch model."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lestd_export.export import export_model
+    from lestd_export.hf import LoadedModel
+    from test_cli_errors import word_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**COMMON, "tie_word_embeddings": True}, num_key_value_heads=2)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    root = tmp_path_factory.mktemp("quantize")
+    export_model(LoadedModel(model, word_tokenizer(), "tiny"), root / "fp32", validate=False)
+    return root, model
+
+
+def test_file_equals_the_simulation_and_stores_the_tied_table_once(tied_export):
+    import onnxruntime as ort
+
+    from lestd_export.inspect import inspect_model
+    from lestd_export.onnx_input import decoder_feed, open_onnx_input
+    from lestd_export.onnx_input.quantize import quantize_onnx
+
+    root, model = tied_export
+    report = quantize_onnx(root / "fp32", root / "rtn", QuantizeConfig(rounding="rtn", accuracy_level=0),
+                           progress=False)
+    assert report["token_table"] == ["int4, shared with the lm_head"] and report["weight_matmuls"] == 2 * 7 + 1
+    written = onnx.load(str(root / "rtn" / "model.onnx"))
+    large_fp32 = [i.name for i in written.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and i.dims
+                  and np.prod(i.dims) >= 64 * 64]
+    assert weight_matmuls(written) == [] and large_fp32 == []  # every weight and the table are int4
+    found = inspect_model(str(root / "rtn"))
+    assert [s.storage for s in found.sites if s.kind == "lm_head"] == ["tied to embedding"]  # stored once
+    assert "int4 GatherBlockQuantized block 32" in found.storages()["embedding"]
+    assert found.totals()["embedding"] == 128 * 64 // 2 + 128 * 2 * 4 + 2 * 8  # codes + scales + the Reshape shape
+    simulated = AutoModel_simulation(model)
+    source = open_onnx_input(root / "fp32")  # the same inputs and outputs
+    session = ort.InferenceSession(str(root / "rtn" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.random.default_rng(1).integers(3, 120, size=(2, 10))
+    logits = session.run(["logits"], decoder_feed(session, source.io, source.shape, ids))[0]
+    with torch.no_grad():
+        expected = simulated(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(logits, expected, atol=2e-5 * np.abs(expected).max())
+
+
+def AutoModel_simulation(model):
+    """A copy of ``model`` whose every Linear (and the tied table, through the lm_head) holds the rounded values."""
+    import copy
+
+    simulated = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in simulated.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.from_numpy(blockwise_round(module.weight.double().numpy().T, 4, 32).T))
+    return simulated
+
+
+def test_cli_quantizes_with_calibration(tied_export, capsys):
+    root, _ = tied_export
+    assert main(["quantize", str(root / "fp32"), "-o", str(root / "awq"), "--calibration-tokens", "256",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "15 weight MatMuls in int4 (block 32, awq, calibrated)" in out and "shared with the lm_head" in out
+    assert main(["quantize", str(root / "fp32"), "-o", str(root / "awq")]) == 2  # exists: typed, nothing changed
