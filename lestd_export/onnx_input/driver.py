@@ -83,6 +83,18 @@ def copy_directory_files(source: OnnxInput, staging: Path) -> list[str]:
     return copied
 
 
+def open_for_output(path: str | Path, out_dir: str | Path, overwrite: bool) -> OnnxInput:
+    """The input at ``path``, once ``out_dir`` is known to be writable and not the input's own directory."""
+    from ..io import check_output_dir
+
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    source = open_onnx_input(path)
+    if out_dir.resolve() == source.directory.resolve():
+        raise InvalidConfigError(f"-o {out_dir} is the input directory: write the new model elsewhere")
+    return source
+
+
 def write_model(model, source: OnnxInput, staging: Path) -> list[str]:
     """Save ``model`` as ``staging/<input file name>`` (external data ``<name>.data`` when the input had some or
     is large); returns the written file names."""
@@ -128,15 +140,11 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
     model that does not load is an error and nothing is written).
     """
     from ..compress import build_report, core_entry
-    from ..io import atomic_output_dir, check_output_dir, write_json
+    from ..io import atomic_output_dir, write_json
 
     config, quantize = _storage(check_config(config), quantize)
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite)
     started = time.perf_counter()
-    source = open_onnx_input(path)
-    if out_dir.resolve() == source.directory.resolve():
-        raise InvalidConfigError(f"-o {out_dir} is the input directory: write the compressed model elsewhere")
+    source = open_for_output(path, out_dir, overwrite)
     with atomic_output_dir(out_dir, overwrite) as staging:
         from ..graft import LatentLayer, graft_attention
 

@@ -8,11 +8,9 @@ import time
 from pathlib import Path
 
 from ..config import CompressionConfig
-from ..errors import InvalidConfigError
 from ..quantize_graph import QuantizeConfig, quantize_graph, weight_matmuls
 from .capture import capture_grams, load_onnx_calibration
-from .driver import QUANTIZE_REPORT, compare_logits, copy_directory_files, input_record, write_model
-from .source import open_onnx_input
+from .driver import QUANTIZE_REPORT, compare_logits, copy_directory_files, input_record, open_for_output, write_model
 
 
 def quantize_onnx(path: str | Path, out_dir: str | Path, config: QuantizeConfig, *, calibration: str = "default",
@@ -21,14 +19,10 @@ def quantize_onnx(path: str | Path, out_dir: str | Path, config: QuantizeConfig,
     """Quantise the fp32 decoder at ``path`` into ``out_dir`` (written into a staging directory, renamed when
     complete): every weight MatMul as MatMulNBits, the token table stored once; returns the report (also
     ``quantization_report.json``). ``calibration`` (``default``, a text file, ``none``) feeds ``awq``/``gptq``."""
-    from ..io import atomic_output_dir, check_output_dir, write_json
+    from ..io import atomic_output_dir, write_json
 
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite)
     started = time.perf_counter()
-    source = open_onnx_input(path)
-    if out_dir.resolve() == source.directory.resolve():
-        raise InvalidConfigError(f"-o {out_dir} is the input directory: write the quantised model elsewhere")
+    source = open_for_output(path, out_dir, overwrite)
     with atomic_output_dir(out_dir, overwrite) as staging:
         data = grams = None
         if config.calibrated and calibration != "none":
