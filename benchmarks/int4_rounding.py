@@ -13,6 +13,7 @@ Variants at one block size have the same bytes (symmetric: K/2 bytes + one fp32 
   awq       the same, each row weighted by its mean squared input (activation-aware, calibrated)
   awq-sqrt  rows weighted by the root of it; awq-wide: awq over clipping ratios down to 0.5
   gptq      error-compensated rounding (GPTQ) on the awq grid, damped input Grams (calibrated)
+  awq-scaled  Q/K/V and gate/up rows scaled by diag(C)^(a/2) first (AWQ; the norm absorbs 1/s), then awq
 
     python benchmarks/int4_rounding.py --out benchmarks/results/int4_rounding.json
 """
@@ -83,6 +84,40 @@ def rounded(weight_in_out: np.ndarray, variant: str, block: int, gram: np.ndarra
     return dequantize(codes(weight_in_out, scales, 4, block), scales, block)
 
 
+SHARED_INPUT = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+SCALE_POWERS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def scaled_groups(dense: dict, grams: dict, block: int) -> dict[str, np.ndarray]:
+    """AWQ-style scaling of the groups a norm feeds (Q/K/V, gate/up): rows of ``W`` times ``s = diag(C)^(a/2)``
+    (the norm's weight divided by ``s`` in a file), ``a`` chosen per group for the least output error; the rows
+    then rounded as ``awq``. Returns the effective weights ``Q(diag(s) W) / s`` ``[K, N]`` by Linear name."""
+    out = {}
+    for name in dense:
+        for members in SHARED_INPUT:
+            if not name.endswith(members[0]):
+                continue
+            prefix = name[: -len(members[0])]
+            names = [prefix + m for m in members]
+            w = np.concatenate([dense[n].double().numpy().T for n in names], axis=1)  # [K, sum N]
+            gram = grams[names[0]]
+            diag = np.maximum(np.diag(gram), 1e-12)
+            best, best_error = None, np.inf
+            for power in SCALE_POWERS:
+                s = diag ** (power / 2)
+                s /= np.exp(np.mean(np.log(s)))
+                scaled = w * s[:, None]
+                scales = search_scales(scaled, 4, block, importance=diag / s**2)
+                effective = dequantize(codes(scaled, scales, 4, block), scales, block) / s[:, None]
+                error = np.einsum("kn,kn->", w - effective, gram @ (w - effective))
+                if error < best_error:
+                    best, best_error = effective, error
+            widths = np.cumsum([0] + [dense[n].shape[0] for n in names])
+            for n, a, b in zip(names, widths[:-1], widths[1:]):
+                out[n] = best[:, a:b]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="rtn,mse,awq,gptq")
@@ -111,10 +146,13 @@ def main() -> None:
     for block in [int(b) for b in args.blocks.split(",")]:
         for variant in args.variants.split(","):
             started = time.perf_counter()
+            scaled = scaled_groups(dense, grams, block) if variant == "awq-scaled" else {}
             with torch.no_grad():
                 for name, module in linears(model).items():  # the tied table is the lm_head's weight: once
                     w = dense[name].double().numpy().T  # [K, N]: x @ W
-                    module.weight.copy_(torch.from_numpy(rounded(w, variant, block, grams[name], args.damping).T))
+                    values = scaled[name] if name in scaled else rounded(w, variant.removesuffix("-scaled"), block,
+                                                                         grams[name], args.damping)
+                    module.weight.copy_(torch.from_numpy(values.T))
             seconds = time.perf_counter() - started
             row = {"variant": variant, "block": block, "seconds": round(seconds, 1), "perplexity": perplexities()}
             results["runs"].append(row)

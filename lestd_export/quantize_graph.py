@@ -106,12 +106,28 @@ def _weight(node, initializers: dict) -> np.ndarray:
     return weight.T if node.op_type == "FusedMatMul" else weight
 
 
-def _token_tables(model) -> list:
-    """``Gather`` nodes reading a 2-D fp32 initializer table (the token embedding)."""
-    from onnx import TensorProto
+def _token_tables(model) -> list[tuple]:
+    """``(Gather, Transpose or None, table initializer name)`` for each lookup in a 2-D fp32 initializer table,
+    directly or through a ``Transpose`` of the lm_head's ``[d, vocab]`` weight (the genai builder's tied fp32
+    model)."""
+    from onnx import TensorProto, helper
 
     floats = {i.name for i in model.graph.initializer if len(i.dims) == 2 and i.data_type == TensorProto.FLOAT}
-    return [node for node in model.graph.node if node.op_type == "Gather" and node.input[0] in floats]
+    producer = {out: node for node in model.graph.node for out in node.output}
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "Gather":
+            continue
+        if node.input[0] in floats:
+            found.append((node, None, node.input[0]))
+            continue
+        transpose = producer.get(node.input[0])
+        perm = [] if transpose is None else [helper.get_attribute_value(a) for a in transpose.attribute
+                                             if a.name == "perm"]
+        if transpose is not None and transpose.op_type == "Transpose" and transpose.input[0] in floats \
+                and perm in ([], [[1, 0]]):
+            found.append((node, transpose, transpose.input[0]))
+    return found
 
 
 def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] | None = None, *,
@@ -143,8 +159,11 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
             domain="com.microsoft", K=k, N=n, bits=config.bits, block_size=config.block_size,
             accuracy_level=config.accuracy_level)]
     table_storage = []
-    for node in tables:
-        replaced[node.name], storage, extra = _quantized_table(node, initializers, matmuls, packed_of, config)
+    for node, transpose, table in tables:
+        replaced[node.name], storage, extra = _quantized_table(node, transpose, table, initializers, matmuls,
+                                                               packed_of, config)
+        if transpose is not None and replaced[node.name] != [node]:
+            replaced[transpose.name] = []  # the lookup reads the lm_head's codes, not a transposed copy
         new_initializers += extra
         table_storage.append(storage)
     nodes = []
@@ -163,18 +182,21 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
             "calibrated": bool(grams) and config.calibrated}
 
 
-def _quantized_table(node, initializers: dict, matmuls: list, packed_of: dict, config: QuantizeConfig):
-    """``(nodes, storage, new initializers)`` replacing a token-table ``Gather``: GatherBlockQuantized over the
-    tied lm_head's codes, or over the table's own (round to nearest: a lookup has no input to weigh)."""
+def _quantized_table(node, transpose, name: str, initializers: dict, matmuls: list, packed_of: dict,
+                     config: QuantizeConfig):
+    """``(nodes, storage, new initializers)`` replacing a token-table ``Gather`` (reading initializer ``name``,
+    through ``transpose`` when given): GatherBlockQuantized over the tied lm_head's codes, or over the table's
+    own (round to nearest: a lookup has no input to weigh)."""
     from onnx import helper, numpy_helper
 
     from .numerics.quantize import codes, max_abs_scales, pack_matmulnbits
 
-    table = numpy_helper.to_array(initializers[node.input[0]])  # [vocab, d]
+    table = numpy_helper.to_array(initializers[name])
+    table = table.T if transpose is not None else table  # [vocab, d]
     vocab, width = table.shape
     if width % config.block_size:
         return [node], f"fp32 (block {config.block_size} does not divide the width {width})", []
-    tied = [m for m in matmuls if m.input[1] == node.input[0] or tuple(initializers[m.input[1]].dims) == (width, vocab)
+    tied = [m for m in matmuls if m.input[1] == name or tuple(initializers[m.input[1]].dims) == (width, vocab)
             and np.array_equal(numpy_helper.to_array(initializers[m.input[1]]), table.T)]
     extra = []
     if tied:
@@ -184,7 +206,7 @@ def _quantized_table(node, initializers: dict, matmuls: list, packed_of: dict, c
         scales = max_abs_scales(table.T.astype(np.float64), config.bits, config.block_size)
         data, flat_scales = pack_matmulnbits(codes(table.T.astype(np.float64), scales, config.bits,
                                                    config.block_size), scales, config.bits, config.block_size)
-        data_name, scales_name = f"{node.input[0]}_Q{config.bits}", f"{node.input[0]}_scales"
+        data_name, scales_name = f"{name}_Q{config.bits}", f"{name}_scales"
         extra = [numpy_helper.from_array(data, data_name), numpy_helper.from_array(flat_scales, scales_name)]
         storage = f"int{config.bits}"
     shape_name = f"{node.name}/table_shape"

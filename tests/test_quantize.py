@@ -112,3 +112,28 @@ def test_cli_quantizes_with_calibration(tied_export, capsys):
     out = capsys.readouterr().out
     assert "15 weight MatMuls in int4 (block 32, awq, calibrated)" in out and "shared with the lm_head" in out
     assert main(["quantize", str(root / "fp32"), "-o", str(root / "awq")]) == 2  # exists: typed, nothing changed
+
+
+def test_builder_fp32_build_quantises_to_the_builders_int4_bytes(tmp_path):
+    """The genai builder's tied fp32 model (the table a Transpose of the lm_head weight) becomes the builder's own
+    int4 layout: the table stored once in int4, the same bytes as the builder's int4 build."""
+    pytest.importorskip("onnxruntime_genai")
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lestd_export.genai import run_builder
+    from lestd_export.inspect import inspect_model
+    from lestd_export.onnx_input.quantize import quantize_onnx
+    from test_cli_errors import word_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**COMMON, "tie_word_embeddings": True}, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "hf")
+    word_tokenizer().save_pretrained(tmp_path / "hf")
+    run_builder(tmp_path / "hf", tmp_path / "fp32", "fp32")
+    run_builder(tmp_path / "hf", tmp_path / "int4", "int4")
+    report = quantize_onnx(tmp_path / "fp32", tmp_path / "ours", QuantizeConfig(), calibration="none",
+                           progress=False)
+    assert report["token_table"] == ["int4, shared with the lm_head"]
+    ours, builder = (inspect_model(str(tmp_path / name)) for name in ("ours", "int4"))
+    assert ours.totals()["lm_head"] == builder.totals()["lm_head"] == 0  # the tied head reads the table's codes
+    assert abs(ours.total_bytes - builder.total_bytes) <= 0.01 * builder.total_bytes  # the same weight bytes

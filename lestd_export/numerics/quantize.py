@@ -14,7 +14,7 @@ import numpy as np
 
 from .pruning import LayerCore
 
-CLIP_RATIOS = np.linspace(1.0, 0.7, 16)  # block scales tried by search_scales, as fractions of the max-abs scale
+CLIP_RATIOS = np.linspace(1.0, 0.5, 26)  # block scales tried by search_scales, as fractions of the max-abs scale
 
 
 def _blocks(matrix: np.ndarray, block_size: int) -> np.ndarray:
