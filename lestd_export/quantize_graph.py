@@ -7,7 +7,9 @@ builder's shared embedding), else over its own. The rounding (:data:`ROUNDINGS`)
 round-to-nearest (``rtn``), or each block's scale chosen to minimise the activation-weighted rounding error
 (``awq``: every row weighted by its mean squared input, from calibration), or GPTQ's error-compensated
 rounding on that grid (``gptq``); a calibrated rounding keeps round-to-nearest's codes for any column where
-they have the lower output error on the calibration inputs, so it is never worse there. A table whose width the block does not divide stays fp32 (the builder's
+they have the lower output error on the calibration inputs, so it is never worse there. Calibrated roundings
+also scale the input channels of the weights a normalisation feeds (Q/K/V, gate/up) where that lowers the
+group's calibration output error, folding ``1/s`` into the normalisation's own scale (:func:`scale_inputs`). A table whose width the block does not divide stays fp32 (the builder's
 shared table fails at run time there), and the report says so.
 """
 
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .errors import InvalidConfigError
+from .onnx_sites import SHAPE_OPS
 
 ROUNDINGS = ("rtn", "awq", "gptq")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits' fast-path blocks
@@ -144,11 +147,18 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
     matmuls = weight_matmuls(model)
     tables = _token_tables(model)
     replaced, new_initializers, packed_of = {}, [], {}
+    tied = {name for _, _, name in tables}
+    row_scales = {} if not config.calibrated or not grams else \
+        scale_inputs(model, [m for m in matmuls if m.input[1] not in tied], grams, config, initializers)
     for node in tqdm(matmuls, desc=f"int{config.bits} {config.rounding} rounding", unit="weight",
                      disable=not progress):
         weight = _weight(node, initializers)  # [K, N]
         k, n = weight.shape
-        q, scales = round_codes(weight, config, (grams or {}).get(node.input[0]))
+        gram = (grams or {}).get(node.input[0])
+        if node.input[0] in row_scales:  # x @ W = (x / s) @ (s W): the norm before it now writes x / s
+            s = row_scales[node.input[0]]
+            weight, gram = weight * s[:, None], gram / np.outer(s, s)
+        q, scales = round_codes(weight, config, gram)
         data, flat_scales = pack_matmulnbits(q, scales, config.bits, config.block_size)
         name = node.input[1]
         new_initializers += [numpy_helper.from_array(data, f"{name}_Q{config.bits}"),
@@ -179,7 +189,90 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return {**config.to_dict(), "weight_matmuls": len(matmuls), "token_table": table_storage,
-            "calibrated": bool(grams) and config.calibrated}
+            "calibrated": bool(grams) and config.calibrated, "scaled_inputs": len(row_scales)}
+
+
+SCALE_POWERS = (0.0, 0.25, 0.5, 0.75, 1.0)  # s = diag(C)^(a/2): a = 0 is no scaling
+
+
+def _scale_site(tensor: str, producer: dict, consumers: dict, members: set[str], initializers: dict
+                ) -> list[str] | None:
+    """The initializers (scale, and bias if any) of the normalisation (or ``Mul``) that writes ``tensor``, when
+    only the weight MatMuls ``members`` read it: dividing them by ``s`` makes it write ``x / s``."""
+    node = producer.get(tensor)
+    readers = {c.name for c in consumers.get(tensor, []) if c.op_type not in SHAPE_OPS}  # shapes ignore values
+    if node is None or node.output[0] != tensor or readers != members:
+        return None
+    index = {"SimplifiedLayerNormalization": 1, "LayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2,
+             "SkipLayerNormalization": 2}.get(node.op_type)
+    if index is not None:
+        names = [name for name in node.input[index:index + 2] if name]  # scale, then the bias of LayerNorm
+        return names if all(name in initializers for name in names) else None
+    if node.op_type == "Mul":
+        vectors = [name for name in node.input if name in initializers and len(initializers[name].dims) == 1]
+        return vectors[:1] or None
+    return None
+
+
+def scale_inputs(model, matmuls: list, grams: dict, config: QuantizeConfig, initializers: dict,
+                 powers: tuple[float, ...] = SCALE_POWERS) -> dict[str, np.ndarray]:
+    """Activation-aware scaling (AWQ, Lin et al. 2024) where a normalisation feeds a group of weights (Q/K/V,
+    gate/up): per group the ``s = diag(C)^(a/2)`` (geometric mean 1, ``a`` in :data:`SCALE_POWERS`) whose
+    rounding of ``s W`` gives the least calibration output error of the whole group (``a = 0`` is no scaling);
+    the normalisation's scale (and bias) initializers are divided by ``s`` in place (copied first where
+    something else reads them). Returns ``{input tensor: s}``."""
+    from onnx import numpy_helper
+
+    from .numerics.quantize import dequantize
+
+    producer = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    groups: dict[str, list] = {}
+    for node in matmuls:
+        groups.setdefault(node.input[0], []).append(node)
+    chosen = {}
+    for tensor, members in groups.items():
+        site = _scale_site(tensor, producer, consumers, {m.name for m in members}, initializers)
+        if site is None or tensor not in grams:
+            continue
+        gram = grams[tensor]
+        weights = [_weight(m, initializers) for m in members]
+        diag = np.maximum(np.diag(gram), 1e-12)
+        best, best_error = None, np.inf
+        for power in powers:
+            s = diag ** (power / 2)
+            s /= np.exp(np.mean(np.log(s)))
+            error = 0.0
+            for w in weights:
+                q, scales = round_codes(w * s[:, None], config, gram / np.outer(s, s))
+                e = w - dequantize(q, scales, config.block_size) / s[:, None]
+                error += float(np.einsum("kn,kn->", e, gram @ e))
+            if error < best_error:
+                best, best_error = s, error
+        if np.allclose(best, 1.0):
+            continue
+        for name, node in zip(site, (producer[tensor],) * len(site)):
+            owners = {c.name for c in consumers.get(name, [])}
+            values = numpy_helper.to_array(initializers[name]) / best.astype(np.float32)
+            if owners != {node.name}:  # shared: this normalisation gets its own copy
+                name = _own_copy(model, node, name, initializers)
+            initializers[name].CopyFrom(numpy_helper.from_array(values.astype(np.float32), name))
+        chosen[tensor] = best
+    return chosen
+
+
+def _own_copy(model, node, name: str, initializers: dict) -> str:
+    """Give ``node`` its own copy of initializer ``name``; returns the copy's name."""
+    copy = f"{name}/{node.name.strip('/').replace('/', '.')}"
+    duplicate = model.graph.initializer.add()
+    duplicate.CopyFrom(initializers[name])
+    duplicate.name = copy
+    initializers[copy] = duplicate
+    node.input[list(node.input).index(name)] = copy
+    return copy
 
 
 def _quantized_table(node, transpose, name: str, initializers: dict, matmuls: list, packed_of: dict,

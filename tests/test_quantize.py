@@ -137,3 +137,37 @@ def test_builder_fp32_build_quantises_to_the_builders_int4_bytes(tmp_path):
     ours, builder = (inspect_model(str(tmp_path / name)) for name in ("ours", "int4"))
     assert ours.totals()["lm_head"] == builder.totals()["lm_head"] == 0  # the tied head reads the table's codes
     assert abs(ours.total_bytes - builder.total_bytes) <= 0.01 * builder.total_bytes  # the same weight bytes
+
+
+def test_input_scaling_folds_exactly_into_the_normalisation(tied_export):
+    """Dividing the normalisation's scale by s and multiplying the rows of the weights it feeds by s leaves the
+    fp32 model unchanged (the activation-aware scaling is a free symmetry, DESIGN.md 2.6)."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from lestd_export.onnx_input import decoder_feed, open_onnx_input
+    from lestd_export.onnx_input.capture import capture_grams
+    from lestd_export.quantize_graph import scale_inputs
+
+    root, _ = tied_export
+    source = open_onnx_input(root / "fp32")
+    ids = np.random.default_rng(2).integers(3, 120, size=(2, 16))
+
+    def logits(model):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(["logits"], decoder_feed(session, source.io, source.shape, ids))[0]
+
+    before = logits(source.model)
+    matmuls = [m for m in weight_matmuls(source.model) if m.op_type == "MatMul"]  # not the tied head
+    grams = capture_grams(source, [m.input[0] for m in matmuls], ids, progress=False)
+    initializers = {init.name: init for init in source.model.graph.initializer}
+    scales = scale_inputs(source.model, matmuls, grams, QuantizeConfig(), initializers, powers=(1.0,))
+    assert scales  # layer 0's Q/K/V input at least (this export shares the random model's all-ones norm weights
+    # between layers by other means, which the fold leaves alone)
+    for node in matmuls:
+        if node.input[0] in scales:
+            init = initializers[node.input[1]]
+            w = numpy_helper.to_array(init) * scales[node.input[0]][:, None].astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(w.astype(np.float32), init.name))
+    after = logits(source.model)
+    assert np.abs(after - before).max() < 1e-4 * np.abs(before).max()
