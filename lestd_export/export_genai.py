@@ -102,32 +102,53 @@ def _node_weight_bytes(model, node_names: set[str]) -> int:
 
 
 def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", overwrite: bool = False,
-                 validate: bool = True, tolerance: float = 1e-3, block_size: int = 32) -> dict:
+                 validate: bool = True, tolerance: float = 1e-3, block_size: int = 32, rounding: str = "awq",
+                 progress: bool = True) -> dict:
     """Write an onnxruntime-genai directory of ``loaded.model`` (compressed or dense) at ``storage``.
 
-    Returns the export report (also in ``DIR/export_report.json``). With ``validate``, the grafted
-    model's logits are compared with PyTorch (fp32: a relative error above ``tolerance`` raises
-    :class:`~.export.ExportValidationError` and leaves nothing behind; int8/int4: reported) and the
-    genai runtime generates from the directory.
+    A dense model at int4/int8 is the builder's fp32 graph quantised by :func:`~.onnx_input.quantize.quantize_onnx`
+    with ``rounding`` (``rtn``: the builder's own int4/int8 build); a compressed one is the builder's build at
+    ``storage`` with the compressed attention grafted in and rounded to nearest. Returns the export report (also
+    in ``DIR/export_report.json``). With ``validate``, the model's logits are compared with PyTorch (fp32: a
+    relative error above ``tolerance`` raises :class:`~.export.ExportValidationError` and leaves nothing behind;
+    int8/int4: reported) and the genai runtime generates from the directory.
     """
     import onnx
 
     from .export import initializer_sizes
     from .genai import run_builder
     from .graft import graft_attention, quantize_nodes
+    from .onnx_input.driver import QUANTIZE_REPORT
     from .onnx_sites import locate_by_name
     from .registry import spec_for
 
     if storage not in STORAGES:
         raise InvalidConfigError(f"unknown precision {storage!r}: choose one of {', '.join(STORAGES)}")
     latents = grafted_layers(loaded.model)
+    hidden = int(loaded.model.config.hidden_size)
+    if storage == "int4" and (latents or rounding == "rtn") and hidden % block_size \
+            and getattr(loaded.model.config, "tie_word_embeddings", False):
+        raise InvalidConfigError(f"--block-size {block_size} does not divide the hidden size {hidden}: the genai "
+                                 "builder's shared int4 embedding then fails at run time; use a block that divides "
+                                 "it, or a dense export with --rounding awq (the table then stays fp32)")
     started = time.perf_counter()
     with atomic_output_dir(Path(out_dir), overwrite) as staging:
         work = Path(tempfile.mkdtemp(prefix=".genai-work-", dir=staging.parent))
         try:
-            build = run_builder(dense_hf_dir(loaded, work / "hf"), work / "build", storage)
-            model = onnx.load(str(build / MODEL_FILE))
+            ours = storage in STORAGE_BITS and not latents and rounding != "rtn"  # our rounding of every weight
+            options = {"int4_block_size": str(block_size)} if storage == "int4" and not ours else {}
+            build = run_builder(dense_hf_dir(loaded, work / "hf"), work / "build", "fp32" if ours else storage,
+                                extra_options=options)
             report = {"format": "onnxruntime-genai", "storage": storage, "compressed": bool(latents)}
+            if ours:
+                from .onnx_input.quantize import quantize_onnx
+                from .quantize_graph import QuantizeConfig
+
+                config = QuantizeConfig(bits=STORAGE_BITS[storage], block_size=block_size, rounding=rounding)
+                report["quantization"] = quantize_onnx(build, work / "quantized", config, validate=False,
+                                                       progress=progress)
+                build = work / "quantized"
+            model = onnx.load(str(build / MODEL_FILE))
             if latents:
                 _, sites = locate_by_name(model, quantised_ok=True, spec=spec_for(loaded.model.config))
                 dense_bytes = _node_weight_bytes(model, {n for s in sites for n in (*s.qkv_nodes, s.o_node)})
@@ -143,7 +164,7 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
             onnx.save(model, str(staging / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                       location=MODEL_FILE + ".data", size_threshold=1024)
             for item in build.iterdir():
-                if item.name not in (MODEL_FILE, MODEL_FILE + ".data"):
+                if item.name not in (MODEL_FILE, MODEL_FILE + ".data", QUANTIZE_REPORT):
                     shutil.copy2(item, staging / item.name)
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -171,3 +171,31 @@ def test_input_scaling_folds_exactly_into_the_normalisation(tied_export):
             init.CopyFrom(numpy_helper.from_array(w.astype(np.float32), init.name))
     after = logits(source.model)
     assert np.abs(after - before).max() < 1e-4 * np.abs(before).max()
+
+
+def test_dense_genai_export_uses_our_rounding(tmp_path, capsys):
+    """`export --dense --format genai --quantize int4` is the builder's fp32 graph with our calibrated rounding (the
+    genai runtime generates from it); the builder's rounding at a block that does not divide a tied table's width
+    (the builder's broken shared embedding) is a typed one-line error that writes nothing."""
+    pytest.importorskip("onnxruntime_genai")
+    import json
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from test_cli_errors import word_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**COMMON, "tie_word_embeddings": True}, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "hf")
+    word_tokenizer().save_pretrained(tmp_path / "hf")
+    out = tmp_path / "genai-int4"
+    assert main(["export", str(tmp_path / "hf"), "--dense", "--format", "genai", "--quantize", "int4",
+                 "-o", str(out)]) == 0
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["quantization"]["rounding"] == "awq" and report["quantization"]["calibrated"]
+    assert report["quantization"]["token_table"] == ["int4, shared with the lm_head"]
+    assert report["runtime"]  # onnxruntime-genai loaded it and generated
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "hf"), "--dense", "--format", "genai", "--quantize", "int4",
+                 "--rounding", "rtn", "--block-size", "128", "-o", str(tmp_path / "broken")]) == 2
+    assert "does not divide the hidden size 64" in capsys.readouterr().err and not (tmp_path / "broken").exists()

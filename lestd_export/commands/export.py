@@ -10,6 +10,8 @@ from .common import MODEL_HELP, QUANTIZE, add_compression_flags, compression_fla
 
 
 def register(subparsers) -> None:
+    from ..quantize_graph import BLOCK_SIZES, ROUNDINGS
+
     parser = subparsers.add_parser(
         "export", help="export to ONNX (compressing first unless given a checkpoint or --dense)",
         description="Export to DIR/model.onnx in Optimum's text-generation-with-past format (input_ids, "
@@ -22,6 +24,11 @@ def register(subparsers) -> None:
                         help="optimum (default): Optimum's layout, for ORTModelForCausalLM and the package's runtime; "
                              "genai: an onnxruntime-genai model directory (the genai builder's graph with the "
                              "compressed attention grafted in; needs onnxruntime-genai)")
+    parser.add_argument("--rounding", default="awq", choices=ROUNDINGS,
+                        help="genai --dense --quantize: awq (default: activation-aware, calibrated on the default "
+                             "text), gptq, or rtn (the builder's round-to-nearest); see `lestd-export quantize`")
+    parser.add_argument("--block-size", type=int, default=32, choices=BLOCK_SIZES,
+                        help="--quantize: weights per scale along the reduction axis (default 32, the builder's)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (16..20, default 18)")
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     parser.add_argument("--optimize", action="store_true",
@@ -49,12 +56,14 @@ def run(args: argparse.Namespace) -> int:
         from ..export_genai import export_genai
 
         report = export_genai(loaded, args.output, storage=QUANTIZE[args.quantize], overwrite=args.overwrite,
-                              validate=not args.no_validate, tolerance=args.tolerance)
+                              validate=not args.no_validate, tolerance=args.tolerance, block_size=args.block_size,
+                              rounding=args.rounding)
     elif args.quantize != "none":
         from ..export_genai import export_optimum_quantized
 
         report = export_optimum_quantized(loaded, args.output, storage=QUANTIZE[args.quantize], opset=args.opset,
-                                          overwrite=args.overwrite, validate=not args.no_validate)
+                                          overwrite=args.overwrite, validate=not args.no_validate,
+                                          block_size=args.block_size)
     else:
         report = export_model(loaded, args.output, opset=args.opset, validate=not args.no_validate,
                               optimize=args.optimize, overwrite=args.overwrite, tolerance=args.tolerance)
