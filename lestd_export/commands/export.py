@@ -78,7 +78,11 @@ def summary(report: dict, out: Path) -> str:
     what = (f"{report['method']}, attention at {report['size_fraction']['with_indices']:.3f} of its dense size"
             if report["compressed"] else "the dense model")
     lines = [f"exported {what} to {out}", f"  {ONNX_FILE}: {report['model_bytes'] / 2**20:.1f} MB"]
-    if report.get("storage", "fp32") != "fp32":
+    if report.get("quantization"):
+        q = report["quantization"]
+        lines.append(f"  weights: {report['storage']} (MatMulNBits block {q['block_size']}, {q['rounding']} rounding"
+                     f"{', calibrated' if q['calibrated'] else ''}; token table {', '.join(q['token_table'])})")
+    elif report.get("storage", "fp32") != "fp32":
         lines.append(f"  weights: {report['storage']} (MatMulNBits, the compressed attention included)")
     if report.get("attention_bytes"):
         a = report["attention_bytes"]
