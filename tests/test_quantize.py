@@ -199,3 +199,16 @@ def test_dense_genai_export_uses_our_rounding(tmp_path, capsys):
     assert main(["export", str(tmp_path / "hf"), "--dense", "--format", "genai", "--quantize", "int4",
                  "--rounding", "rtn", "--block-size", "128", "-o", str(tmp_path / "broken")]) == 2
     assert "does not divide the hidden size 64" in capsys.readouterr().err and not (tmp_path / "broken").exists()
+
+
+def test_cli_calibrates_lestd_and_svd_by_default():
+    """`--method svd` without --calibration is SVD-LLM (issue 18, item 6: data-free SVD at 0.5 is a broken model)."""
+    from lestd_export.cli import build_parser
+    from lestd_export.commands.common import config_from_args
+
+    parser = build_parser()
+    for method, expected in (("lestd", "default"), ("svd", "default"), ("tensorllm", "none")):
+        args = parser.parse_args(["compress", "-o", "out", "--method", method])
+        assert config_from_args(args).calibration == expected
+    args = parser.parse_args(["compress", "-o", "out", "--method", "svd", "--calibration", "none"])
+    assert config_from_args(args).calibration == "none"

@@ -72,8 +72,10 @@ QUANTIZE = {"none": "fp32", "int8": "int8", "int4": "int4"}  # --quantize -> Com
 
 
 def default_calibration(method: str) -> str:
-    """The CLI's calibration source when none is given: calibrated LeSTD, data-free baselines."""
-    return "default" if method == "lestd" else "none"
+    """The CLI's calibration source when none is given: calibrated LeSTD and SVD (SVD-LLM; data-free truncated SVD
+    of the default model's attention at 0.5 is perplexity 24,671 against 23.5 calibrated, a model nobody should be
+    handed by default), data-free TensorLLM (the paper's Stage-I-only baseline)."""
+    return "none" if method == "tensorllm" else "default"
 
 
 def config_from_args(args: argparse.Namespace) -> CompressionConfig:
