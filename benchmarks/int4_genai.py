@@ -12,14 +12,13 @@ decode speed in onnxruntime-genai's own loop (bench: interleaved, --repeats runs
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import platform
 import tempfile
 from pathlib import Path
 
 from lestd_export.bench import run_benchmark
-from lestd_export.evaluate import default_text, evaluate
+from lestd_export.evaluate import evaluate
 from lestd_export.export import model_files_bytes
 from lestd_export.genai import run_builder
 from lestd_export.loading import load_model
@@ -27,11 +26,8 @@ from lestd_export.onnx_input import resolve_input
 from lestd_export.onnx_input.quantize import quantize_onnx
 from lestd_export.quantize_graph import QuantizeConfig
 
-TEXTS = {
-    "technical": default_text,
-    "legal": lambda: Path("/usr/share/common-licenses/GPL-3").read_text(),
-    "narrative": lambda: gzip.open("/usr/share/doc/debian-history/docs/project-history.en.txt.gz", "rt").read(),
-}
+from int4_rounding import TEXTS  # the three held-out texts (benchmarks/int4_rounding.py)
+
 
 
 def main() -> None:

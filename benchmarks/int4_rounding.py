@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--damping", type=float, default=0.1)
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--calibration-tokens", type=int, default=4096)
+    parser.add_argument("--calibration", default="default", help="default, self (the model's samples) or a file")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/int4_rounding.json"))
     args = parser.parse_args()
 
@@ -141,7 +142,8 @@ def main() -> None:
                "texts": {n: len(ids) for n, ids in texts.items()}, "damping": args.damping, "runs": []}
     results["runs"].append({"variant": "dense", "block": None, "perplexity": perplexities()})
     print(results["runs"][-1], flush=True)
-    data = load_calibration("default", model, tokenizer, args.calibration_tokens)
+    data = load_calibration(args.calibration, model, tokenizer, args.calibration_tokens)
+    results["calibration"] = data.name
     grams = input_grams(model, data.sequences)
     for block in [int(b) for b in args.blocks.split(",")]:
         for variant in args.variants.split(","):
