@@ -14,6 +14,7 @@ Variants at one block size have the same bytes (symmetric: K/2 bytes + one fp32 
   awq-sqrt  rows weighted by the root of it; awq-wide: awq over clipping ratios down to 0.5
   gptq      error-compensated rounding (GPTQ) on the awq grid, damped input Grams (calibrated)
   awq-scaled  Q/K/V and gate/up rows scaled by diag(C)^(a/2) first (AWQ; the norm absorbs 1/s), then awq
+  awq-scaled-head  the tied lm_head/table too (the final norm absorbs 1/s, the lookup is multiplied by 1/s)
 
     python benchmarks/int4_rounding.py --out benchmarks/results/int4_rounding.json
 """
@@ -88,13 +89,13 @@ SHARED_INPUT = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("
 SCALE_POWERS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def scaled_groups(dense: dict, grams: dict, block: int) -> dict[str, np.ndarray]:
+def scaled_groups(dense: dict, grams: dict, block: int, head: bool = False) -> dict[str, np.ndarray]:
     """AWQ-style scaling of the groups a norm feeds (Q/K/V, gate/up): rows of ``W`` times ``s = diag(C)^(a/2)``
     (the norm's weight divided by ``s`` in a file), ``a`` chosen per group for the least output error; the rows
     then rounded as ``awq``. Returns the effective weights ``Q(diag(s) W) / s`` ``[K, N]`` by Linear name."""
     out = {}
     for name in dense:
-        for members in SHARED_INPUT:
+        for members in SHARED_INPUT + ((("lm_head",),) if head else ()):
             if not name.endswith(members[0]):
                 continue
             prefix = name[: -len(members[0])]
@@ -148,11 +149,12 @@ def main() -> None:
     for block in [int(b) for b in args.blocks.split(",")]:
         for variant in args.variants.split(","):
             started = time.perf_counter()
-            scaled = scaled_groups(dense, grams, block) if variant == "awq-scaled" else {}
+            scaled = scaled_groups(dense, grams, block, head=variant == "awq-scaled-head") \
+                if variant.startswith("awq-scaled") else {}
             with torch.no_grad():
                 for name, module in linears(model).items():  # the tied table is the lm_head's weight: once
                     w = dense[name].double().numpy().T  # [K, N]: x @ W
-                    values = scaled[name] if name in scaled else rounded(w, variant.removesuffix("-scaled"), block,
+                    values = scaled[name] if name in scaled else rounded(w, variant.split("-scaled")[0], block,
                                                                          grams[name], args.damping)
                     module.weight.copy_(torch.from_numpy(values.T))
             seconds = time.perf_counter() - started

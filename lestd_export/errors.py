@@ -34,3 +34,7 @@ class OutputExistsError(LestdError):
 
 class CorruptFileError(CheckpointError):
     """A file the tool reads is truncated, corrupt or not of the kind its name says."""
+
+
+class ModelRunError(CheckpointError):
+    """ONNX Runtime loads a model file but fails while running it: the file is broken."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, CorruptFileError, InvalidConfigError
+from .errors import CheckpointError, CorruptFileError, InvalidConfigError, ModelRunError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -120,7 +120,13 @@ class OrtCausalLM:
         if self.uses_position_ids:
             feed["position_ids"] = position_ids(attention_mask)[:, -input_ids.shape[1]:]
         feed.update(zip(self.past_names, past))
-        outputs = self.session.run(["logits", *self.present_names], feed)
+        try:
+            outputs = self.session.run(["logits", *self.present_names], feed)
+        except Exception as error:  # noqa: BLE001 -- onnxruntime raises its own untyped errors at run time
+            raise ModelRunError(f"onnxruntime loads {self.path} but fails running it "
+                                f"({str(error).splitlines()[0][:200]}): the model is broken; rebuild it (the genai "
+                                "builder 0.15.2's shared int4 embedding fails so when the block size does not divide "
+                                "the hidden size)") from None
         return StepOutput(logits=outputs[0], past=outputs[1:])
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, max_new_tokens: int = 32,

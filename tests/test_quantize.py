@@ -173,6 +173,27 @@ def test_input_scaling_folds_exactly_into_the_normalisation(tied_export):
     assert np.abs(after - before).max() < 1e-4 * np.abs(before).max()
 
 
+def test_a_model_that_fails_at_run_time_is_a_one_line_error(tmp_path, capsys):
+    """The genai builder's tied int4 embedding at a block that does not divide the width loads but fails at run
+    time: eval says so in one line (no traceback)."""
+    pytest.importorskip("onnxruntime_genai")
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lestd_export.genai import run_builder
+    from test_cli_errors import word_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**COMMON, "tie_word_embeddings": True}, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "hf")
+    word_tokenizer().save_pretrained(tmp_path / "hf")
+    run_builder(tmp_path / "hf", tmp_path / "broken", "int4", extra_options={"int4_block_size": "128"})
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog " * 60)
+    assert main(["eval", str(tmp_path / "broken"), "--text-file", str(tmp_path / "text.txt"), "--seq-len", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("lestd-export eval: error:")
+    assert "fails running it" in err
+
+
 def test_dense_genai_export_uses_our_rounding(tmp_path, capsys):
     """`export --dense --format genai --quantize int4` is the builder's fp32 graph with our calibrated rounding (the
     genai runtime generates from it); the builder's rounding at a block that does not divide a tied table's width
