@@ -144,7 +144,7 @@ def main() -> None:
     results["runs"].append({"variant": "dense", "block": None, "perplexity": perplexities()})
     print(results["runs"][-1], flush=True)
     data = load_calibration(args.calibration, model, tokenizer, args.calibration_tokens)
-    results["calibration"] = data.name
+    results["calibration"] = data.source
     grams = input_grams(model, data.sequences)
     for block in [int(b) for b in args.blocks.split(",")]:
         for variant in args.variants.split(","):

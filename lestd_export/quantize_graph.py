@@ -8,8 +8,9 @@ round-to-nearest (``rtn``), or each block's scale chosen to minimise the activat
 (``awq``: every row weighted by its mean squared input, from calibration), or GPTQ's error-compensated
 rounding on that grid (``gptq``); a calibrated rounding keeps round-to-nearest's codes for any column where
 they have the lower output error on the calibration inputs, so it is never worse there. Calibrated roundings
-also scale the input channels of the weights a normalisation feeds (Q/K/V, gate/up) where that lowers the
-group's calibration output error, folding ``1/s`` into the normalisation's own scale (:func:`scale_inputs`). A table whose width the block does not divide stays fp32 (the builder's
+also scale the input channels of the weights a normalisation feeds (Q/K/V, gate/up, a tied lm_head) where that
+lowers the group's calibration output error, folding ``1/s`` into the normalisation's own scale
+(:func:`scale_inputs`; a lookup in the tied table is then multiplied by ``1/s``). A table whose width the block does not divide stays fp32 (the builder's
 shared table fails at run time there), and the report says so.
 """
 
@@ -147,9 +148,8 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
     matmuls = weight_matmuls(model)
     tables = _token_tables(model)
     replaced, new_initializers, packed_of = {}, [], {}
-    tied = {name for _, _, name in tables}
-    row_scales = {} if not config.calibrated or not grams else \
-        scale_inputs(model, [m for m in matmuls if m.input[1] not in tied], grams, config, initializers)
+    row_scales = {} if not config.calibrated or not grams else scale_inputs(model, matmuls, grams, config,
+                                                                             initializers)
     for node in tqdm(matmuls, desc=f"int{config.bits} {config.rounding} rounding", unit="weight",
                      disable=not progress):
         weight = _weight(node, initializers)  # [K, N]
@@ -171,7 +171,7 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
     table_storage = []
     for node, transpose, table in tables:
         replaced[node.name], storage, extra = _quantized_table(node, transpose, table, initializers, matmuls,
-                                                               packed_of, config)
+                                                               packed_of, row_scales, config)
         if transpose is not None and replaced[node.name] != [node]:
             replaced[transpose.name] = []  # the lookup reads the lm_head's codes, not a transposed copy
         new_initializers += extra
@@ -196,26 +196,34 @@ SCALE_POWERS = (0.0, 0.25, 0.5, 0.75, 1.0)  # s = diag(C)^(a/2): a = 0 is no sca
 
 
 def _scale_site(tensor: str, producer: dict, consumers: dict, members: set[str], initializers: dict
-                ) -> list[str] | None:
-    """The initializers (scale, and bias if any) of the normalisation (or ``Mul``) that writes ``tensor``, when
-    only the weight MatMuls ``members`` read it: dividing them by ``s`` makes it write ``x / s``."""
+                ) -> list[tuple[str, str]] | None:
+    """``(input name, initializer name)`` of the scale (and the bias, if any) of the normalisation (or ``Mul``)
+    that writes ``tensor``, when only the weight MatMuls ``members`` read it: dividing them by ``s`` makes it
+    write ``x / s``. An input may reach its initializer through ``Identity`` (an export's deduplicated copy)."""
     node = producer.get(tensor)
     readers = {c.name for c in consumers.get(tensor, []) if c.op_type not in SHAPE_OPS}  # shapes ignore values
     if node is None or node.output[0] != tensor or readers != members:
         return None
+
+    def source(name: str) -> str | None:
+        while name not in initializers and name in producer and producer[name].op_type == "Identity":
+            name = producer[name].input[0]
+        return name if name in initializers else None
+
     index = {"SimplifiedLayerNormalization": 1, "LayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2,
              "SkipLayerNormalization": 2}.get(node.op_type)
     if index is not None:
-        names = [name for name in node.input[index:index + 2] if name]  # scale, then the bias of LayerNorm
-        return names if all(name in initializers for name in names) else None
+        names = [(name, source(name)) for name in node.input[index:index + 2] if name]  # scale, LayerNorm's bias
+        return names if all(init for _, init in names) else None
     if node.op_type == "Mul":
-        vectors = [name for name in node.input if name in initializers and len(initializers[name].dims) == 1]
+        vectors = [(name, source(name)) for name in node.input if source(name)
+                   and len(initializers[source(name)].dims) == 1]
         return vectors[:1] or None
     return None
 
 
 def scale_inputs(model, matmuls: list, grams: dict, config: QuantizeConfig, initializers: dict,
-                 powers: tuple[float, ...] = SCALE_POWERS) -> dict[str, np.ndarray]:
+                 powers: tuple[float, ...] | None = None) -> dict[str, np.ndarray]:
     """Activation-aware scaling (AWQ, Lin et al. 2024) where a normalisation feeds a group of weights (Q/K/V,
     gate/up): per group the ``s = diag(C)^(a/2)`` (geometric mean 1, ``a`` in :data:`SCALE_POWERS`) whose
     rounding of ``s W`` gives the least calibration output error of the whole group (``a = 0`` is no scaling);
@@ -242,7 +250,7 @@ def scale_inputs(model, matmuls: list, grams: dict, config: QuantizeConfig, init
         weights = [_weight(m, initializers) for m in members]
         diag = np.maximum(np.diag(gram), 1e-12)
         best, best_error = None, np.inf
-        for power in powers:
+        for power in powers or SCALE_POWERS:
             s = diag ** (power / 2)
             s /= np.exp(np.mean(np.log(s)))
             error = 0.0
@@ -254,32 +262,33 @@ def scale_inputs(model, matmuls: list, grams: dict, config: QuantizeConfig, init
                 best, best_error = s, error
         if np.allclose(best, 1.0):
             continue
-        for name, node in zip(site, (producer[tensor],) * len(site)):
-            owners = {c.name for c in consumers.get(name, [])}
-            values = numpy_helper.to_array(initializers[name]) / best.astype(np.float32)
-            if owners != {node.name}:  # shared: this normalisation gets its own copy
-                name = _own_copy(model, node, name, initializers)
-            initializers[name].CopyFrom(numpy_helper.from_array(values.astype(np.float32), name))
+        node = producer[tensor]
+        for name, init in site:
+            target = initializers[init]
+            values = numpy_helper.to_array(target) / best.astype(np.float32)
+            if name != init or {c.name for c in consumers.get(init, [])} != {node.name}:
+                target = _own_copy(model, node, name, target)  # shared: this node gets its own copy
+                initializers[target.name] = target
+            target.CopyFrom(numpy_helper.from_array(values.astype(np.float32), target.name))
         chosen[tensor] = best
     return chosen
 
 
-def _own_copy(model, node, name: str, initializers: dict) -> str:
-    """Give ``node`` its own copy of initializer ``name``; returns the copy's name."""
-    copy = f"{name}/{node.name.strip('/').replace('/', '.')}"
+def _own_copy(model, node, name: str, initializer):
+    """Make ``node`` read its own copy of ``initializer`` in place of its input ``name``; returns the copy."""
     duplicate = model.graph.initializer.add()
-    duplicate.CopyFrom(initializers[name])
-    duplicate.name = copy
-    initializers[copy] = duplicate
-    node.input[list(node.input).index(name)] = copy
-    return copy
+    duplicate.CopyFrom(initializer)
+    duplicate.name = f"{initializer.name}/{node.name.strip('/').replace('/', '.')}"
+    node.input[list(node.input).index(name)] = duplicate.name
+    return duplicate
 
 
 def _quantized_table(node, transpose, name: str, initializers: dict, matmuls: list, packed_of: dict,
-                     config: QuantizeConfig):
+                     row_scales: dict, config: QuantizeConfig):
     """``(nodes, storage, new initializers)`` replacing a token-table ``Gather`` (reading initializer ``name``,
-    through ``transpose`` when given): GatherBlockQuantized over the tied lm_head's codes, or over the table's
-    own (round to nearest: a lookup has no input to weigh)."""
+    through ``transpose`` when given): GatherBlockQuantized over the tied lm_head's codes (whose columns are
+    scaled by ``s`` when the lm_head's input is, so the lookup is multiplied by ``1/s``), or over the table's own
+    (round to nearest: a lookup has no input to weigh)."""
     from onnx import helper, numpy_helper
 
     from .numerics.quantize import codes, max_abs_scales, pack_matmulnbits
@@ -291,10 +300,15 @@ def _quantized_table(node, transpose, name: str, initializers: dict, matmuls: li
         return [node], f"fp32 (block {config.block_size} does not divide the width {width})", []
     tied = [m for m in matmuls if m.input[1] == name or tuple(initializers[m.input[1]].dims) == (width, vocab)
             and np.array_equal(numpy_helper.to_array(initializers[m.input[1]]), table.T)]
-    extra = []
+    extra, output = [], node.output[0]
     if tied:
         data_name, scales_name = packed_of[tied[0].input[1]]
         storage = f"int{config.bits}, shared with the lm_head"
+        if tied[0].input[0] in row_scales:  # the codes hold E diag(s)
+            inverse = f"{node.name}/inverse_scale"
+            extra.append(numpy_helper.from_array((1.0 / row_scales[tied[0].input[0]]).astype(np.float32), inverse))
+            output = f"{node.name}/scaled_rows"
+            storage += " (input-scaled)"
     else:
         scales = max_abs_scales(table.T.astype(np.float64), config.bits, config.block_size)
         data, flat_scales = pack_matmulnbits(codes(table.T.astype(np.float64), scales, config.bits,
@@ -306,7 +320,9 @@ def _quantized_table(node, transpose, name: str, initializers: dict, matmuls: li
     extra.append(numpy_helper.from_array(np.array([vocab, width * config.bits // 8], dtype=np.int64), shape_name))
     flat = f"{node.name}/table_flat"
     nodes = [helper.make_node("Reshape", [data_name, shape_name], [flat], name=f"{node.name}/Reshape"),
-             helper.make_node("GatherBlockQuantized", [flat, node.input[1], scales_name], list(node.output),
+             helper.make_node("GatherBlockQuantized", [flat, node.input[1], scales_name], [output],
                               name=f"{node.name}/GatherBlockQuantized", domain="com.microsoft", bits=config.bits,
                               block_size=config.block_size, gather_axis=0, quantize_axis=1)]
+    if output != node.output[0]:
+        nodes.append(helper.make_node("Mul", [output, inverse], [node.output[0]], name=f"{node.name}/Unscale"))
     return nodes, storage, extra
