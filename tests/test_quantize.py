@@ -46,6 +46,30 @@ def test_bad_settings_are_typed_errors(capsys):
     assert "invalid choice: 48" in capsys.readouterr().err
 
 
+def prefill_logits(source, model, ids):
+    """Logits of an in-memory decoder ``model`` fed like ``source`` (an OnnxInput of the same graph)."""
+    import onnxruntime as ort
+
+    from lestd_export.onnx_input import decoder_feed
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], decoder_feed(session, source.io, source.shape, ids))[0]
+
+
+@pytest.fixture()
+def tied_hf(tmp_path):
+    """A tiny Llama with tied embeddings saved as a Hugging Face directory with a tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from test_cli_errors import word_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**COMMON, "tie_word_embeddings": True}, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "hf")
+    word_tokenizer().save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
 @pytest.fixture(scope="module")
 def tied_export(tmp_path_factory):
     """A tiny Llama with tied embeddings, exported by optimum, with its PyTorch model."""
@@ -114,23 +138,16 @@ def test_cli_quantizes_with_calibration(tied_export, capsys):
     assert main(["quantize", str(root / "fp32"), "-o", str(root / "awq")]) == 2  # exists: typed, nothing changed
 
 
-def test_builder_fp32_build_quantises_to_the_builders_int4_bytes(tmp_path):
+def test_builder_fp32_build_quantises_to_the_builders_int4_bytes(tied_hf, tmp_path):
     """The genai builder's tied fp32 model (the table a Transpose of the lm_head weight) becomes the builder's own
     int4 layout: the table stored once in int4, the same bytes as the builder's int4 build."""
     pytest.importorskip("onnxruntime_genai")
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from lestd_export.genai import run_builder
     from lestd_export.inspect import inspect_model
     from lestd_export.onnx_input.quantize import quantize_onnx
-    from test_cli_errors import word_tokenizer
 
-    torch.manual_seed(0)
-    config = LlamaConfig(**{**COMMON, "tie_word_embeddings": True}, num_key_value_heads=2)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "hf")
-    word_tokenizer().save_pretrained(tmp_path / "hf")
-    run_builder(tmp_path / "hf", tmp_path / "fp32", "fp32")
-    run_builder(tmp_path / "hf", tmp_path / "int4", "int4")
+    run_builder(tied_hf, tmp_path / "fp32", "fp32")
+    run_builder(tied_hf, tmp_path / "int4", "int4")
     report = quantize_onnx(tmp_path / "fp32", tmp_path / "ours", QuantizeConfig(), calibration="none",
                            progress=False)
     assert report["token_table"] == ["int4, shared with the lm_head"]
@@ -142,10 +159,9 @@ def test_builder_fp32_build_quantises_to_the_builders_int4_bytes(tmp_path):
 def test_input_scaling_folds_exactly_into_the_normalisation(tied_export):
     """Dividing the normalisation's scale by s and multiplying the rows of the weights it feeds by s leaves the
     fp32 model unchanged (the activation-aware scaling is a free symmetry, DESIGN.md 2.6)."""
-    import onnxruntime as ort
     from onnx import numpy_helper
 
-    from lestd_export.onnx_input import decoder_feed, open_onnx_input
+    from lestd_export.onnx_input import open_onnx_input
     from lestd_export.onnx_input.capture import capture_grams
     from lestd_export.quantize_graph import scale_inputs
 
@@ -153,11 +169,7 @@ def test_input_scaling_folds_exactly_into_the_normalisation(tied_export):
     source = open_onnx_input(root / "fp32")
     ids = np.random.default_rng(2).integers(3, 120, size=(2, 16))
 
-    def logits(model):
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        return session.run(["logits"], decoder_feed(session, source.io, source.shape, ids))[0]
-
-    before = logits(source.model)
+    before = prefill_logits(source, source.model, ids)
     matmuls = [m for m in weight_matmuls(source.model) if m.op_type == "MatMul"]  # not the tied head
     grams = capture_grams(source, [m.input[0] for m in matmuls], ids, progress=False)
     initializers = {init.name: init for init in source.model.graph.initializer}
@@ -169,24 +181,17 @@ def test_input_scaling_folds_exactly_into_the_normalisation(tied_export):
             init = initializers[node.input[1]]
             w = numpy_helper.to_array(init) * scales[node.input[0]][:, None].astype(np.float32)
             init.CopyFrom(numpy_helper.from_array(w.astype(np.float32), init.name))
-    after = logits(source.model)
+    after = prefill_logits(source, source.model, ids)
     assert np.abs(after - before).max() < 1e-4 * np.abs(before).max()
 
 
-def test_a_model_that_fails_at_run_time_is_a_one_line_error(tmp_path, capsys):
+def test_a_model_that_fails_at_run_time_is_a_one_line_error(tied_hf, tmp_path, capsys):
     """The genai builder's tied int4 embedding at a block that does not divide the width loads but fails at run
     time: eval says so in one line (no traceback)."""
     pytest.importorskip("onnxruntime_genai")
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from lestd_export.genai import run_builder
-    from test_cli_errors import word_tokenizer
 
-    torch.manual_seed(0)
-    config = LlamaConfig(**{**COMMON, "tie_word_embeddings": True}, num_key_value_heads=2)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "hf")
-    word_tokenizer().save_pretrained(tmp_path / "hf")
-    run_builder(tmp_path / "hf", tmp_path / "broken", "int4", extra_options={"int4_block_size": "128"})
+    run_builder(tied_hf, tmp_path / "broken", "int4", extra_options={"int4_block_size": "128"})
     (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog " * 60)
     assert main(["eval", str(tmp_path / "broken"), "--text-file", str(tmp_path / "text.txt"), "--seq-len", "32"]) == 2
     err = capsys.readouterr().err
@@ -194,30 +199,22 @@ def test_a_model_that_fails_at_run_time_is_a_one_line_error(tmp_path, capsys):
     assert "fails running it" in err
 
 
-def test_dense_genai_export_uses_our_rounding(tmp_path, capsys):
+def test_dense_genai_export_uses_our_rounding(tied_hf, tmp_path, capsys):
     """`export --dense --format genai --quantize int4` is the builder's fp32 graph with our calibrated rounding (the
     genai runtime generates from it); the builder's rounding at a block that does not divide a tied table's width
     (the builder's broken shared embedding) is a typed one-line error that writes nothing."""
     pytest.importorskip("onnxruntime_genai")
     import json
 
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from test_cli_errors import word_tokenizer
-
-    torch.manual_seed(0)
-    config = LlamaConfig(**{**COMMON, "tie_word_embeddings": True}, num_key_value_heads=2)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "hf")
-    word_tokenizer().save_pretrained(tmp_path / "hf")
     out = tmp_path / "genai-int4"
-    assert main(["export", str(tmp_path / "hf"), "--dense", "--format", "genai", "--quantize", "int4",
+    assert main(["export", str(tied_hf), "--dense", "--format", "genai", "--quantize", "int4",
                  "-o", str(out)]) == 0
     report = json.loads((out / "export_report.json").read_text())
     assert report["quantization"]["rounding"] == "awq" and report["quantization"]["calibrated"]
     assert report["quantization"]["token_table"][0].startswith("int4, shared with the lm_head")
     assert report["runtime"]  # onnxruntime-genai loaded it and generated
     capsys.readouterr()
-    assert main(["export", str(tmp_path / "hf"), "--dense", "--format", "genai", "--quantize", "int4",
+    assert main(["export", str(tied_hf), "--dense", "--format", "genai", "--quantize", "int4",
                  "--rounding", "rtn", "--block-size", "128", "-o", str(tmp_path / "broken")]) == 2
     assert "does not divide the hidden size 64" in capsys.readouterr().err and not (tmp_path / "broken").exists()
 
@@ -238,10 +235,8 @@ def test_cli_calibrates_lestd_and_svd_by_default():
 def test_scaled_tied_table_still_looks_up_the_same_rows(tied_export, monkeypatch):
     """With the tied lm_head's input scaled (forced here), the table's lookup is multiplied back by 1/s: at 8 bits
     the quantised model stays as close to fp32 as without scaling (a missing 1/s would scale every embedding)."""
-    import onnxruntime as ort
-
     import lestd_export.quantize_graph as quantize_graph
-    from lestd_export.onnx_input import decoder_feed, open_onnx_input
+    from lestd_export.onnx_input import open_onnx_input
     from lestd_export.onnx_input.capture import capture_grams
 
     monkeypatch.setattr(quantize_graph, "SCALE_POWERS", (1.0,))
@@ -249,15 +244,11 @@ def test_scaled_tied_table_still_looks_up_the_same_rows(tied_export, monkeypatch
     source = open_onnx_input(root / "fp32")
     ids = np.random.default_rng(3).integers(3, 120, size=(2, 16))
 
-    def logits(model):
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        return session.run(["logits"], decoder_feed(session, source.io, source.shape, ids))[0]
-
-    before = logits(source.model)
+    before = prefill_logits(source, source.model, ids)
     grams = capture_grams(source, [m.input[0] for m in weight_matmuls(source.model)], ids, progress=False)
     report = quantize_graph.quantize_graph(source.model, QuantizeConfig(bits=8, accuracy_level=0), grams,
                                            progress=False)
     assert report["token_table"] == ["int8, shared with the lm_head (input-scaled)"]
-    after = logits(source.model)
+    after = prefill_logits(source, source.model, ids)
     # this random model at 8 bits: 5% unscaled, 6.6% scaled; a lookup left at E diag(s) (no 1/s): 85%
     assert np.abs(after - before).max() < 0.15 * np.abs(before).max()
