@@ -154,16 +154,17 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
                      disable=not progress):
         weight = _weight(node, initializers)  # [K, N]
         k, n = weight.shape
-        gram = (grams or {}).get(node.input[0])
-        if node.input[0] in row_scales:  # x @ W = (x / s) @ (s W): the norm before it now writes x / s
-            s = row_scales[node.input[0]]
-            weight, gram = weight * s[:, None], gram / np.outer(s, s)
-        q, scales = round_codes(weight, config, gram)
-        data, flat_scales = pack_matmulnbits(q, scales, config.bits, config.block_size)
         name = node.input[1]
-        new_initializers += [numpy_helper.from_array(data, f"{name}_Q{config.bits}"),
-                             numpy_helper.from_array(flat_scales, f"{name}_scales")]
-        packed_of[name] = (f"{name}_Q{config.bits}", f"{name}_scales")
+        if name not in packed_of:  # a weight two MatMuls read is stored once (rounded for the first reader)
+            gram = (grams or {}).get(node.input[0])
+            if node.input[0] in row_scales:  # x @ W = (x / s) @ (s W): the norm before it now writes x / s
+                s = row_scales[node.input[0]]
+                weight, gram = weight * s[:, None], gram / np.outer(s, s)
+            q, scales = round_codes(weight, config, gram)
+            data, flat_scales = pack_matmulnbits(q, scales, config.bits, config.block_size)
+            new_initializers += [numpy_helper.from_array(data, f"{name}_Q{config.bits}"),
+                                 numpy_helper.from_array(flat_scales, f"{name}_scales")]
+            packed_of[name] = (f"{name}_Q{config.bits}", f"{name}_scales")
         replaced[node.name] = [helper.make_node(
             "MatMulNBits", [node.input[0], *packed_of[name]], list(node.output), name=f"{node.name}_Q{config.bits}",
             domain="com.microsoft", K=k, N=n, bits=config.bits, block_size=config.block_size,
@@ -244,7 +245,9 @@ def scale_inputs(model, matmuls: list, grams: dict, config: QuantizeConfig, init
     chosen = {}
     for tensor, members in groups.items():
         site = _scale_site(tensor, producer, consumers, {m.name for m in members}, initializers)
-        if site is None or tensor not in grams:
+        shared = any({c.name for c in consumers[m.input[1]] if c.op_type in ("MatMul", "FusedMatMul")}
+                     - {m.name for m in members} for m in members)  # a weight another input also reads
+        if site is None or shared or tensor not in grams:
             continue
         gram = grams[tensor]
         weights = [_weight(m, initializers) for m in members]
