@@ -117,8 +117,9 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
 
     from .export import initializer_sizes
     from .genai import run_builder
-    from .graft import graft_attention, quantize_nodes
+    from .graft import graft_attention
     from .onnx_input.driver import QUANTIZE_REPORT
+    from .quantize_graph import QuantizeConfig, quantize_graph
     from .onnx_sites import locate_by_name
     from .registry import spec_for
 
@@ -153,9 +154,10 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
                 _, sites = locate_by_name(model, quantised_ok=True, spec=spec_for(loaded.model.config))
                 dense_bytes = _node_weight_bytes(model, {n for s in sites for n in (*s.qkv_nodes, s.o_node)})
                 before = sum(initializer_sizes(model).values())
-                nodes = graft_attention(model, sites, latents)
-                if storage in STORAGE_BITS:
-                    model = quantize_nodes(model, nodes, STORAGE_BITS[storage], block_size)
+                graft_attention(model, sites, latents)
+                if storage in STORAGE_BITS:  # the grafted MatMuls (the builder quantised the rest), to nearest
+                    quantize_graph(model, QuantizeConfig(bits=STORAGE_BITS[storage], block_size=block_size,
+                                                         rounding="rtn"), progress=False)
                 after = sum(initializer_sizes(model).values())
                 stored = dense_bytes + after - before  # a projection left dense keeps its bytes
                 report["attention_bytes"] = {"dense": dense_bytes, "compressed": stored,
@@ -190,8 +192,9 @@ def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str
     import onnx
 
     from .export import describe_export, export_model
-    from .graft import graft_attention, quantize_nodes
+    from .graft import graft_attention
     from .onnx_sites import locate_by_name
+    from .quantize_graph import QuantizeConfig, quantize_graph
     from .registry import spec_for
 
     if storage not in STORAGE_BITS:
@@ -207,10 +210,10 @@ def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str
             if latents:
                 _, sites = locate_by_name(model, spec=spec_for(loaded.model.config))
                 graft_attention(model, sites, latents)
-            initializers = {i.name: len(i.dims) for i in model.graph.initializer}
-            weight_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"
-                              and initializers.get(n.input[1]) == 2]
-            model = quantize_nodes(model, weight_matmuls, STORAGE_BITS[storage], block_size)
+            # every weight MatMul (the grafted factors and a tied FusedMatMul head included) and the token
+            # table, stored once: round to nearest, as ONNX Runtime's quantiser (the refit was fitted to that grid)
+            quantization = quantize_graph(model, QuantizeConfig(bits=STORAGE_BITS[storage], block_size=block_size,
+                                                                rounding="rtn"), progress=False)
             onnx.save(model, str(staging / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                       location=MODEL_FILE + ".data", size_threshold=1024)
             for item in (work / "dense").iterdir():
@@ -220,7 +223,8 @@ def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str
             shutil.rmtree(work, ignore_errors=True)
         loaded.model.config.save_pretrained(staging)  # with its compression section
         report = describe_export(staging, loaded.model)
-        report.update(opset=opset, storage=storage, quantized_matmuls=len(weight_matmuls))
+        report.update(opset=opset, storage=storage, quantized_matmuls=quantization["weight_matmuls"],
+                      quantization=quantization)
         if validate:
             from .export import check_parity
             from .runtime import OrtCausalLM

@@ -228,7 +228,7 @@ def graft_attention(model, sites: list[AttentionSite], layers: list[LatentLayer 
 
     The new nodes take the place of the removed ones (the graph stays topologically sorted) and
     write the same output names; initializers used only by the removed nodes are dropped. Returns
-    the names of the new weight ``MatMul`` nodes (what :func:`quantize_nodes` takes).
+    the names of the new weight ``MatMul`` nodes.
     """
     if len(sites) != len(layers):
         raise GraphMappingError(f"{len(sites)} attention sites in the graph but {len(layers)} compressed layers")
@@ -269,27 +269,3 @@ def _drop_unused_initializers(graph, candidates: set[str]) -> None:
     keep = [init for init in graph.initializer if init.name not in candidates or init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-
-
-def quantize_nodes(model, nodes: list[str], bits: int, block_size: int = 32, accuracy_level: int = 4):
-    """``MatMulNBits`` (symmetric, as the onnxruntime-genai builder writes) on the named MatMuls only.
-
-    Returns the quantised ``onnx.ModelProto``. ``bits`` is 4 or 8.
-    """
-    import logging
-
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    include = set(nodes)
-    others = [node.name for node in model.graph.node if node.op_type == "MatMul" and node.name not in include]
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=accuracy_level, nodes_to_exclude=others,
-                                     op_types_to_quantize=("MatMul",))
-    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level = logger.level
-    logger.setLevel(logging.WARNING)  # one INFO line per node otherwise
-    try:
-        quantizer.process()
-    finally:
-        logger.setLevel(level)
-    return quantizer.model.model

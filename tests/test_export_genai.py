@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime_genai")
 from lestd_export.compress import compress_model  # noqa: E402
 from lestd_export.config import CompressionConfig  # noqa: E402
 from lestd_export.export_genai import _latent_layers, export_genai, genai_logits  # noqa: E402
-from lestd_export.graft import LatentLayer, quantize_nodes  # noqa: E402
+from lestd_export.graft import LatentLayer  # noqa: E402
 from lestd_export.numerics.stored import equalize  # noqa: E402
 from lestd_export.numerics.quantize import blockwise_round  # noqa: E402
 from lestd_export.loading import LoadedModel  # noqa: E402
@@ -93,6 +93,16 @@ def test_equalised_factor_pairs_keep_the_product_and_share_their_ranges():
     assert errors[1] < 0.6 * errors[0]  # 0.53 here
 
 
+def ort_quantized(model, bits: int):
+    """ONNX Runtime's own quantiser (symmetric MatMulNBits, block 32, as the genai builder writes it)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True, accuracy_level=4,
+                                     op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    return quantizer.model.model
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_blockwise_round_is_what_matmulnbits_computes_with(bits):
     """The simulated rounding equals ONNX Runtime's quantiser (K not a multiple of the block), and a column
@@ -107,7 +117,7 @@ def test_blockwise_round_is_what_matmulnbits_computes_with(bits):
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
                               [numpy_helper.from_array(weight, "w")])
-    model = quantize_nodes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), ["mm"], bits)
+    model = ort_quantized(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), bits)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     eye = np.eye(k, dtype=np.float32)  # one-hot rows pass accuracy level 4's input quantisation exactly
     stored = np.concatenate([session.run(None, {"x": eye[i:i + 1]})[0] for i in range(k)])

@@ -15,7 +15,7 @@ import numpy as np
 from ..config import CompressionConfig
 from ..errors import InvalidConfigError
 from ..onnx_sites import GraphMappingError
-from ..quantize_graph import weight_matmuls
+from ..quantize_graph import QuantizeConfig, quantize_graph
 from .plan import check_config, plan_cores, plan_low_rank
 from .sessions import decoder_feed
 from .source import OnnxInput, open_onnx_input
@@ -159,13 +159,10 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
         model = source.model
         grafted = graft_attention(model, source.sites, layers)
         quantised = None
-        if QUANTIZE_BITS[quantize] is not None:
-            from ..graft import quantize_nodes
-
-            nodes = list(grafted) + [n.name for n in weight_matmuls(model) if n.name not in set(grafted)]
-            model = quantize_nodes(model, nodes, QUANTIZE_BITS[quantize])
-            quantised = {"bits": QUANTIZE_BITS[quantize], "block_size": 32, "accuracy_level": 4,
-                         "nodes": len(nodes), "attention_nodes": len(grafted)}
+        if QUANTIZE_BITS[quantize] is not None:  # every weight and the token table, round to nearest (the refit's grid)
+            quantised = quantize_graph(model, QuantizeConfig(bits=QUANTIZE_BITS[quantize], rounding="rtn"),
+                                       progress=False)
+            quantised.update(nodes=quantised["weight_matmuls"], attention_nodes=len(grafted))
         copied = copy_directory_files(source, staging)
         written = write_model(model, source, staging)
         del model, source.model
