@@ -101,6 +101,8 @@ def torch_weight_map(model, format: str = "pytorch") -> WeightMap:
         storage = "lestd (compressed)" if kind in ("attention.qkv", "attention.o") and \
             not _is_dense_member(spec, name) else dtype.replace("bfloat16", "bf16")
         entry = by_site.setdefault((kind, layer, site), WeightSite(kind, layer, site, [], [], 0, storage))
+        if entry.storage in PRECISIONS and storage not in PRECISIONS:  # the codes' dtype < the quantised op
+            entry.storage = storage
         entry.tensors.append(name)
         entry.shapes.append(list(tensor.shape))
         entry.bytes += tensor.numel() * tensor.element_size()
@@ -200,11 +202,13 @@ def onnx_weight_map(model, format: str, architecture: str | None = None, layers:
                                                                  for w in weights], 0, f"tied to {owners.pop()}"))
         for name in weights:
             if name not in claimed:
-                claimed[name] = (*found, node.name, storage)
+                claimed[name] = (*found, node.name.rsplit("/", 1)[0], storage)  # the site: the node's module
     by_site: dict[tuple, WeightSite] = {}
     for name, init in initializers.items():
         kind, layer, site, storage = claimed.get(name, (OTHER, None, OTHER, _dtype_name(init)))
         entry = by_site.setdefault((kind, layer, site), WeightSite(kind, layer, site, [], [], 0, storage))
+        if entry.storage in PRECISIONS and storage not in PRECISIONS:  # the codes' dtype < the quantised op
+            entry.storage = storage
         entry.tensors.append(name)
         entry.shapes.append([int(d) for d in init.dims])
         entry.bytes += sizes[name]
