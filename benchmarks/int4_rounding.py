@@ -13,7 +13,8 @@ Variants at one block size have the same bytes (symmetric: K/2 bytes + one fp32 
   awq       the same, each row weighted by its mean squared input (activation-aware, calibrated)
   awq-sqrt  rows weighted by the root of it; awq-wide: awq over clipping ratios down to 0.5
   gptq      error-compensated rounding (GPTQ) on the awq grid, damped input Grams (calibrated)
-  awq-scaled  Q/K/V and gate/up rows scaled by diag(C)^(a/2) first (AWQ; the norm absorbs 1/s), then awq
+  awq-scaled  the quantiser's own awq (lestd_export.quantize_graph): Q/K/V and gate/up rows scaled by
+              diag(C)^(a/2) first (AWQ; the norm absorbs 1/s), then rounded as `lestd-export quantize` does
   awq-scaled-head  the tied lm_head/table too (the final norm absorbs 1/s, the lookup is multiplied by 1/s)
 
     python benchmarks/int4_rounding.py --out benchmarks/results/int4_rounding.json
@@ -35,6 +36,7 @@ from lestd_export.calibration import load_calibration
 from lestd_export.evaluate import default_text, torch_perplexity
 from lestd_export.loading import load_model
 from lestd_export.numerics.quantize import CLIP_RATIOS, blockwise_round, codes, dequantize, gptq, search_scales
+from lestd_export.quantize_graph import QuantizeConfig, input_scale, round_codes
 from lestd_export.text import tokenize
 
 TEXTS = {
@@ -86,36 +88,25 @@ def rounded(weight_in_out: np.ndarray, variant: str, block: int, gram: np.ndarra
 
 
 SHARED_INPUT = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
-SCALE_POWERS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def scaled_groups(dense: dict, grams: dict, block: int, head: bool = False) -> dict[str, np.ndarray]:
-    """AWQ-style scaling of the groups a norm feeds (Q/K/V, gate/up): rows of ``W`` times ``s = diag(C)^(a/2)``
-    (the norm's weight divided by ``s`` in a file), ``a`` chosen per group for the least output error; the rows
-    then rounded as ``awq``. Returns the effective weights ``Q(diag(s) W) / s`` ``[K, N]`` by Linear name."""
+    """The quantiser's AWQ scaling (``quantize_graph.input_scale``, then ``round_codes`` of ``s W``) of the groups a
+    norm feeds (Q/K/V, gate/up; the tied lm_head with ``head``). Returns the effective weights ``Q(diag(s) W) / s``
+    ``[K, N]`` by Linear name."""
+    config = QuantizeConfig(block_size=block)
     out = {}
     for name in dense:
         for members in SHARED_INPUT + ((("lm_head",),) if head else ()):
             if not name.endswith(members[0]):
                 continue
-            prefix = name[: -len(members[0])]
-            names = [prefix + m for m in members]
-            w = np.concatenate([dense[n].double().numpy().T for n in names], axis=1)  # [K, sum N]
+            names = [name[: -len(members[0])] + m for m in members]
+            weights = [dense[n].double().numpy().T for n in names]  # [K, N_i]
             gram = grams[names[0]]
-            diag = np.maximum(np.diag(gram), 1e-12)
-            best, best_error = None, np.inf
-            for power in SCALE_POWERS:
-                s = diag ** (power / 2)
-                s /= np.exp(np.mean(np.log(s)))
-                scaled = w * s[:, None]
-                scales = search_scales(scaled, 4, block, importance=diag / s**2)
-                effective = dequantize(codes(scaled, scales, 4, block), scales, block) / s[:, None]
-                error = np.einsum("kn,kn->", w - effective, gram @ (w - effective))
-                if error < best_error:
-                    best, best_error = effective, error
-            widths = np.cumsum([0] + [dense[n].shape[0] for n in names])
-            for n, a, b in zip(names, widths[:-1], widths[1:]):
-                out[n] = best[:, a:b]
+            s = input_scale(weights, gram, config)
+            for n, w in zip(names, weights):
+                q, scales = round_codes(w * s[:, None], config, gram / np.outer(s, s))
+                out[n] = dequantize(q, scales, block) / s[:, None]
     return out
 
 

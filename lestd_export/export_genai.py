@@ -143,7 +143,6 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
             report = {"format": "onnxruntime-genai", "storage": storage, "compressed": bool(latents)}
             if ours:
                 from .onnx_input.quantize import quantize_onnx
-                from .quantize_graph import QuantizeConfig
 
                 config = QuantizeConfig(bits=STORAGE_BITS[storage], block_size=block_size, rounding=rounding)
                 report["quantization"] = quantize_onnx(build, work / "quantized", config, validate=False,

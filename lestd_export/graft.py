@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .numerics.pruning import LayerCore
-from .numerics.stored import StoredGroup, latent_input_group, latent_output_group, low_rank_group
-from .onnx_sites import AttentionSite, GraphMappingError
+from .numerics.stored import StoredGroup, latent_input_group, latent_output_group, low_rank_group, segment_union
+from .onnx_sites import AttentionSite, GraphMappingError, replace_nodes
 from .surgery import output_weight, qkv_segments
 
 Segment = tuple[np.ndarray, np.ndarray | None, list[int]]  # (weight [k or R1, cols], rows [k] or None, widths)
@@ -83,9 +83,7 @@ class LatentLayer:
     @property
     def qkv_union(self) -> np.ndarray:
         """Latent rows read by any Q/K/V segment, ascending (all ``R1`` when a segment is dense)."""
-        if any(rows is None for _, rows, _ in self.segments):
-            return np.arange(self.u1.shape[1])
-        return np.unique(np.concatenate([rows for _, rows, _ in self.segments]))
+        return segment_union(self.u1.shape[1], self.segments)
 
 
 def _numpy(tensor) -> np.ndarray:
@@ -254,18 +252,5 @@ def graft_attention(model, sites: list[AttentionSite], layers: list[LatentLayer 
     missing = set(replaced) - {node.name for node in graph.node}
     if missing:
         raise GraphMappingError(f"nodes {sorted(missing)[:3]} are not in the graph")
-    removed_inputs = {i for node in graph.node if node.name in replaced for i in node.input}
-    nodes = []
-    for node in graph.node:
-        nodes += replaced.get(node.name, [node])
-    del graph.node[:]
-    graph.node.extend(nodes)
-    _drop_unused_initializers(graph, removed_inputs)
+    replace_nodes(graph, replaced)
     return weight_matmuls
-
-
-def _drop_unused_initializers(graph, candidates: set[str]) -> None:
-    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
-    keep = [init for init in graph.initializer if init.name not in candidates or init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)

@@ -11,8 +11,6 @@ from pathlib import Path
 from .errors import LestdError
 from .weights import KINDS, WeightMap
 
-GENAI_CONFIG = "genai_config.json"
-
 
 class InspectError(LestdError):
     """The argument is neither a model the tool loads nor a decoder ONNX build."""
@@ -36,20 +34,18 @@ def inspect_onnx(path: Path) -> WeightMap:
     """The weight map of an ONNX decoder; the architecture and layer count come from its config files."""
     import onnx
 
-    from .files import check_onnx, read_json
-    from .onnx_input import resolve_input
+    from .files import check_onnx
+    from .onnx_input.source import GENAI_CONFIG, HF_CONFIG, config_model_type, read_config, resolve_input
+    from .onnx_sites import config_head_counts
     from .weights import onnx_weight_map
 
     directory, model_file = resolve_input(path)
     check_onnx(model_file, "re-export the model")
     architecture, layers, format = None, None, "onnx"
-    if (directory / GENAI_CONFIG).is_file():
-        model = read_json(directory / GENAI_CONFIG, "re-create it with the onnxruntime-genai builder").get("model", {})
-        architecture, layers, format = model.get("type"), model.get("decoder", {}).get("num_hidden_layers"), \
-            "onnxruntime-genai"
-    elif (directory / "config.json").is_file():
-        config = read_json(directory / "config.json", "restore it from the model's original files")
-        architecture, layers, format = config.get("model_type"), config.get("num_hidden_layers"), "optimum"
+    if (directory / GENAI_CONFIG).is_file() or (directory / HF_CONFIG).is_file():
+        config, _, genai = read_config(directory)
+        architecture, layers = config_model_type(config, genai), config_head_counts(config, genai)["layers"]
+        format = "onnxruntime-genai" if genai else "optimum"
     graph = onnx.load(str(model_file), load_external_data=False)
     return onnx_weight_map(graph, format, architecture, layers)
 

@@ -264,6 +264,21 @@ def head_counts(config: dict, genai: bool, model, io: DecoderIO, config_name: st
                           head_dim=merged["head_dim"])
 
 
+def replace_nodes(graph, replaced: dict[str, list]) -> None:
+    """Put ``replaced[name]`` (nodes, possibly none) in the place of each named node, so the graph stays
+    topologically sorted, and drop the initializers that only the removed nodes read."""
+    removed_inputs = {i for node in graph.node if node.name in replaced for i in node.input}
+    nodes = []
+    for node in graph.node:
+        nodes += replaced.get(node.name, [node])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+    keep = [init for init in graph.initializer if init.name not in removed_inputs or init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
 # ---------------------------------------------------------------------------------- structural rule
 
 

@@ -10,8 +10,8 @@ rounding on that grid (``gptq``); a calibrated rounding keeps round-to-nearest's
 they have the lower output error on the calibration inputs, so it is never worse there. Calibrated roundings
 also scale the input channels of the weights a normalisation feeds (Q/K/V, gate/up, a tied lm_head) where that
 lowers the group's calibration output error, folding ``1/s`` into the normalisation's own scale
-(:func:`scale_inputs`; a lookup in the tied table is then multiplied by ``1/s``). A table whose width the block does not divide stays fp32 (the builder's
-shared table fails at run time there), and the report says so.
+(:func:`scale_inputs`; a lookup in the tied table is then multiplied by ``1/s``). A table whose width the
+block does not divide stays fp32 (the builder's shared table fails at run time there), and the report says so.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .errors import InvalidConfigError
-from .onnx_sites import SHAPE_OPS
+from .onnx_sites import SHAPE_OPS, replace_nodes
 
 ROUNDINGS = ("rtn", "awq", "gptq")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits' fast-path blocks
@@ -83,12 +83,19 @@ def _output_error(weight: np.ndarray, q: np.ndarray, scales: np.ndarray, gram: n
     return np.einsum("kn,kn->n", error, gram @ error)
 
 
+def _fp32_matrices(model) -> set[str]:
+    """Names of the 2-D fp32 initializers (the weights and tables that can be quantised)."""
+    from onnx import TensorProto
+
+    return {i.name for i in model.graph.initializer if len(i.dims) == 2 and i.data_type == TensorProto.FLOAT}
+
+
 def weight_matmuls(model) -> list:
     """The nodes ``x @ W`` whose ``W`` is a 2-D fp32 initializer (what is quantised): ``MatMul``, and the
     ``FusedMatMul(x, E, transB=1)`` that reads a tied token table as the lm_head (this package's optimum export)."""
-    from onnx import TensorProto, helper
+    from onnx import helper
 
-    floats = {i.name for i in model.graph.initializer if len(i.dims) == 2 and i.data_type == TensorProto.FLOAT}
+    floats = _fp32_matrices(model)
     found = []
     for node in model.graph.node:
         if len(node.input) < 2 or node.input[1] not in floats:
@@ -114,9 +121,9 @@ def _token_tables(model) -> list[tuple]:
     """``(Gather, Transpose or None, table initializer name)`` for each lookup in a 2-D fp32 initializer table,
     directly or through a ``Transpose`` of the lm_head's ``[d, vocab]`` weight (the genai builder's tied fp32
     model)."""
-    from onnx import TensorProto, helper
+    from onnx import helper
 
-    floats = {i.name for i in model.graph.initializer if len(i.dims) == 2 and i.data_type == TensorProto.FLOAT}
+    floats = _fp32_matrices(model)
     producer = {out: node for node in model.graph.node for out in node.output}
     found = []
     for node in model.graph.node:
@@ -177,16 +184,8 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
             replaced[transpose.name] = []  # the lookup reads the lm_head's codes, not a transposed copy
         new_initializers += extra
         table_storage.append(storage)
-    nodes = []
-    for node in graph.node:
-        nodes += replaced.get(node.name, [node])
-    del graph.node[:]
-    graph.node.extend(nodes)
     graph.initializer.extend(new_initializers)
-    used = {i for node in graph.node for i in node.input}
-    keep = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    replace_nodes(graph, replaced)
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return {**config.to_dict(), "weight_matmuls": len(matmuls), "token_table": table_storage,
@@ -223,16 +222,33 @@ def _scale_site(tensor: str, producer: dict, consumers: dict, members: set[str],
     return None
 
 
+def input_scale(weights: list[np.ndarray], gram: np.ndarray, config: QuantizeConfig,
+                powers: tuple[float, ...] | None = None) -> np.ndarray:
+    """AWQ's input-channel scale ``s [K]`` for weights ``[K, N_i]`` that read one input of Gram ``gram``:
+    ``s = diag(C)^(a/2)`` (geometric mean 1, ``a`` in ``powers``, default :data:`SCALE_POWERS`) whose rounding of
+    ``s W`` (:func:`round_codes`) gives the least calibration output error over all the weights (``a = 0``: none)."""
+    diag = np.maximum(np.diag(gram), 1e-12)
+    best, best_error = None, np.inf
+    for power in powers or SCALE_POWERS:
+        s = diag ** (power / 2)
+        s /= np.exp(np.mean(np.log(s)))
+        scaled_gram = gram / np.outer(s, s)  # (s W - Q)^T C' (s W - Q) = (W - Q / s)^T C (W - Q / s)
+        error = 0.0
+        for w in weights:
+            q, scales = round_codes(w * s[:, None], config, scaled_gram)
+            error += float(_output_error(w * s[:, None], q, scales, scaled_gram, config.block_size).sum())
+        if error < best_error:
+            best, best_error = s, error
+    return best
+
+
 def scale_inputs(model, matmuls: list, grams: dict, config: QuantizeConfig, initializers: dict,
                  powers: tuple[float, ...] | None = None) -> dict[str, np.ndarray]:
     """Activation-aware scaling (AWQ, Lin et al. 2024) where a normalisation feeds a group of weights (Q/K/V,
-    gate/up): per group the ``s = diag(C)^(a/2)`` (geometric mean 1, ``a`` in :data:`SCALE_POWERS`) whose
-    rounding of ``s W`` gives the least calibration output error of the whole group (``a = 0`` is no scaling);
-    the normalisation's scale (and bias) initializers are divided by ``s`` in place (copied first where
-    something else reads them). Returns ``{input tensor: s}``."""
+    gate/up, a tied lm_head): per group the :func:`input_scale` of its weights; the normalisation's scale (and
+    bias) initializers are divided by ``s`` in place (copied first where something else reads them). Returns
+    ``{input tensor: s}`` (groups whose best ``s`` is 1 are left out)."""
     from onnx import numpy_helper
-
-    from .numerics.quantize import dequantize
 
     producer = {out: node for node in model.graph.node for out in node.output}
     consumers: dict[str, list] = {}
@@ -249,20 +265,7 @@ def scale_inputs(model, matmuls: list, grams: dict, config: QuantizeConfig, init
                      - {m.name for m in members} for m in members)  # a weight another input also reads
         if site is None or shared or tensor not in grams:
             continue
-        gram = grams[tensor]
-        weights = [_weight(m, initializers) for m in members]
-        diag = np.maximum(np.diag(gram), 1e-12)
-        best, best_error = None, np.inf
-        for power in powers or SCALE_POWERS:
-            s = diag ** (power / 2)
-            s /= np.exp(np.mean(np.log(s)))
-            error = 0.0
-            for w in weights:
-                q, scales = round_codes(w * s[:, None], config, gram / np.outer(s, s))
-                e = w - dequantize(q, scales, config.block_size) / s[:, None]
-                error += float(np.einsum("kn,kn->", e, gram @ e))
-            if error < best_error:
-                best, best_error = s, error
+        best = input_scale([_weight(m, initializers) for m in members], grams[tensor], config, powers)
         if np.allclose(best, 1.0):
             continue
         node = producer[tensor]

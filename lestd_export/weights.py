@@ -89,7 +89,7 @@ def torch_weight_map(model, format: str = "pytorch") -> WeightMap:
     seen: dict[tuple, str] = {}
     by_site: dict[tuple, WeightSite] = {}
     for name, tensor in state.items():
-        kind, layer, site = classify_parameter(spec, name)
+        kind, layer, site, compressed = classify_parameter(spec, name)
         key = (tensor.data_ptr(), tuple(tensor.shape))
         if tensor.numel() and key in seen:  # tied weights (lm_head = embedding) are stored once
             if seen[key] != kind:
@@ -97,12 +97,8 @@ def torch_weight_map(model, format: str = "pytorch") -> WeightMap:
                                                           f"tied to {seen[key]}")
             continue
         seen[key] = kind
-        dtype = str(tensor.dtype).removeprefix("torch.").replace("float32", "fp32").replace("float16", "fp16")
-        storage = "lestd (compressed)" if kind in ("attention.qkv", "attention.o") and \
-            not _is_dense_member(spec, name) else dtype.replace("bfloat16", "bf16")
+        storage = "lestd (compressed)" if compressed else _short_dtype(str(tensor.dtype).removeprefix("torch."))
         entry = by_site.setdefault((kind, layer, site), WeightSite(kind, layer, site, [], [], 0, storage))
-        if entry.storage in PRECISIONS and storage not in PRECISIONS:  # the codes' dtype < the quantised op
-            entry.storage = storage
         entry.tensors.append(name)
         entry.shapes.append(list(tensor.shape))
         entry.bytes += tensor.numel() * tensor.element_size()
@@ -111,32 +107,28 @@ def torch_weight_map(model, format: str = "pytorch") -> WeightMap:
                      sites)
 
 
-def _is_dense_member(spec: ArchSpec, name: str) -> bool:
-    members = [m for g in spec.weight_groups() if g.per_layer for m in g.members]
-    return any(f".{member}." in name for member in members)
-
-
-def classify_parameter(spec: ArchSpec, name: str) -> tuple[str, int | None, str]:
-    """``(kind, layer, module path)`` of a state-dict entry; compressed attention (``compress``'s modules
-    under the attention module) counts as attention: ``attention.o`` where it names the output projection."""
+def classify_parameter(spec: ArchSpec, name: str) -> tuple[str, int | None, str, bool]:
+    """``(kind, layer, module path, compressed)`` of a state-dict entry; compressed attention (``compress``'s
+    modules under the attention module) counts as attention: ``attention.o`` where it names the output
+    projection."""
     for group in spec.weight_groups():
         if not group.per_layer:
             for member in group.members:
                 if name.startswith(member + "."):
-                    return group.kind, None, member
+                    return group.kind, None, member, False
     match = re.match(re.escape(spec.layers_path) + r"\.(\d+)\.(.*)$", name)
     if match is None:
-        return OTHER, None, name.rsplit(".", 1)[0]
+        return OTHER, None, name.rsplit(".", 1)[0], False
     layer, rest = int(match.group(1)), match.group(2)
     for group in spec.weight_groups():
         for member in group.members:
             if group.per_layer and rest.startswith(member + "."):
-                return group.kind, layer, f"{spec.layers_path}.{layer}.{member}"
+                return group.kind, layer, f"{spec.layers_path}.{layer}.{member}", False
     if rest.startswith(spec.attention + "."):  # compressed modules replace the projections
         kind = "attention.o" if f".{spec.o}." in rest or rest.endswith(f".{spec.o}") else "attention.qkv"
         module = rest.rsplit(".", 1)[0]
-        return kind, layer, f"{spec.layers_path}.{layer}.{module}"
-    return OTHER, layer, f"{spec.layers_path}.{layer}.{rest.rsplit('.', 1)[0]}"
+        return kind, layer, f"{spec.layers_path}.{layer}.{module}", True
+    return OTHER, layer, f"{spec.layers_path}.{layer}.{rest.rsplit('.', 1)[0]}", False
 
 
 # ------------------------------------------------------------------------------------------------- ONNX
@@ -217,9 +209,13 @@ def onnx_weight_map(model, format: str, architecture: str | None = None, layers:
                                          if s.kind != OTHER]), architecture, layers, sites)
 
 
+def _short_dtype(name: str) -> str:
+    """``fp32``, ``fp16``, ``bf16`` for numpy's / torch's float names, other names as they are."""
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(name, name)
+
+
 def _dtype_name(init) -> str:
-    """``fp32``, ``fp16``, ``bf16`` or numpy's name of an initializer's element type."""
+    """The short name (:func:`_short_dtype`) of an initializer's element type."""
     from onnx import helper
 
-    name = str(helper.tensor_dtype_to_np_dtype(init.data_type))
-    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(name, name)
+    return _short_dtype(str(helper.tensor_dtype_to_np_dtype(init.data_type)))

@@ -237,7 +237,8 @@ def test_our_codes_are_what_matmulnbits_computes_with(bits, block):
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
                               [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(flat_scales, "s")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     eye = np.eye(k, dtype=np.float32)
     stored = np.concatenate([session.run(None, {"x": eye[i:i + 1]})[0] for i in range(k)])

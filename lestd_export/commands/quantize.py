@@ -31,7 +31,8 @@ def register(subparsers) -> None:
     parser.add_argument("--calibration-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--no-validate", action="store_true", help="skip comparing the result's logits with the input's")
+    parser.add_argument("--no-validate", action="store_true",
+                        help="skip comparing the result's logits with the input's")
     parser.add_argument("--json", action="store_true", help="print the report instead of a summary")
     parser.set_defaults(run=run)
 

@@ -32,12 +32,16 @@ def max_abs_scales(matrix: np.ndarray, bits: int, block_size: int = 32) -> np.nd
     return np.where(largest == 0, 1.0, largest / -(2 ** (bits - 1)))
 
 
+def _block_codes(blocks: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
+    """Signed codes of ``blocks [blocks, block_size, N]`` on ``scales [blocks, N]``, clipped to the int range."""
+    limit = 2 ** (bits - 1)
+    return np.clip(np.round(blocks / scales[:, None, :]), -limit, limit - 1)
+
+
 def codes(matrix: np.ndarray, scales: np.ndarray, bits: int, block_size: int = 32) -> np.ndarray:
     """Signed integer codes ``[K, N]`` in ``[-2^(bits-1), 2^(bits-1) - 1]`` of ``matrix`` on the grid ``scales``."""
-    limit = 2 ** (bits - 1)
-    k = matrix.shape[0]
-    q = np.clip(np.round(_blocks(matrix, block_size) / scales[:, None, :]), -limit, limit - 1)
-    return q.reshape(-1, matrix.shape[1])[:k]
+    q = _block_codes(_blocks(matrix, block_size), scales, bits)
+    return q.reshape(-1, matrix.shape[1])[:matrix.shape[0]]
 
 
 def dequantize(q: np.ndarray, scales: np.ndarray, block_size: int = 32) -> np.ndarray:
@@ -77,11 +81,10 @@ def search_scales(matrix: np.ndarray, bits: int, block_size: int = 32, importanc
     blocks = _blocks(matrix, block_size)
     weight = np.ones(matrix.shape[0]) if importance is None else np.asarray(importance, dtype=np.float64)
     weight = _blocks(weight[:, None], block_size)  # [blocks, block_size, 1]
-    limit = 2 ** (bits - 1)
     best, best_error = base, np.full(base.shape, np.inf)
     for ratio in ratios:
         scales = base * ratio
-        q = np.clip(np.round(blocks / scales[:, None, :]), -limit, limit - 1) * scales[:, None, :]
+        q = _block_codes(blocks, scales, bits) * scales[:, None, :]
         error = np.sum(weight * (blocks - q) ** 2, axis=1)  # [blocks, N]
         better = error < best_error
         best, best_error = np.where(better, scales, best), np.where(better, error, best_error)

@@ -79,14 +79,20 @@ def equalize(first: np.ndarray, second: np.ndarray | None, second_ranges: np.nda
     return first * scale, scale
 
 
+def segment_union(rank1: int, segments: list[tuple[np.ndarray, np.ndarray | None, list[int]]]) -> np.ndarray:
+    """Latent rows read by any segment, ascending (all ``rank1`` when a segment is dense)."""
+    if any(rows is None for _, rows, _ in segments):
+        return np.arange(rank1)
+    return np.unique(np.concatenate([rows for _, rows, _ in segments]))
+
+
 def latent_input_group(u1: np.ndarray, u2: np.ndarray | None,
                        segments: list[tuple[np.ndarray, np.ndarray | None, list[int]]]) -> StoredGroup:
     """LeSTD's Q/K/V: ``x @ U1[:, union]`` once, then each segment's kept rows; equalised over the union.
 
     ``segments``: ``(weight [k or R1, cols], rows [k] or None, member widths)``; ``u2`` ``[d_h, R2]`` when
     ``R2 < d_h`` (the blocks are then in the ``R2`` basis and every head is mapped through ``U2^T``)."""
-    union = (np.arange(u1.shape[1]) if any(rows is None for _, rows, _ in segments)
-             else np.unique(np.concatenate([rows for _, rows, _ in segments])))
+    union = segment_union(u1.shape[1], segments)
     positions = [None if rows is None else np.searchsorted(union, rows) for _, rows, _ in segments]
     ranges = np.zeros(len(union))  # the largest |entry| of each union row over the segments that read it
     for (weight, _, _), pos in zip(segments, positions):

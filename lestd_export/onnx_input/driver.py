@@ -22,7 +22,8 @@ from .source import OnnxInput, open_onnx_input
 
 REPORT_FILE = "compression_report.json"
 QUANTIZE_REPORT = "quantization_report.json"
-STALE_FILES = ("export_report.json", REPORT_FILE, QUANTIZE_REPORT)  # reports of the input model: they would describe another model
+# reports of the input model: they would describe another model
+STALE_FILES = ("export_report.json", REPORT_FILE, QUANTIZE_REPORT)
 QUANTIZE_BITS = {"none": None, "int8": 8, "int4": 4}
 EXTERNAL_DATA_BYTES = 1 << 30  # an input without external data is written inline below this size
 

@@ -38,9 +38,7 @@ class OnnxInput:
 
     @property
     def model_type(self) -> str | None:
-        if self.genai:
-            return self.config.get("model", {}).get("type")
-        return self.config.get("model_type")
+        return config_model_type(self.config, self.genai)
 
     @property
     def max_positions(self) -> int | None:
@@ -55,6 +53,11 @@ class OnnxInput:
     def input_bytes(self) -> int:
         return sum((self.directory / name).stat().st_size for name in {self.model_file.name, *self.external_files}
                    if (self.directory / name).is_file())
+
+
+def config_model_type(config: dict, genai: bool) -> str | None:
+    """The architecture a genai_config.json (``model.type``) or a config.json (``model_type``) names."""
+    return config.get("model", {}).get("type") if genai else config.get("model_type")
 
 
 def is_onnx_input(path: str | Path) -> bool:
@@ -137,8 +140,8 @@ def open_onnx_input(path: str | Path) -> OnnxInput:
     _refuse_compressed(header, config, model_file)
     io = decoder_io(header, config["model"]["decoder"] if genai else None)
     shape = head_counts(config, genai, header, io, str(config_file))
-    model_type = config.get("model", {}).get("type") if genai else config.get("model_type")
-    producer, sites = locate(header, io, shape, REGISTRY.get(model_type))  # before reading gigabytes of weights
+    spec = REGISTRY.get(config_model_type(config, genai))
+    producer, sites = locate(header, io, shape, spec)  # before reading gigabytes of weights
     del header
     try:
         model = onnx.load(str(model_file))
