@@ -128,3 +128,10 @@ def test_optimum_exports_are_mapped_by_the_registrys_module_paths(name, tmp_path
     for kind in LAYER_KINDS:
         assert sorted({s.layer for s in found.sites if s.kind == kind}) == [0, 1], kind
     assert found.total_bytes == pytest.approx(onnx_initializer_bytes(tmp_path / name), rel=0.005)
+
+
+def test_pytorch_precision_names_the_dtype():
+    import torch
+
+    assert torch_weight_map(tiny_model("llama-gqa", dtype=torch.bfloat16)).precision == "bf16"
+    assert torch_weight_map(tiny_model("llama-gqa")).precision == "fp32"
