@@ -38,3 +38,7 @@ class CorruptFileError(CheckpointError):
 
 class ModelRunError(CheckpointError):
     """ONNX Runtime loads a model file but fails while running it: the file is broken."""
+
+
+class ExportValidationError(LestdError):
+    """A written model disagrees with its reference (PyTorch, or the values it stores) beyond tolerance."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import COMPRESSION_KEY
-from .errors import InvalidConfigError, LestdError
+from .errors import ExportValidationError, InvalidConfigError
 from .hf import LoadedModel
 from .io import atomic_output_dir, write_json
 from .registry import spec_for
@@ -29,10 +29,6 @@ DEFAULT_OPSET = 18
 MIN_OPSET = 16
 REPORT_FILE = "export_report.json"
 ONNX_FILE = "model.onnx"
-
-
-class ExportValidationError(LestdError):
-    """ONNX Runtime and PyTorch disagree beyond tolerance."""
 
 
 def check_opset(opset: int) -> None:

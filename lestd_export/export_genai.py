@@ -101,71 +101,89 @@ def _node_weight_bytes(model, node_names: set[str]) -> int:
                                   if i in sizes})
 
 
+def quantize_export(model, directory: Path, loaded: LoadedModel, config, calibration: str, calibration_tokens: int,
+                    *, validate: bool, progress: bool) -> dict:
+    """Quantise an exported fp32 graph ``model`` (in memory, compressed factors included; its config files in
+    ``directory``) with ``config`` (a :class:`~.quantize_graph.QuantizeConfig`), calibrated on ``calibration``
+    tokenised by the model's tokenizer; with ``validate`` the result must compute with the values it stores
+    (:func:`~.onnx_input.quantize.check_stored_values`). Returns the quantisation report."""
+    from .calibration import load_calibration
+    from .onnx_input.quantize import check_stored_values, quantize_calibrated
+    from .onnx_input.source import graph_input
+
+    source = graph_input(model, directory)
+    data = None
+    if config.calibrated and calibration != "none":
+        data = load_calibration(calibration, loaded.model, loaded.tokenizer, calibration_tokens)
+    report = quantize_calibrated(source, config, None if data is None else data.sequences, progress=progress)
+    report["calibration"] = None if data is None else data.record()
+    if validate:
+        report["stored_values"] = check_stored_values(source, None if data is None else data.sequences[:2, :64])
+    return report
+
+
 def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", overwrite: bool = False,
                  validate: bool = True, tolerance: float = 1e-3, block_size: int = 32, rounding: str = "awq",
-                 progress: bool = True) -> dict:
+                 calibration: str = "default", calibration_tokens: int = 4096, progress: bool = True) -> dict:
     """Write an onnxruntime-genai directory of ``loaded.model`` (compressed or dense) at ``storage``.
 
-    A dense model at int4/int8 is the builder's fp32 graph quantised by :func:`~.onnx_input.quantize.quantize_onnx`
-    with ``rounding`` (``rtn``: the builder's own int4/int8 build); a compressed one is the builder's build at
-    ``storage`` with the compressed attention grafted in and rounded to nearest. Returns the export report (also
-    in ``DIR/export_report.json``). With ``validate``, the model's logits are compared with PyTorch (fp32: a
-    relative error above ``tolerance`` raises :class:`~.export.ExportValidationError` and leaves nothing behind;
-    int8/int4: reported) and the genai runtime generates from the directory.
+    The builder's fp32 graph, the compressed attention grafted in, then every weight quantised by our quantiser
+    (:func:`quantize_export`: ``rounding`` calibrated on ``calibration``, blocks of ``block_size``); a dense model
+    with ``rounding="rtn"`` is the builder's own int4/int8 build. Returns the export report (also in
+    ``DIR/export_report.json``). With ``validate``, the fp32 graph's logits are compared with PyTorch (a relative
+    error above ``tolerance`` raises :class:`~.errors.ExportValidationError` and leaves nothing behind), a quantised
+    file must compute with the values it stores (same error), its distance from PyTorch fp32 is reported, and the
+    genai runtime generates from the directory.
     """
     import onnx
 
     from .export import initializer_sizes
     from .genai import run_builder
     from .graft import graft_attention
-    from .onnx_input.driver import QUANTIZE_REPORT
-    from .quantize_graph import QuantizeConfig, quantize_graph
     from .onnx_sites import locate_by_name
+    from .quantize_graph import QuantizeConfig
     from .registry import spec_for
 
     if storage not in STORAGES:
         raise InvalidConfigError(f"unknown precision {storage!r}: choose one of {', '.join(STORAGES)}")
     latents = grafted_layers(loaded.model)
     hidden = int(loaded.model.config.hidden_size)
-    if storage == "int4" and (latents or rounding == "rtn") and hidden % block_size \
+    ours = storage in STORAGE_BITS and (bool(latents) or rounding != "rtn")  # our rounding of every weight
+    if storage == "int4" and not ours and hidden % block_size \
             and getattr(loaded.model.config, "tie_word_embeddings", False):
         raise InvalidConfigError(f"--block-size {block_size} does not divide the hidden size {hidden}: the genai "
                                  "builder's shared int4 embedding then fails at run time; use a block that divides "
-                                 "it, or a dense export with --rounding awq (the table then stays fp32)")
+                                 "it, or --rounding awq (our quantiser keeps that table fp32)")
     started = time.perf_counter()
     with atomic_output_dir(Path(out_dir), overwrite) as staging:
         work = Path(tempfile.mkdtemp(prefix=".genai-work-", dir=staging.parent))
         try:
-            ours = storage in STORAGE_BITS and not latents and rounding != "rtn"  # our rounding of every weight
             options = {"int4_block_size": str(block_size)} if storage == "int4" and not ours else {}
             build = run_builder(dense_hf_dir(loaded, work / "hf"), work / "build", "fp32" if ours else storage,
                                 extra_options=options)
             report = {"format": "onnxruntime-genai", "storage": storage, "compressed": bool(latents)}
-            if ours:
-                from .onnx_input.quantize import quantize_onnx
-
-                config = QuantizeConfig(bits=STORAGE_BITS[storage], block_size=block_size, rounding=rounding)
-                report["quantization"] = quantize_onnx(build, work / "quantized", config, validate=False,
-                                                       progress=progress)
-                build = work / "quantized"
             model = onnx.load(str(build / MODEL_FILE))
             if latents:
                 _, sites = locate_by_name(model, quantised_ok=True, spec=spec_for(loaded.model.config))
                 dense_bytes = _node_weight_bytes(model, {n for s in sites for n in (*s.qkv_nodes, s.o_node)})
                 before = sum(initializer_sizes(model).values())
                 graft_attention(model, sites, latents)
-                if storage in STORAGE_BITS:  # the grafted MatMuls (the builder quantised the rest), to nearest
-                    quantize_graph(model, QuantizeConfig(bits=STORAGE_BITS[storage], block_size=block_size,
-                                                         rounding="rtn"), progress=False)
-                after = sum(initializer_sizes(model).values())
-                stored = dense_bytes + after - before  # a projection left dense keeps its bytes
-                report["attention_bytes"] = {"dense": dense_bytes, "compressed": stored,
+                stored = dense_bytes + sum(initializer_sizes(model).values()) - before  # a dense projection: kept
+                report["attention_bytes"] = {"dense": dense_bytes, "compressed": stored,  # fp32 bytes
                                              "fraction": stored / dense_bytes}
                 report["grafted_layers"] = len(sites)
-            onnx.save(model, str(staging / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=MODEL_FILE + ".data", size_threshold=1024)
+            if ours:
+                if validate:  # the fp32 graph first: a broken graft never reaches the quantiser
+                    _save(model, build)
+                    report["parity_fp32"] = check_genai_parity(loaded.model, build, "fp32", tolerance)
+                config = QuantizeConfig(bits=STORAGE_BITS[storage], block_size=block_size, rounding=rounding)
+                before = sum(initializer_sizes(model).values())
+                report["quantization"] = quantize_export(model, build, loaded, config, calibration,
+                                                         calibration_tokens, validate=validate, progress=progress)
+                report["quantization"]["bytes"] = {"fp32": before, "stored": sum(initializer_sizes(model).values())}
+            _save(model, staging)
             for item in build.iterdir():
-                if item.name not in (MODEL_FILE, MODEL_FILE + ".data", QUANTIZE_REPORT):
+                if not item.name.startswith(MODEL_FILE):
                     shutil.copy2(item, staging / item.name)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -182,18 +200,35 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
     return report
 
 
-def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str, opset: int, overwrite: bool = False,
-                             validate: bool = True, block_size: int = 32) -> dict:
-    """Optimum layout at ``storage`` (int8/int4): the dense export, the graft, MatMulNBits on every weight MatMul.
+def _save(model, directory: Path) -> None:
+    """``directory/model.onnx`` with its weights in ``model.onnx.data`` (replacing what was there); ``model`` keeps
+    its weights in memory (saving moves them out of the proto; they are read back)."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
-    Returns the export report; ``parity`` against PyTorch fp32 is reported (quantisation moves the logits).
+    for stale in (directory / MODEL_FILE, directory / (MODEL_FILE + ".data")):
+        stale.unlink(missing_ok=True)
+    onnx.save(model, str(directory / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=MODEL_FILE + ".data", size_threshold=1024)
+    load_external_data_for_model(model, str(directory))
+
+
+def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str, opset: int, overwrite: bool = False,
+                             validate: bool = True, block_size: int = 32, rounding: str = "awq",
+                             calibration: str = "default", calibration_tokens: int = 4096,
+                             progress: bool = True) -> dict:
+    """Optimum layout at ``storage`` (int8/int4): the dense export, the graft, every weight quantised by
+    :func:`quantize_export` (the token table stored once, a tied head included).
+
+    Returns the export report; with ``validate`` the file must compute with the values it stores, and its
+    ``parity`` against PyTorch fp32 is reported (quantisation moves the logits).
     """
     import onnx
 
     from .export import describe_export, export_model
     from .graft import graft_attention
     from .onnx_sites import locate_by_name
-    from .quantize_graph import QuantizeConfig, quantize_graph
+    from .quantize_graph import QuantizeConfig
     from .registry import spec_for
 
     if storage not in STORAGE_BITS:
@@ -209,12 +244,10 @@ def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str
             if latents:
                 _, sites = locate_by_name(model, spec=spec_for(loaded.model.config))
                 graft_attention(model, sites, latents)
-            # every weight MatMul (the grafted factors and a tied FusedMatMul head included) and the token
-            # table, stored once: round to nearest, as ONNX Runtime's quantiser (the refit was fitted to that grid)
-            quantization = quantize_graph(model, QuantizeConfig(bits=STORAGE_BITS[storage], block_size=block_size,
-                                                                rounding="rtn"), progress=False)
-            onnx.save(model, str(staging / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=MODEL_FILE + ".data", size_threshold=1024)
+            config = QuantizeConfig(bits=STORAGE_BITS[storage], block_size=block_size, rounding=rounding)
+            quantization = quantize_export(model, work / "dense", loaded, config, calibration, calibration_tokens,
+                                           validate=validate, progress=progress)
+            _save(model, staging)
             for item in (work / "dense").iterdir():
                 if not item.name.startswith(MODEL_FILE) and item.name != REPORT_FILE:
                     shutil.copy2(item, staging / item.name)

@@ -332,3 +332,69 @@ def _quantized_table(node, transpose, name: str, initializers: dict, matmuls: li
     if output != node.output[0]:
         nodes.append(helper.make_node("Mul", [output, inverse], [node.output[0]], name=f"{node.name}/Unscale"))
     return nodes, storage, extra
+
+
+def stored_value_twin(model):
+    """A copy of a quantised graph computing in float with exactly the values it stores: each ``MatMulNBits`` a
+    ``MatMul`` of its dequantised weight, each ``GatherBlockQuantized`` a ``Gather`` from its dequantised table.
+    The reference of the stored-value check: a file equals it up to its int8-activation arithmetic."""
+    import copy
+
+    from onnx import helper, numpy_helper
+
+    from .numerics.quantize import unpack_matmulnbits
+
+    twin = copy.deepcopy(model)
+    graph = twin.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    dequantized: dict[tuple, str] = {}
+
+    def values(data: str, scales: str, k: int, bits: int, block: int) -> str:  # the [K, N] fp32 initializer
+        key = (data, scales)
+        if key not in dequantized:
+            matrix = unpack_matmulnbits(numpy_helper.to_array(initializers[data]),
+                                        numpy_helper.to_array(initializers[scales]), k, bits, block)
+            dequantized[key] = f"{data}/dequantized"
+            graph.initializer.append(numpy_helper.from_array(matrix.astype(np.float32), dequantized[key]))
+        return dequantized[key]
+
+    replaced = {}
+    for node in graph.node:
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "MatMulNBits":
+            if len([name for name in node.input[3:] if name]):
+                raise InvalidConfigError(f"{node.name} has zero points or a bias: not a file this quantiser wrote")
+            weight = values(node.input[1], node.input[2], attributes["K"], attributes["bits"],
+                            attributes["block_size"])
+            replaced[node.name] = [helper.make_node("MatMul", [node.input[0], weight], list(node.output),
+                                                    name=node.name)]
+        elif node.op_type == "GatherBlockQuantized":
+            reshape = producer.get(node.input[0])
+            data = reshape.input[0] if reshape is not None and reshape.op_type == "Reshape" else node.input[0]
+            width = int(initializers[node.input[2]].dims[1]) * attributes["block_size"]
+            table = values(data, node.input[2], width, attributes["bits"], attributes["block_size"])  # [d, vocab]
+            transposed = f"{node.name}/table"
+            replaced[node.name] = [
+                helper.make_node("Transpose", [table], [transposed], name=f"{node.name}/Transpose", perm=[1, 0]),
+                helper.make_node("Gather", [transposed, node.input[1]], list(node.output), name=node.name)]
+    replace_nodes(graph, replaced)
+    used = {name for node in graph.node for name in node.input}
+    dead = [node.name for node in graph.node if node.op_type == "Reshape" and node.output[0] not in used]
+    replace_nodes(graph, dict.fromkeys(dead, []))
+    return twin
+
+
+def with_accuracy_level(model, level: int):
+    """A copy of ``model`` whose ``MatMulNBits`` compute at ``accuracy_level`` ``level`` (0: fp32 activations)."""
+    import copy
+
+    from onnx import helper
+
+    copied = copy.deepcopy(model)
+    for node in copied.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(kept + [helper.make_attribute("accuracy_level", level)])
+    return copied

@@ -71,6 +71,26 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
 QUANTIZE = {"none": "fp32", "int8": "int8", "int4": "int4"}  # --quantize -> CompressionConfig.storage
 
 
+def add_rounding_flags(parser: argparse.ArgumentParser) -> None:
+    """How a quantised file rounds its weights (``--rounding``, ``--block-size``): every verb that writes one."""
+    from ..quantize_graph import BLOCK_SIZES, ROUNDINGS
+
+    group = parser.add_argument_group("quantisation")
+    group.add_argument("--rounding", default="awq", choices=ROUNDINGS,
+                       help="awq (default): activation-aware scaling and block scales from calibration (the "
+                            "--calibration text); gptq: error compensation on that grid; rtn: ONNX Runtime's and "
+                            "the genai builder's round-to-nearest")
+    group.add_argument("--block-size", type=int, default=32, choices=BLOCK_SIZES,
+                       help="weights per scale along the reduction axis (default 32, the genai builder's)")
+
+
+def quantize_config(args: argparse.Namespace, bits: int):
+    """The :class:`~lestd_export.quantize_graph.QuantizeConfig` of the rounding flags at ``bits``."""
+    from ..quantize_graph import QuantizeConfig
+
+    return QuantizeConfig(bits=bits, block_size=args.block_size, rounding=args.rounding)
+
+
 def default_calibration(method: str) -> str:
     """The CLI's calibration source when none is given: calibrated LeSTD and SVD (SVD-LLM; data-free truncated SVD
     of the default model's attention at 0.5 is perplexity 24,671 against 23.5 calibrated, a model nobody should be

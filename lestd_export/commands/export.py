@@ -6,12 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import MODEL_HELP, QUANTIZE, add_compression_flags, compression_flags_given, config_from_args
+from .common import (MODEL_HELP, QUANTIZE, add_compression_flags, add_rounding_flags, compression_flags_given,
+                     config_from_args)
 
 
 def register(subparsers) -> None:
-    from ..quantize_graph import BLOCK_SIZES, ROUNDINGS
-
     parser = subparsers.add_parser(
         "export", help="export to ONNX (compressing first unless given a checkpoint or --dense)",
         description="Export to DIR/model.onnx in Optimum's text-generation-with-past format (input_ids, "
@@ -24,11 +23,6 @@ def register(subparsers) -> None:
                         help="optimum (default): Optimum's layout, for ORTModelForCausalLM and the package's runtime; "
                              "genai: an onnxruntime-genai model directory (the genai builder's graph with the "
                              "compressed attention grafted in; needs onnxruntime-genai)")
-    parser.add_argument("--rounding", default="awq", choices=ROUNDINGS,
-                        help="genai --dense --quantize: awq (default: activation-aware, calibrated on the default "
-                             "text), gptq, or rtn (the builder's round-to-nearest); see `lestd-export quantize`")
-    parser.add_argument("--block-size", type=int, default=32, choices=BLOCK_SIZES,
-                        help="--quantize: weights per scale along the reduction axis (default 32, the builder's)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (16..20, default 18)")
     parser.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     parser.add_argument("--optimize", action="store_true",
@@ -40,6 +34,7 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print the export report (also written to DIR/export_report.json) instead of a summary")
     add_compression_flags(parser)
+    add_rounding_flags(parser)
     parser.set_defaults(run=run)
 
 
@@ -52,18 +47,18 @@ def run(args: argparse.Namespace) -> int:
     default = config_from_args(args)  # planned for the format's layout and the --quantize precision
     config = default if compression_flags_given(args) else None
     loaded, _ = load_for_export(args.model, config, args.dense, default=default)
+    rounding = dict(block_size=args.block_size, rounding=args.rounding, calibration=args.calibration or "default",
+                    calibration_tokens=args.calibration_tokens)  # a quantised file's rounding and its calibration
     if args.format == "genai":
         from ..export_genai import export_genai
 
         report = export_genai(loaded, args.output, storage=QUANTIZE[args.quantize], overwrite=args.overwrite,
-                              validate=not args.no_validate, tolerance=args.tolerance, block_size=args.block_size,
-                              rounding=args.rounding)
+                              validate=not args.no_validate, tolerance=args.tolerance, **rounding)
     elif args.quantize != "none":
         from ..export_genai import export_optimum_quantized
 
         report = export_optimum_quantized(loaded, args.output, storage=QUANTIZE[args.quantize], opset=args.opset,
-                                          overwrite=args.overwrite, validate=not args.no_validate,
-                                          block_size=args.block_size)
+                                          overwrite=args.overwrite, validate=not args.no_validate, **rounding)
     else:
         report = export_model(loaded, args.output, opset=args.opset, validate=not args.no_validate,
                               optimize=args.optimize, overwrite=args.overwrite, tolerance=args.tolerance)
@@ -88,6 +83,10 @@ def summary(report: dict, out: Path) -> str:
         a = report["attention_bytes"]
         lines.append(f"  attention weights: {a['compressed'] / 2**20:.1f} MB ({a['fraction']:.3f} of the builder's "
                      f"{a['dense'] / 2**20:.1f} MB)")
+    stored = (report.get("quantization") or {}).get("stored_values")
+    if stored:
+        lines.append(f"  computes with the values it stores: relative logit error "
+                     f"{stored['max_relative_logit_difference']:.1e} (tolerance {stored['tolerance']:.0e})")
     parity = report.get("parity")
     if parity is None:
         lines.append("  parity with PyTorch: not checked (--no-validate)")

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import add_compression_flags, config_from_args
+from .common import QUANTIZE, add_compression_flags, add_rounding_flags, config_from_args, quantize_config
 
 VERB = "compress-onnx"
 INPUT_HELP = ("decoder .onnx file, or a directory holding one (the file genai_config.json names, else model.onnx): "
@@ -32,15 +32,29 @@ def register(subparsers) -> None:
     parser.add_argument("--no-validate", action="store_true",
                         help="skip loading the result in ONNX Runtime and comparing its logits with the input's")
     add_compression_flags(parser)  # --quantize int4|int8 among them: every weight MatMul of the result
+    add_rounding_flags(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import InvalidConfigError
     from ..onnx_input import compress_onnx
 
     config = config_from_args(args)
-    report = compress_onnx(args.model, args.output, config, overwrite=args.overwrite,
-                           progress=not args.quiet, validate=not args.no_validate)
+    if args.size_fraction == 1.0 and args.ranks is None and args.core_density is None:  # no compression
+        from ..onnx_input.quantize import quantize_onnx
+        from .quantize import summary as quantize_summary
+
+        if args.quantize == "none":
+            raise InvalidConfigError("--size-fraction 1.0 without --quantize leaves the model as it is: give "
+                                     "--quantize int4|int8 (or a smaller --size-fraction)")
+        report = quantize_onnx(args.model, args.output, quantize_config(args, int(QUANTIZE[args.quantize][3:])),
+                               calibration=config.calibration, calibration_tokens=config.calibration_tokens,
+                               overwrite=args.overwrite, progress=not args.quiet, validate=not args.no_validate)
+        print(json.dumps(report, indent=2) if args.json else quantize_summary(report, args.output))
+        return 0
+    report = compress_onnx(args.model, args.output, config, rounding=args.rounding, block_size=args.block_size,
+                           overwrite=args.overwrite, progress=not args.quiet, validate=not args.no_validate)
     print(json.dumps(report, indent=2) if args.json else summary(report, args.output))
     return 0
 

@@ -6,12 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
+from .common import add_rounding_flags, quantize_config
 from .onnx_input import INPUT_HELP
 
 
 def register(subparsers) -> None:
-    from ..quantize_graph import BLOCK_SIZES, ROUNDINGS
-
     parser = subparsers.add_parser(
         "quantize", help="quantise every weight of an fp32 decoder ONNX (no compression) with calibrated rounding",
         description="Quantise every weight MatMul of an fp32 decoder ONNX (an onnxruntime-genai -p fp32 build or "
@@ -23,9 +22,6 @@ def register(subparsers) -> None:
     parser.add_argument("model", help=INPUT_HELP)
     parser.add_argument("-o", "--output", required=True, type=Path, help="output directory (must not exist)")
     parser.add_argument("--bits", type=int, default=4, choices=(4, 8), help="bits per weight (default 4)")
-    parser.add_argument("--block-size", type=int, default=32, choices=BLOCK_SIZES,
-                        help="weights per scale along the reduction axis (default 32, the builder's)")
-    parser.add_argument("--rounding", default="awq", choices=ROUNDINGS, help="rounding (default awq)")
     parser.add_argument("--calibration", default="default",
                         help="calibration text for awq/gptq: default (Python docstrings), a text file, or none")
     parser.add_argument("--calibration-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
@@ -34,25 +30,33 @@ def register(subparsers) -> None:
     parser.add_argument("--no-validate", action="store_true",
                         help="skip comparing the result's logits with the input's")
     parser.add_argument("--json", action="store_true", help="print the report instead of a summary")
+    add_rounding_flags(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..onnx_input.quantize import quantize_onnx
-    from ..quantize_graph import QuantizeConfig
 
-    config = QuantizeConfig(bits=args.bits, block_size=args.block_size, rounding=args.rounding)
+    config = quantize_config(args, args.bits)
     report = quantize_onnx(args.model, args.output, config, calibration=args.calibration,
                            calibration_tokens=args.calibration_tokens, overwrite=args.overwrite,
                            progress=not args.quiet, validate=not args.no_validate)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    output = report["output"]
-    print(f"{args.output}: {report['weight_matmuls']} weight MatMuls in int{report['bits']} (block "
-          f"{report['block_size']}, {report['rounding']}{', calibrated' if report['calibrated'] else ''}), token "
-          f"table {', '.join(report['token_table']) or 'none'}; {output['model_bytes'] / 1e6:.1f} MB "
-          f"({output['bytes_fraction']:.2f} of the input)")
-    if "vs_input" in report:
-        print(f"  top-1 agreement with the fp32 input: {report['vs_input']['top1_agreement']:.0%}")
+    print(json.dumps(report, indent=2) if args.json else summary(report, args.output))
     return 0
+
+
+def summary(report: dict, out: Path) -> str:
+    """What was quantised, how large it is, and the checks."""
+    output = report["output"]
+    lines = [f"{out}: {report['weight_matmuls']} weight MatMuls in int{report['bits']} (block "
+             f"{report['block_size']}, {report['rounding']}{', calibrated' if report['calibrated'] else ''}), token "
+             f"table {', '.join(report['token_table']) or 'none'}; {output['model_bytes'] / 1e6:.1f} MB "
+             f"({output['bytes_fraction']:.2f} of the input)"]
+    if "stored_values" in report:
+        lines.append(f"  computes with the values it stores: relative logit error "
+                     f"{report['stored_values']['max_relative_logit_difference']:.1e}")
+    else:
+        lines.append("  stored values: not checked (--no-validate)")
+    if "vs_input" in report:
+        lines.append(f"  top-1 agreement with the fp32 input: {report['vs_input']['top1_agreement']:.0%}")
+    return "\n".join(lines)

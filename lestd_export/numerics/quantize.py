@@ -65,6 +65,19 @@ def pack_matmulnbits(q: np.ndarray, scales: np.ndarray, bits: int, block_size: i
     return np.ascontiguousarray(per_column), np.ascontiguousarray(scales.T.astype(np.float32))
 
 
+def unpack_matmulnbits(data: np.ndarray, scales: np.ndarray, k: int, bits: int, block_size: int = 32
+                       ) -> np.ndarray:
+    """The values ``[K, N]`` that symmetric ``MatMulNBits`` inputs (``data`` ``[N, blocks, block_size * bits / 8]``,
+    ``scales`` ``[N, blocks]``; or a ``GatherBlockQuantized`` table's same two) multiply by: the inverse of
+    :func:`pack_matmulnbits`."""
+    per_column = np.asarray(data, dtype=np.uint8).reshape(data.shape[0], -1, block_size * bits // 8)
+    if bits == 4:  # low bits first
+        per_column = np.stack([per_column & 0x0F, per_column >> 4], axis=-1).reshape(*per_column.shape[:2], -1)
+    q = per_column.astype(np.float64) - 2 ** (bits - 1)  # [N, blocks, block_size]
+    values = q * np.asarray(scales, dtype=np.float64).reshape(q.shape[0], -1)[:, :, None]
+    return values.reshape(values.shape[0], -1)[:, :k].T
+
+
 def blockwise_round(matrix: np.ndarray, bits: int, block_size: int = 32) -> np.ndarray:
     """What ``MatMulNBits`` computes with for ``x @ matrix`` (``matrix [K, N]``) after ONNX Runtime's symmetric
     round-to-nearest quantiser, as the genai builder writes it (equal to it to float rounding, tested)."""

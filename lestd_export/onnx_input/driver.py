@@ -15,7 +15,7 @@ import numpy as np
 from ..config import CompressionConfig
 from ..errors import InvalidConfigError
 from ..onnx_sites import GraphMappingError
-from ..quantize_graph import QuantizeConfig, quantize_graph
+from ..quantize_graph import QuantizeConfig
 from .plan import check_config, plan_cores, plan_low_rank
 from .sessions import decoder_feed
 from .source import OnnxInput, open_onnx_input
@@ -128,7 +128,8 @@ def input_record(source: OnnxInput, path: str | Path) -> dict:
 
 
 def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConfig, *, quantize: str | None = None,
-                  overwrite: bool = False, progress: bool = True, validate: bool = True) -> dict:
+                  rounding: str = "awq", block_size: int = 32, overwrite: bool = False, progress: bool = True,
+                  validate: bool = True) -> dict:
     """Compress the attention of the decoder ONNX at ``path`` into ``out_dir``; returns the report.
 
     ``out_dir`` receives the input directory's other files (genai_config.json, config.json, tokenizer
@@ -136,9 +137,11 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
     used external data or is large) and ``compression_report.json``; it is written into a staging
     directory renamed into place when complete. ``quantize`` (``int4``/``int8``) turns every weight
     MatMul of the result (compressed attention, MLP, lm_head) into MatMulNBits, as the genai builder
-    does (None: as ``config.storage`` says). With ``validate`` the
+    does (None: as ``config.storage`` says), with ``rounding`` (calibrated on ``config.calibration`` through ONNX
+    Runtime, the compressed factors included) at ``block_size``. With ``validate`` the
     written model is loaded by ONNX Runtime and its logits compared with the input's (recorded; a
-    model that does not load is an error and nothing is written).
+    model that does not load, or a quantised one that does not compute with the values it stores, is an error
+    and nothing is written).
     """
     from ..compress import build_report, core_entry
     from ..io import atomic_output_dir, write_json
@@ -160,16 +163,21 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
         model = source.model
         grafted = graft_attention(model, source.sites, layers)
         quantised = None
-        if QUANTIZE_BITS[quantize] is not None:  # every weight and the token table, round to nearest (the refit's grid)
-            quantised = quantize_graph(model, QuantizeConfig(bits=QUANTIZE_BITS[quantize], rounding="rtn"),
-                                       progress=False)
+        sample = None if data is None else data.sequences[:2, :64]  # real text where there is some
+        if QUANTIZE_BITS[quantize] is not None:  # every weight and the token table, the grafted factors' inputs too
+            from .quantize import check_stored_values, quantize_calibrated
+
+            quantised = quantize_calibrated(source, QuantizeConfig(bits=QUANTIZE_BITS[quantize],
+                                                                   block_size=block_size, rounding=rounding),
+                                            None if data is None else data.sequences, progress=progress)
             quantised.update(nodes=quantised["weight_matmuls"], attention_nodes=len(grafted))
+            if validate:
+                quantised["stored_values"] = check_stored_values(source, sample)
         copied = copy_directory_files(source, staging)
         written = write_model(model, source, staging)
         del model, source.model
         target = staging / source.model_file.name
         output_bytes = sum((staging / name).stat().st_size for name in written)
-        sample = None if data is None else data.sequences[:2, :64]  # real text where there is some
         vs_input = compare_logits(source.model_file, target, source, ids=sample) if validate else None
         report = build_report(config, entries, source.model_type or "unknown", str(path),
                               time.perf_counter() - started, data, errors)

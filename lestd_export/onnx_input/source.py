@@ -151,6 +151,18 @@ def open_onnx_input(path: str | Path) -> OnnxInput:
     return OnnxInput(directory, model_file, config, config_file, genai, model, io, shape, producer, sites, external)
 
 
+def graph_input(model, directory: Path, model_file: str = "model.onnx") -> OnnxInput:
+    """An in-memory decoder graph (compressed or not) with the config in ``directory``, to run through ONNX
+    Runtime (calibration capture, checks); it has no attention sites."""
+    from ..onnx_sites import decoder_io, head_counts
+
+    config, config_file, genai = read_config(directory)
+    io = decoder_io(model, config["model"]["decoder"] if genai else None)
+    shape = head_counts(config, genai, model, io, str(config_file))
+    return OnnxInput(directory, directory / model_file, config, config_file, genai, model, io, shape, "in memory",
+                     [], set())
+
+
 def _refuse_compressed(model, config: dict, model_file: Path) -> None:
     """A model that lestd-export already compressed (its export or its graft) is not compressed twice."""
     grafted = any("/lestd/" in node.name for node in model.graph.node)
