@@ -142,9 +142,11 @@ def _token_tables(model) -> list[tuple]:
 
 
 def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] | None = None, *,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, stored: dict | None = None) -> dict:
     """Quantise ``model`` (an ``onnx.ModelProto`` with its weights loaded) in place; ``grams`` maps a MatMul's
-    input tensor to its Gram ``[K, K]``. Returns a report: nodes quantised, the table's storage, bytes."""
+    input tensor to its Gram ``[K, K]``. Returns a report: nodes quantised, the table's storage, bytes.
+    ``stored`` (when given) receives, per replaced fp32 initializer, where its stored values are
+    (:func:`stored_value_simulation` reads it)."""
     from onnx import helper, numpy_helper
     from tqdm.auto import tqdm
 
@@ -172,6 +174,10 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
             new_initializers += [numpy_helper.from_array(data, f"{name}_Q{config.bits}"),
                                  numpy_helper.from_array(flat_scales, f"{name}_scales")]
             packed_of[name] = (f"{name}_Q{config.bits}", f"{name}_scales")
+            if stored is not None:  # the initializer holds W [K, N], or W^T for the transposed (tied) head
+                stored[name] = {"data": packed_of[name][0], "scales": packed_of[name][1], "k": k, "bits": config.bits,
+                                "block": config.block_size, "transposed": node.op_type == "FusedMatMul",
+                                "row_scale": row_scales.get(node.input[0])}
         replaced[node.name] = [helper.make_node(
             "MatMulNBits", [node.input[0], *packed_of[name]], list(node.output), name=f"{node.name}_Q{config.bits}",
             domain="com.microsoft", K=k, N=n, bits=config.bits, block_size=config.block_size,
@@ -179,7 +185,7 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
     table_storage = []
     for node, transpose, table in tables:
         replaced[node.name], storage, extra = _quantized_table(node, transpose, table, initializers, matmuls,
-                                                               packed_of, row_scales, config)
+                                                               packed_of, row_scales, config, stored)
         if transpose is not None and replaced[node.name] != [node]:
             replaced[transpose.name] = []  # the lookup reads the lm_head's codes, not a transposed copy
         new_initializers += extra
@@ -290,7 +296,7 @@ def _own_copy(model, node, name: str, initializer):
 
 
 def _quantized_table(node, transpose, name: str, initializers: dict, matmuls: list, packed_of: dict,
-                     row_scales: dict, config: QuantizeConfig):
+                     row_scales: dict, config: QuantizeConfig, stored: dict | None):
     """``(nodes, storage, new initializers)`` replacing a token-table ``Gather`` (reading initializer ``name``,
     through ``transpose`` when given): GatherBlockQuantized over the tied lm_head's codes (whose columns are
     scaled by ``s`` when the lm_head's input is, so the lookup is multiplied by ``1/s``), or over the table's own
@@ -307,6 +313,8 @@ def _quantized_table(node, transpose, name: str, initializers: dict, matmuls: li
     tied = [m for m in matmuls if m.input[1] == name or tuple(initializers[m.input[1]].dims) == (width, vocab)
             and np.array_equal(numpy_helper.to_array(initializers[m.input[1]]), table.T)]
     extra, output = [], node.output[0]
+    if tied and stored is not None and tied[0].input[1] != name:  # a separate copy of the lm_head's weight
+        stored[name] = {"same_as": tied[0].input[1], "transposed": transpose is None}
     if tied:
         data_name, scales_name = packed_of[tied[0].input[1]]
         storage = f"int{config.bits}, shared with the lm_head"
@@ -321,6 +329,9 @@ def _quantized_table(node, transpose, name: str, initializers: dict, matmuls: li
                                                    config.block_size), scales, config.bits, config.block_size)
         data_name, scales_name = f"{name}_Q{config.bits}", f"{name}_scales"
         extra = [numpy_helper.from_array(data, data_name), numpy_helper.from_array(flat_scales, scales_name)]
+        if stored is not None:  # codes of table^T [width, vocab]
+            stored[name] = {"data": data_name, "scales": scales_name, "k": width, "bits": config.bits,
+                            "block": config.block_size, "transposed": transpose is None, "row_scale": None}
         storage = f"int{config.bits}"
     shape_name = f"{node.name}/table_shape"
     extra.append(numpy_helper.from_array(np.array([vocab, width * config.bits // 8], dtype=np.int64), shape_name))
@@ -334,55 +345,35 @@ def _quantized_table(node, transpose, name: str, initializers: dict, matmuls: li
     return nodes, storage, extra
 
 
-def stored_value_twin(model):
-    """A copy of a quantised graph computing in float with exactly the values it stores: each ``MatMulNBits`` a
-    ``MatMul`` of its dequantised weight, each ``GatherBlockQuantized`` a ``Gather`` from its dequantised table.
-    The reference of the stored-value check: a file equals it up to its int8-activation arithmetic."""
-    import copy
-
-    from onnx import helper, numpy_helper
+def stored_value_simulation(fp32_model, quantized_model, stored: dict):
+    """``fp32_model`` (the graph before :func:`quantize_graph`, a copy; changed in place and returned) with every
+    quantised weight replaced by the values the quantised file multiplies by, ``Q / s`` where input scaling folded
+    ``s`` into a normalisation (which keeps its fp32 scale here), and every quantised table by its looked-up
+    values: the float simulation of the very values the file stores, against which the file is checked."""
+    from onnx import numpy_helper
 
     from .numerics.quantize import unpack_matmulnbits
 
-    twin = copy.deepcopy(model)
-    graph = twin.graph
-    initializers = {init.name: init for init in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    dequantized: dict[tuple, str] = {}
+    packed = {init.name: init for init in quantized_model.graph.initializer}
 
-    def values(data: str, scales: str, k: int, bits: int, block: int) -> str:  # the [K, N] fp32 initializer
-        key = (data, scales)
-        if key not in dequantized:
-            matrix = unpack_matmulnbits(numpy_helper.to_array(initializers[data]),
-                                        numpy_helper.to_array(initializers[scales]), k, bits, block)
-            dequantized[key] = f"{data}/dequantized"
-            graph.initializer.append(numpy_helper.from_array(matrix.astype(np.float32), dequantized[key]))
-        return dequantized[key]
+    def values(entry: dict) -> np.ndarray:  # [K, N]
+        matrix = unpack_matmulnbits(numpy_helper.to_array(packed[entry["data"]]),
+                                    numpy_helper.to_array(packed[entry["scales"]]), entry["k"], entry["bits"],
+                                    entry["block"])
+        return matrix if entry["row_scale"] is None else matrix / entry["row_scale"][:, None]
 
-    replaced = {}
-    for node in graph.node:
-        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "MatMulNBits":
-            if len([name for name in node.input[3:] if name]):
-                raise InvalidConfigError(f"{node.name} has zero points or a bias: not a file this quantiser wrote")
-            weight = values(node.input[1], node.input[2], attributes["K"], attributes["bits"],
-                            attributes["block_size"])
-            replaced[node.name] = [helper.make_node("MatMul", [node.input[0], weight], list(node.output),
-                                                    name=node.name)]
-        elif node.op_type == "GatherBlockQuantized":
-            reshape = producer.get(node.input[0])
-            data = reshape.input[0] if reshape is not None and reshape.op_type == "Reshape" else node.input[0]
-            width = int(initializers[node.input[2]].dims[1]) * attributes["block_size"]
-            table = values(data, node.input[2], width, attributes["bits"], attributes["block_size"])  # [d, vocab]
-            transposed = f"{node.name}/table"
-            replaced[node.name] = [
-                helper.make_node("Transpose", [table], [transposed], name=f"{node.name}/Transpose", perm=[1, 0]),
-                helper.make_node("Gather", [transposed, node.input[1]], list(node.output), name=node.name)]
-    replace_nodes(graph, replaced)
-    used = {name for node in graph.node for name in node.input}
-    dead = [node.name for node in graph.node if node.op_type == "Reshape" and node.output[0] not in used]
-    replace_nodes(graph, dict.fromkeys(dead, []))
-    return twin
+    for init in fp32_model.graph.initializer:
+        entry = stored.get(init.name)
+        if entry is None:
+            continue
+        source = stored[entry["same_as"]] if "same_as" in entry else entry
+        matrix = values(source)
+        if source["transposed"]:  # the source initializer holds W^T
+            matrix = matrix.T
+        if "same_as" in entry and entry["transposed"] != source["transposed"]:
+            matrix = matrix.T
+        init.CopyFrom(numpy_helper.from_array(matrix.astype(np.float32), init.name))
+    return fp32_model
 
 
 def with_accuracy_level(model, level: int):

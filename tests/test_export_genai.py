@@ -224,7 +224,7 @@ def test_our_codes_are_what_matmulnbits_computes_with(bits, block):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from lestd_export.numerics.quantize import codes, dequantize, pack_matmulnbits, search_scales
+    from lestd_export.numerics.quantize import codes, dequantize, pack_matmulnbits, search_scales, unpack_matmulnbits
 
     rng = np.random.default_rng(bits + block)
     k, n = 70, 6
@@ -243,3 +243,5 @@ def test_our_codes_are_what_matmulnbits_computes_with(bits, block):
     eye = np.eye(k, dtype=np.float32)
     stored = np.concatenate([session.run(None, {"x": eye[i:i + 1]})[0] for i in range(k)])
     np.testing.assert_allclose(stored, dequantize(q, scales, block), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(unpack_matmulnbits(packed, flat_scales, k, bits, block), dequantize(q, scales, block),
+                               rtol=1e-6)  # the stored-value check reads the file back exactly

@@ -252,3 +252,47 @@ def test_scaled_tied_table_still_looks_up_the_same_rows(tied_export, monkeypatch
     after = prefill_logits(source, source.model, ids)
     # this random model at 8 bits: 5% unscaled, 6.6% scaled; a lookup left at E diag(s) (no 1/s): 85%
     assert np.abs(after - before).max() < 0.15 * np.abs(before).max()
+
+
+@pytest.mark.parametrize("break_it", [None, "fold", "table"])
+def test_a_file_must_compute_with_the_values_it_stores(tied_export, monkeypatch, break_it):
+    """The stored-value gate: the quantised graph (fp32 arithmetic) equals the fp32 graph holding the values it
+    stores, to fp32 rounding, with input scaling folded and the tied table shared; a graph fault (the norm's fold
+    dropped, the table's 1/s dropped) is a typed error."""
+    import lestd_export.quantize_graph as quantize_graph
+    from lestd_export.errors import ExportValidationError
+    from lestd_export.onnx_input import open_onnx_input
+    from lestd_export.onnx_input.quantize import quantize_calibrated
+
+    monkeypatch.setattr(quantize_graph, "SCALE_POWERS", (1.0,))  # force input scaling (tied head included)
+    if break_it == "fold":  # the normalisation keeps its scale: the file computes with x, not x / s
+        import copy
+
+        scale_inputs = quantize_graph.scale_inputs
+
+        def unfolded(model, matmuls, grams, config, initializers):
+            return scale_inputs(copy.deepcopy(model), matmuls, grams, config, copy.deepcopy(initializers))
+
+        monkeypatch.setattr(quantize_graph, "scale_inputs", unfolded)
+    root, _ = tied_export
+    source = open_onnx_input(root / "fp32")
+    if break_it == "table":  # the lookup forgets the 1/s of the scaled tied head
+        original = quantize_graph._quantized_table
+
+        def no_unscale(*args):
+            nodes, storage, extra = original(*args)
+            if nodes[-1].op_type == "Mul":
+                nodes[-2].output[0] = nodes[-1].output[0]
+                nodes = nodes[:-1]
+            return nodes, storage, extra
+
+        monkeypatch.setattr(quantize_graph, "_quantized_table", no_unscale)
+    ids = np.random.default_rng(5).integers(3, 120, size=(4, 32))
+    config = QuantizeConfig(bits=8)
+    if break_it is None:
+        report = quantize_calibrated(source, config, ids, progress=False)
+        assert report["scaled_inputs"] > 0 and report["token_table"] == ["int8, shared with the lm_head (input-scaled)"]
+        assert report["stored_values"]["max_relative_logit_difference"] < 1e-5
+    else:
+        with pytest.raises(ExportValidationError, match="does not compute with the values it stores"):
+            quantize_calibrated(source, config, ids, progress=False)

@@ -165,14 +165,13 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
         quantised = None
         sample = None if data is None else data.sequences[:2, :64]  # real text where there is some
         if QUANTIZE_BITS[quantize] is not None:  # every weight and the token table, the grafted factors' inputs too
-            from .quantize import check_stored_values, quantize_calibrated
+            from .quantize import quantize_calibrated
 
             quantised = quantize_calibrated(source, QuantizeConfig(bits=QUANTIZE_BITS[quantize],
                                                                    block_size=block_size, rounding=rounding),
-                                            None if data is None else data.sequences, progress=progress)
+                                            None if data is None else data.sequences, validate=validate,
+                                            progress=progress)
             quantised.update(nodes=quantised["weight_matmuls"], attention_nodes=len(grafted))
-            if validate:
-                quantised["stored_values"] = check_stored_values(source, sample)
         copied = copy_directory_files(source, staging)
         written = write_model(model, source, staging)
         del model, source.model
