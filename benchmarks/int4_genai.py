@@ -1,12 +1,16 @@
-"""Our int4 against the onnxruntime-genai builder's, in the real file and runtime (issue 18).
+"""The int4 frontier in the real file and runtime (issue 18): our quantiser against the onnxruntime-genai builder's
+and ONNX Runtime's own quantisers, file bytes against perplexity on three held-out texts.
 
-Builds the default model with the builder (fp32 and int4, block 32), quantises the fp32 build with
-`lestd-export quantize` (rtn and awq, and whatever --variants adds), and measures for every file: the weight
-bytes on disk, perplexity through ONNX Runtime on three held-out texts (technical: Python's language
-reference; legal: GPL-3; narrative: Debian's project history; calibration: the default Python docstrings), and
-decode speed in onnxruntime-genai's own loop (bench: interleaved, --repeats runs, paired ratios).
+Builds the default model with the builder (fp32; int4 at blocks 32 and 64; int8), quantises the fp32 build with
+ONNX Runtime's MatMulNBitsQuantizer (--ort: RTN symmetric, HQQ with its fp32 zero points; the token table, which
+that quantiser leaves fp32, stored in int4 by our round-to-nearest so that sizes compare) and with
+`lestd-export quantize` (--ours: rounding:block), and measures for every file: the bytes on disk, perplexity
+through ONNX Runtime on three held-out texts (technical: Python's language reference; legal: GPL-3; narrative:
+Debian's project history; calibration: the default Python docstrings, none of them), and, for --timed files,
+decode speed in onnxruntime-genai's own loop against the builder's int4 (interleaved, --repeats runs, paired
+ratios). Writes the JSON and a plot of MB against perplexity per text.
 
-    python benchmarks/int4_genai.py --out benchmarks/results/int4_genai.json
+    python benchmarks/int4_genai.py --out benchmarks/results/int4_frontier.json
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -29,14 +34,72 @@ from lestd_export.quantize_graph import QuantizeConfig
 from int4_rounding import TEXTS  # the three held-out texts (benchmarks/int4_rounding.py)
 
 
+def ort_quantized(fp32: Path, out: Path, algorithm: str, block: int) -> None:
+    """ONNX Runtime's MatMulNBitsQuantizer (``rtn``: symmetric round-to-nearest; ``hqq``: HQQ, fp32 zero points) of
+    every MatMul of the fp32 build, then the token table it leaves fp32 stored in int4 by our round-to-nearest."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
+
+    from lestd_export.quantize_graph import quantize_graph
+
+    model = onnx.load(str(fp32 / "model.onnx"))
+    config = (HQQWeightOnlyQuantConfig(block_size=block, bits=4) if algorithm == "hqq"
+              else DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4))
+    quantizer = MatMulNBitsQuantizer(model, block_size=block, is_symmetric=algorithm != "hqq", accuracy_level=4,
+                                     algo_config=config)
+    quantizer.process()
+    model = quantizer.model.model
+    quantize_graph(model, QuantizeConfig(rounding="rtn", block_size=block), progress=False)  # the table only
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(fp32, staging, ignore=shutil.ignore_patterns("model.onnx*"))
+    onnx.save(model, str(staging / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=1024)
+    staging.rename(out)
+
+
+def plot(results: dict, path: Path) -> None:
+    """File MB against perplexity (x dense), one panel per text, one marker per family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    texts = list(TEXTS)
+    fig, axes = plt.subplots(1, len(texts), figsize=(5 * len(texts), 4.2), sharey=False)
+    families = {"builder": ("s", "tab:gray"), "ort-rtn": ("v", "tab:orange"), "ort-hqq": ("^", "tab:red"),
+                "ours": ("o", "tab:blue")}
+    for axis, text in zip(axes, texts):
+        for family, (marker, color) in families.items():
+            rows = sorted((r["bytes"] / 1e6, r["x_dense"][text], name) for name, r in results["runs"].items()
+                          if name.startswith(family) and "fp32" not in name and r["x_dense"][text] < 2.5)
+            if rows:
+                axis.plot([r[0] for r in rows], [r[1] for r in rows], marker=marker, color=color, label=family,
+                          linestyle="-" if family == "ours" else ":")
+                for mb, x, name in rows:
+                    axis.annotate(name.split("-")[-1], (mb, x), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axis.set_title(f"{text} (dense ppl {results['runs']['builder-fp32']['perplexity'][text]:.1f})")
+        axis.set_xlabel("file MB")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("perplexity / dense")
+    axes[0].legend()
+    fig.suptitle(f"SmolLM2-135M int4 frontier, onnxruntime-genai layout ({results['machine']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("artifacts/int4-genai"))
-    parser.add_argument("--variants", default="rtn:32,awq:32,awq:64,awq:16", help="rounding:block,... of ours")
+    parser.add_argument("--ours", default="awq:16,awq:32,awq:64,awq:128", help="rounding:block,... of ours")
+    parser.add_argument("--ort", default="rtn:16,rtn:32,rtn:64,rtn:128,hqq:16,hqq:32,hqq:64,hqq:128",
+                        help="algorithm:block,... of ONNX Runtime's quantiser")
+    parser.add_argument("--timed", default="ours-awq-32,ours-awq-64",
+                        help="files whose decode speed is measured against the builder's int4 ('' for none)")
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/int4_genai.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/int4_frontier.json"))
     args = parser.parse_args()
 
     root = args.root
@@ -47,25 +110,30 @@ def main() -> None:
         loaded.model.save_pretrained(hf)
         loaded.tokenizer.save_pretrained(hf)
     builds = {"builder-fp32": ("fp32", {}), "builder-int4": ("int4", {}),
-              "builder-int4-block64": ("int4", {"int4_block_size": "64"})}
+              "builder-int4-block64": ("int4", {"int4_block_size": "64"}), "builder-int8": ("int8", {})}
     for name, (precision, options) in builds.items():
         if not (root / name).exists():
             run_builder(hf, root / name, precision, extra_options=options)
-    variants = ["builder-int4", "builder-int4-block64"]
-    for item in args.variants.split(","):
+    names = list(builds)
+    for item in filter(None, args.ort.split(",")):
+        algorithm, block = item.split(":")
+        name = f"ort-{algorithm}-{block}"
+        if not (root / name).exists():
+            ort_quantized(root / "builder-fp32", root / name, algorithm, int(block))
+        names.append(name)
+    for item in filter(None, args.ours.split(",")):
         rounding, block = item.split(":")
         name = f"ours-{rounding}-{block}"
         if not (root / name).exists():
-            quantize_onnx(root / "builder-fp32", root / name, QuantizeConfig(block_size=int(block), rounding=rounding),
-                          validate=False)
-        variants.append(name)
+            quantize_onnx(root / "builder-fp32", root / name, QuantizeConfig(block_size=int(block), rounding=rounding))
+        names.append(name)
     results = {"machine": platform.processor() or platform.machine(), "eval_tokens": args.eval_tokens, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         texts = {}
-        for name, read in TEXTS.items():
-            texts[name] = Path(tmp) / f"{name}.txt"
-            texts[name].write_text(read())
-        for name in ["builder-fp32", *variants]:
+        for text, read in TEXTS.items():
+            texts[text] = Path(tmp) / f"{text}.txt"
+            texts[text].write_text(read())
+        for name in names:
             directory = root / name
             row = {"bytes": model_files_bytes(resolve_input(directory)[1]), "perplexity": {}}
             for text, path in texts.items():
@@ -76,12 +144,14 @@ def main() -> None:
     dense = results["runs"]["builder-fp32"]["perplexity"]
     for row in results["runs"].values():
         row["x_dense"] = {t: round(p / dense[t], 4) for t, p in row["perplexity"].items()}
-    timed = [v for v in variants if v != "builder-int4" and "-rtn-" not in v]  # rtn: the builder's graph and speed
-    speed = run_benchmark([root / v for v in timed], baseline=root / "builder-int4", repeats=args.repeats,
-                          quality_tokens=0, progress=False)
-    results["speed"] = speed.get("ratios", speed)
+    timed = [name for name in args.timed.split(",") if name]
+    if timed and args.repeats:
+        speed = run_benchmark([root / v for v in timed], baseline=root / "builder-int4", repeats=args.repeats,
+                              quality_tokens=0, progress=False)
+        results["speed"] = speed.get("ratios", speed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str))
+    plot(results, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ becomes ``MatMulNBits`` (symmetric, no zero points: the builder's bytes and fast
 becomes ``GatherBlockQuantized``: over the lm_head's own codes when the two are tied (stored once, as the
 builder's shared embedding), else over its own. The rounding (:data:`ROUNDINGS`) is ONNX Runtime's
 round-to-nearest (``rtn``), or each block's scale chosen to minimise the activation-weighted rounding error
-(``awq``: every row weighted by its mean squared input, from calibration), or GPTQ's error-compensated
+(``awq``: every row weighted by its mean squared input, from calibration; a grid search of clipping ratios, then
+alternating least-squares refinement), or GPTQ's error-compensated
 rounding on that grid (``gptq``); a calibrated rounding keeps round-to-nearest's codes for any column where
 they have the lower output error on the calibration inputs, so it is never worse there. Calibrated roundings
 also scale the input channels of the weights a normalisation feeds (Q/K/V, gate/up, a tied lm_head) where that
@@ -58,13 +59,14 @@ def round_codes(weight: np.ndarray, config: QuantizeConfig, gram: np.ndarray | N
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Signed codes ``[K, N]`` and scales ``[blocks, N]`` of ``x @ weight`` (``weight [K, N]``); ``gram`` is the
     input's ``X^T X / N`` ``[K, K]`` (needed by ``awq`` and ``gptq``; without it they round to nearest)."""
-    from .numerics.quantize import codes, gptq, max_abs_scales, search_scales
+    from .numerics.quantize import codes, gptq, max_abs_scales, refine_scales, search_scales
 
     bits, block = config.bits, config.block_size
     if config.rounding == "rtn" or gram is None:
         scales = max_abs_scales(weight, bits, block)
         return codes(weight, scales, bits, block), scales
-    scales = search_scales(weight, bits, block, importance=np.diag(gram))
+    importance = np.diag(gram)
+    scales = refine_scales(weight, search_scales(weight, bits, block, importance=importance), bits, block, importance)
     target = gptq(weight, gram, scales, bits, block, config.damping) if config.rounding == "gptq" else weight
     q = codes(target, scales, bits, block)
     nearest = max_abs_scales(weight, bits, block)
@@ -157,6 +159,7 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
     matmuls = weight_matmuls(model)
     tables = _token_tables(model)
     replaced, new_initializers, packed_of = {}, [], {}
+    table_config = {name: _table_config(initializers[name], transpose is None, config) for _, transpose, name in tables}
     row_scales = {} if not config.calibrated or not grams else scale_inputs(model, matmuls, grams, config,
                                                                              initializers)
     for node in tqdm(matmuls, desc=f"int{config.bits} {config.rounding} rounding", unit="weight",
@@ -169,23 +172,24 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
             if node.input[0] in row_scales:  # x @ W = (x / s) @ (s W): the norm before it now writes x / s
                 s = row_scales[node.input[0]]
                 weight, gram = weight * s[:, None], gram / np.outer(s, s)
-            q, scales = round_codes(weight, config, gram)
-            data, flat_scales = pack_matmulnbits(q, scales, config.bits, config.block_size)
+            own = table_config.get(name, config)  # a tied head: at its table's block
+            q, scales = round_codes(weight, own, gram)
+            data, flat_scales = pack_matmulnbits(q, scales, own.bits, own.block_size)
             new_initializers += [numpy_helper.from_array(data, f"{name}_Q{config.bits}"),
                                  numpy_helper.from_array(flat_scales, f"{name}_scales")]
-            packed_of[name] = (f"{name}_Q{config.bits}", f"{name}_scales")
+            packed_of[name] = (f"{name}_Q{config.bits}", f"{name}_scales", own.block_size)
             if stored is not None:  # the initializer holds W [K, N], or W^T for the transposed (tied) head
-                stored[name] = {"data": packed_of[name][0], "scales": packed_of[name][1], "k": k, "bits": config.bits,
-                                "block": config.block_size, "transposed": node.op_type == "FusedMatMul",
+                stored[name] = {"data": packed_of[name][0], "scales": packed_of[name][1], "k": k, "bits": own.bits,
+                                "block": own.block_size, "transposed": node.op_type == "FusedMatMul",
                                 "row_scale": row_scales.get(node.input[0])}
         replaced[node.name] = [helper.make_node(
-            "MatMulNBits", [node.input[0], *packed_of[name]], list(node.output), name=f"{node.name}_Q{config.bits}",
-            domain="com.microsoft", K=k, N=n, bits=config.bits, block_size=config.block_size,
+            "MatMulNBits", [node.input[0], *packed_of[name][:2]], list(node.output), name=f"{node.name}_Q{config.bits}",
+            domain="com.microsoft", K=k, N=n, bits=config.bits, block_size=packed_of[name][2],
             accuracy_level=config.accuracy_level)]
     table_storage = []
     for node, transpose, table in tables:
         replaced[node.name], storage, extra = _quantized_table(node, transpose, table, initializers, matmuls,
-                                                               packed_of, row_scales, config, stored)
+                                                               packed_of, row_scales, table_config[table], stored)
         if transpose is not None and replaced[node.name] != [node]:
             replaced[transpose.name] = []  # the lookup reads the lm_head's codes, not a transposed copy
         new_initializers += extra
@@ -295,6 +299,16 @@ def _own_copy(model, node, name: str, initializer):
     return duplicate
 
 
+def _table_config(table, vocab_first: bool, config: QuantizeConfig) -> QuantizeConfig:
+    """``config`` for a token table (and a head tied to it) of initializer ``table``: at the largest MatMulNBits
+    block that divides its width when ``config.block_size`` does not (GatherBlockQuantized needs whole blocks)."""
+    from dataclasses import replace
+
+    width = int(table.dims[1] if vocab_first else table.dims[0])
+    fitting = [b for b in BLOCK_SIZES if b <= config.block_size and width % b == 0]
+    return config if width % config.block_size == 0 or not fitting else replace(config, block_size=max(fitting))
+
+
 def _quantized_table(node, transpose, name: str, initializers: dict, matmuls: list, packed_of: dict,
                      row_scales: dict, config: QuantizeConfig, stored: dict | None):
     """``(nodes, storage, new initializers)`` replacing a token-table ``Gather`` (reading initializer ``name``,
@@ -309,14 +323,15 @@ def _quantized_table(node, transpose, name: str, initializers: dict, matmuls: li
     table = table.T if transpose is not None else table  # [vocab, d]
     vocab, width = table.shape
     if width % config.block_size:
-        return [node], f"fp32 (block {config.block_size} does not divide the width {width})", []
+        return [node], f"fp32 (no block of {', '.join(map(str, BLOCK_SIZES))} divides the width {width})", []
     tied = [m for m in matmuls if m.input[1] == name or tuple(initializers[m.input[1]].dims) == (width, vocab)
+            and packed_of[m.input[1]][2] == config.block_size
             and np.array_equal(numpy_helper.to_array(initializers[m.input[1]]), table.T)]
     extra, output = [], node.output[0]
     if tied and stored is not None and tied[0].input[1] != name:  # a separate copy of the lm_head's weight
         stored[name] = {"same_as": tied[0].input[1], "transposed": transpose is None}
     if tied:
-        data_name, scales_name = packed_of[tied[0].input[1]]
+        data_name, scales_name, _ = packed_of[tied[0].input[1]]
         storage = f"int{config.bits}, shared with the lm_head"
         if tied[0].input[0] in row_scales:  # the codes hold E diag(s)
             inverse = f"{node.name}/inverse_scale"

@@ -37,6 +37,22 @@ def test_calibrated_rounding_never_loses_to_round_to_nearest(rounding):
         assert ours < 0.9 * nearest  # and it does help on skewed inputs
 
 
+def test_refined_scales_never_raise_the_weighted_rounding_error():
+    from lestd_export.numerics.quantize import _block_codes, _blocks, refine_scales, search_scales
+
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((96, 40)) * np.exp(rng.standard_normal((96, 1)))
+    importance = np.exp(rng.standard_normal(96))
+    blocks, rows = _blocks(weight, 32), _blocks(importance[:, None], 32)
+
+    def error(scales):
+        return np.sum(rows * (blocks - _block_codes(blocks, scales, 4) * scales[:, None, :]) ** 2, axis=1)
+
+    searched = search_scales(weight, 4, 32, importance=importance)
+    refined = refine_scales(weight, searched, 4, 32, importance)
+    assert np.all(error(refined) <= error(searched)) and error(refined).sum() < 0.99 * error(searched).sum()
+
+
 def test_bad_settings_are_typed_errors(capsys):
     for bad in (dict(bits=3), dict(block_size=48), dict(rounding="hqq")):
         with pytest.raises(InvalidConfigError):
@@ -296,3 +312,21 @@ def test_a_file_must_compute_with_the_values_it_stores(tied_export, monkeypatch,
     else:
         with pytest.raises(ExportValidationError, match="does not compute with the values it stores"):
             quantize_calibrated(source, config, ids, progress=False)
+
+
+def test_a_block_wider_than_the_table_stores_the_tied_table_at_a_block_that_fits(tied_export, tmp_path):
+    """Block 128 on a width-64 tied table: the table and its lm_head at block 64 (GatherBlockQuantized needs whole
+    blocks; the builder's shared table fails at run time there), every other weight at 128; the file computes with
+    the values it stores and runs."""
+    from lestd_export.onnx_input.quantize import quantize_onnx
+
+    root, _ = tied_export
+    report = quantize_onnx(root / "fp32", tmp_path / "q", QuantizeConfig(block_size=128), calibration_tokens=256,
+                           progress=False)
+    assert report["token_table"] == ["int4, shared with the lm_head"]
+    assert report["stored_values"]["max_relative_logit_difference"] < 1e-5
+    blocks = {node.name: next(a.i for a in node.attribute if a.name == "block_size")
+              for node in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node
+              if node.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    assert {b for name, b in blocks.items() if "lm_head" in name or "Gather" in name} == {64}
+    assert {b for name, b in blocks.items() if "lm_head" not in name and "Gather" not in name} == {128}

@@ -3,7 +3,8 @@
 A weight ``W [K, N]`` read as ``x @ W`` is stored in blocks of ``block_size`` along ``K`` per column, each with
 one scale and the fixed zero point ``2^(bits-1)`` (the builder's symmetric format: no zero-point bytes, the fast
 kernel). :func:`blockwise_round` is ONNX Runtime's own round-to-nearest; :func:`search_scales` chooses each
-block's scale to minimise the (optionally activation-weighted) rounding error, and :func:`gptq` rounds along
+block's scale to minimise the (optionally activation-weighted) rounding error, :func:`refine_scales` improves it
+by alternating codes and least-squares scales, and :func:`gptq` rounds along
 ``K`` with error compensation (GPTQ) on a given grid. All of them return values on the format's grid, so an
 export stores exactly what the PyTorch simulation computes with.
 """
@@ -101,6 +102,30 @@ def search_scales(matrix: np.ndarray, bits: int, block_size: int = 32, importanc
         error = np.sum(weight * (blocks - q) ** 2, axis=1)  # [blocks, N]
         better = error < best_error
         best, best_error = np.where(better, scales, best), np.where(better, error, best_error)
+    return best
+
+
+def refine_scales(matrix: np.ndarray, scales: np.ndarray, bits: int, block_size: int = 32,
+                  importance: np.ndarray | None = None, iterations: int = 4) -> np.ndarray:
+    """Alternate codes and scales (Lloyd-style): with the codes fixed, each block's weighted least-squares scale
+    ``sum_k i_k w_k q_k / sum_k i_k q_k^2``, then the codes on it; a block keeps its best scale so far, so the
+    weighted rounding error never grows from ``scales`` ``[blocks, N]``. Returns ``[blocks, N]``."""
+    blocks = _blocks(matrix, block_size)
+    weight = np.ones(matrix.shape[0]) if importance is None else np.asarray(importance, dtype=np.float64)
+    weight = _blocks(weight[:, None], block_size)  # [blocks, block_size, 1]
+
+    def error(candidate: np.ndarray) -> np.ndarray:  # [blocks, N]
+        return np.sum(weight * (blocks - _block_codes(blocks, candidate, bits) * candidate[:, None, :]) ** 2, axis=1)
+
+    best, best_error, current = scales, error(scales), scales
+    for _ in range(iterations):
+        q = _block_codes(blocks, current, bits)
+        norm = np.sum(weight * q * q, axis=1)
+        fitted = np.sum(weight * blocks * q, axis=1) / np.where(norm > 0, norm, 1.0)
+        current = np.where((norm > 0) & (fitted != 0), fitted, best)
+        candidate_error = error(current)
+        better = candidate_error < best_error
+        best, best_error = np.where(better, current, best), np.where(better, candidate_error, best_error)
     return best
 
 
