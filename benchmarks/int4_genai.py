@@ -4,7 +4,9 @@ and ONNX Runtime's own quantisers, file bytes against perplexity on three held-o
 Builds the default model with the builder (fp32; int4 at blocks 32 and 64; int8), quantises the fp32 build with
 ONNX Runtime's MatMulNBitsQuantizer (--ort: RTN symmetric, HQQ with its fp32 zero points; the token table, which
 that quantiser leaves fp32, stored in int4 by our round-to-nearest so that sizes compare) and with
-`lestd-export quantize` (--ours: rounding:block), and measures for every file: the bytes on disk, perplexity
+`lestd-export quantize` (--ours: rounding:block), exports the compressed variants of benchmarks/genai_edge.py at
+--fraction (--compressed: LeSTD --dense-output, factored output, SVD-LLM; `export --format genai --quantize int4`
+with its default calibrated rounding), and measures for every file: the bytes on disk, perplexity
 through ONNX Runtime on three held-out texts (technical: Python's language reference; legal: GPL-3; narrative:
 Debian's project history; calibration: the default Python docstrings, none of them), and, for --timed files,
 decode speed in onnxruntime-genai's own loop against the builder's int4 (interleaved, --repeats runs, paired
@@ -31,6 +33,7 @@ from lestd_export.onnx_input import resolve_input
 from lestd_export.onnx_input.quantize import quantize_onnx
 from lestd_export.quantize_graph import QuantizeConfig
 
+from genai_edge import lestd_variant  # compress (calibrated, plain layout) and export to genai, cached
 from int4_rounding import TEXTS  # the three held-out texts (benchmarks/int4_rounding.py)
 
 
@@ -69,7 +72,7 @@ def plot(results: dict, path: Path) -> None:
     texts = list(TEXTS)
     fig, axes = plt.subplots(1, len(texts), figsize=(5 * len(texts), 4.2), sharey=False)
     families = {"builder": ("s", "tab:gray"), "ort-rtn": ("v", "tab:orange"), "ort-hqq": ("^", "tab:red"),
-                "ours": ("o", "tab:blue")}
+                "ours": ("o", "tab:blue"), "lestd": ("x", "tab:green")}
     for axis, text in zip(axes, texts):
         for family, (marker, color) in families.items():
             rows = sorted((r["bytes"] / 1e6, r["x_dense"][text], name) for name, r in results["runs"].items()
@@ -78,7 +81,8 @@ def plot(results: dict, path: Path) -> None:
                 axis.plot([r[0] for r in rows], [r[1] for r in rows], marker=marker, color=color, label=family,
                           linestyle="-" if family == "ours" else ":")
                 for mb, x, name in rows:
-                    axis.annotate(name.split("-")[-1], (mb, x), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                    axis.annotate(name[len(family) + 1:], (mb, x), fontsize=6, xytext=(3, 3),
+                                  textcoords="offset points")
         axis.set_title(f"{text} (dense ppl {results['runs']['builder-fp32']['perplexity'][text]:.1f})")
         axis.set_xlabel("file MB")
         axis.grid(alpha=0.3)
@@ -95,6 +99,9 @@ def main() -> None:
     parser.add_argument("--ours", default="awq:16,awq:32,awq:64,awq:128", help="rounding:block,... of ours")
     parser.add_argument("--ort", default="rtn:16,rtn:32,rtn:64,rtn:128,hqq:16,hqq:32,hqq:64,hqq:128",
                         help="algorithm:block,... of ONNX Runtime's quantiser")
+    parser.add_argument("--compressed", default="", help="genai_edge.py settings,... (dense_output, factored_output, "
+                        "svd_llm) exported at int4 beside the quantisation-only files")
+    parser.add_argument("--fraction", type=float, default=0.5, help="--compressed: attention size fraction")
     parser.add_argument("--timed", default="ours-awq-32,ours-awq-64",
                         help="files whose decode speed is measured against the builder's int4 ('' for none)")
     parser.add_argument("--eval-tokens", type=int, default=2048)
@@ -126,6 +133,10 @@ def main() -> None:
         name = f"ours-{rounding}-{block}"
         if not (root / name).exists():
             quantize_onnx(root / "builder-fp32", root / name, QuantizeConfig(block_size=int(block), rounding=rounding))
+        names.append(name)
+    for settings in filter(None, args.compressed.split(",")):
+        name = f"lestd-{args.fraction}-{settings}-int4"
+        lestd_variant(root, args.fraction, "int4", settings)
         names.append(name)
     results = {"machine": platform.processor() or platform.machine(), "eval_tokens": args.eval_tokens, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:

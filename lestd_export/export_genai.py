@@ -123,11 +123,13 @@ def quantize_export(model, directory: Path, loaded: LoadedModel, config, calibra
 
 def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", overwrite: bool = False,
                  validate: bool = True, tolerance: float = 1e-3, block_size: int = 32, rounding: str = "awq",
-                 calibration: str = "default", calibration_tokens: int = 4096, progress: bool = True) -> dict:
+                 head_bits: int | None = None, calibration: str = "default", calibration_tokens: int = 4096,
+                 progress: bool = True) -> dict:
     """Write an onnxruntime-genai directory of ``loaded.model`` (compressed or dense) at ``storage``.
 
     The builder's fp32 graph, the compressed attention grafted in, then every weight quantised by our quantiser
-    (:func:`quantize_export`: ``rounding`` calibrated on ``calibration``, blocks of ``block_size``); a dense model
+    (:func:`quantize_export`: ``rounding`` calibrated on ``calibration``, blocks of ``block_size``, the table and
+    lm_head at ``head_bits``); a dense model
     with ``rounding="rtn"`` is the builder's own int4/int8 build. Returns the export report (also in
     ``DIR/export_report.json``). With ``validate``, the fp32 graph's logits are compared with PyTorch (a relative
     error above ``tolerance`` raises :class:`~.errors.ExportValidationError` and leaves nothing behind), a quantised
@@ -175,7 +177,8 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
                 if validate:  # the fp32 graph first: a broken graft never reaches the quantiser
                     _save(model, build)
                     report["parity_fp32"] = check_genai_parity(loaded.model, build, "fp32", tolerance)
-                config = QuantizeConfig(bits=STORAGE_BITS[storage], block_size=block_size, rounding=rounding)
+                config = QuantizeConfig(bits=STORAGE_BITS[storage], block_size=block_size, rounding=rounding,
+                                        head_bits=head_bits)
                 before = sum(initializer_sizes(model).values())
                 report["quantization"] = quantize_export(model, build, loaded, config, calibration,
                                                          calibration_tokens, validate=validate, progress=progress)
@@ -214,8 +217,8 @@ def _save(model, directory: Path) -> None:
 
 def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str, opset: int, overwrite: bool = False,
                              validate: bool = True, block_size: int = 32, rounding: str = "awq",
-                             calibration: str = "default", calibration_tokens: int = 4096,
-                             progress: bool = True) -> dict:
+                             head_bits: int | None = None, calibration: str = "default",
+                             calibration_tokens: int = 4096, progress: bool = True) -> dict:
     """Optimum layout at ``storage`` (int8/int4): the dense export, the graft, every weight quantised by
     :func:`quantize_export` (the token table stored once, a tied head included).
 
@@ -243,7 +246,8 @@ def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str
             if latents:
                 _, sites = locate_by_name(model, spec=spec_for(loaded.model.config))
                 graft_attention(model, sites, latents)
-            config = QuantizeConfig(bits=STORAGE_BITS[storage], block_size=block_size, rounding=rounding)
+            config = QuantizeConfig(bits=STORAGE_BITS[storage], block_size=block_size, rounding=rounding,
+                                        head_bits=head_bits)
             quantization = quantize_export(model, work / "dense", loaded, config, calibration, calibration_tokens,
                                            validate=validate, progress=progress)
             _save(model, staging)

@@ -30,17 +30,22 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits' fast-path blocks
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """How every weight is stored: ``bits`` (4 or 8), ``block_size`` along the reduction axis, the rounding."""
+    """How every weight is stored: ``bits`` (4 or 8), ``block_size`` along the reduction axis, the rounding;
+    ``head_bits`` for the token table and the lm_head (None: ``bits``; 8 on the default model buys most of what
+    int4 loses for 16% more bytes, see README)."""
 
     bits: int = 4
     block_size: int = 32
     rounding: str = "awq"
+    head_bits: int | None = None
     damping: float = 0.1  # GPTQ: times the mean diagonal of the input Gram
     accuracy_level: int = 4  # MatMulNBits: int8 activations (the builder's CPU setting)
 
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise InvalidConfigError(f"--quantize stores 4 or 8 bits, not {self.bits}")
+        if self.head_bits not in (None, 4, 8):
+            raise InvalidConfigError(f"--head-bits stores 4 or 8 bits, not {self.head_bits}")
         if self.block_size not in BLOCK_SIZES:
             raise InvalidConfigError(f"--block-size {self.block_size} is not one of MatMulNBits' "
                                      f"{', '.join(map(str, BLOCK_SIZES))}")
@@ -50,6 +55,13 @@ class QuantizeConfig:
     @property
     def calibrated(self) -> bool:
         return self.rounding != "rtn"
+
+    @property
+    def head(self) -> QuantizeConfig:
+        """The config of the token table and the lm_head."""
+        from dataclasses import replace
+
+        return replace(self, bits=self.head_bits or self.bits, head_bits=None)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -159,9 +171,11 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
     matmuls = weight_matmuls(model)
     tables = _token_tables(model)
     replaced, new_initializers, packed_of = {}, [], {}
-    table_config = {name: _table_config(initializers[name], transpose is None, config) for _, transpose, name in tables}
+    own_config = {name: config.head for name in _head_weights(model, matmuls)}  # an untied lm_head
+    own_config.update({name: _table_config(initializers[name], transpose is None, config.head)
+                       for _, transpose, name in tables})  # a table and the head that reads it
     row_scales = {} if not config.calibrated or not grams else scale_inputs(model, matmuls, grams, config,
-                                                                             initializers)
+                                                                             initializers, own_config)
     for node in tqdm(matmuls, desc=f"int{config.bits} {config.rounding} rounding", unit="weight",
                      disable=not progress):
         weight = _weight(node, initializers)  # [K, N]
@@ -172,24 +186,24 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
             if node.input[0] in row_scales:  # x @ W = (x / s) @ (s W): the norm before it now writes x / s
                 s = row_scales[node.input[0]]
                 weight, gram = weight * s[:, None], gram / np.outer(s, s)
-            own = table_config.get(name, config)  # a tied head: at its table's block
+            own = own_config.get(name, config)
             q, scales = round_codes(weight, own, gram)
             data, flat_scales = pack_matmulnbits(q, scales, own.bits, own.block_size)
-            new_initializers += [numpy_helper.from_array(data, f"{name}_Q{config.bits}"),
+            new_initializers += [numpy_helper.from_array(data, f"{name}_Q{own.bits}"),
                                  numpy_helper.from_array(flat_scales, f"{name}_scales")]
-            packed_of[name] = (f"{name}_Q{config.bits}", f"{name}_scales", own.block_size)
+            packed_of[name] = (f"{name}_Q{own.bits}", f"{name}_scales", own.block_size)
             if stored is not None:  # the initializer holds W [K, N], or W^T for the transposed (tied) head
                 stored[name] = {"data": packed_of[name][0], "scales": packed_of[name][1], "k": k, "bits": own.bits,
                                 "block": own.block_size, "transposed": node.op_type == "FusedMatMul",
                                 "row_scale": row_scales.get(node.input[0])}
         replaced[node.name] = [helper.make_node(
             "MatMulNBits", [node.input[0], *packed_of[name][:2]], list(node.output), name=f"{node.name}_Q{config.bits}",
-            domain="com.microsoft", K=k, N=n, bits=config.bits, block_size=packed_of[name][2],
+            domain="com.microsoft", K=k, N=n, bits=own_config.get(name, config).bits, block_size=packed_of[name][2],
             accuracy_level=config.accuracy_level)]
     table_storage = []
     for node, transpose, table in tables:
         replaced[node.name], storage, extra = _quantized_table(node, transpose, table, initializers, matmuls,
-                                                               packed_of, row_scales, table_config[table], stored)
+                                                               packed_of, row_scales, own_config[table], stored)
         if transpose is not None and replaced[node.name] != [node]:
             replaced[transpose.name] = []  # the lookup reads the lm_head's codes, not a transposed copy
         new_initializers += extra
@@ -253,10 +267,11 @@ def input_scale(weights: list[np.ndarray], gram: np.ndarray, config: QuantizeCon
 
 
 def scale_inputs(model, matmuls: list, grams: dict, config: QuantizeConfig, initializers: dict,
-                 powers: tuple[float, ...] | None = None) -> dict[str, np.ndarray]:
+                 own_config: dict | None = None, powers: tuple[float, ...] | None = None) -> dict[str, np.ndarray]:
     """Activation-aware scaling (AWQ, Lin et al. 2024) where a normalisation feeds a group of weights (Q/K/V,
-    gate/up, a tied lm_head): per group the :func:`input_scale` of its weights; the normalisation's scale (and
-    bias) initializers are divided by ``s`` in place (copied first where something else reads them). Returns
+    gate/up, a tied lm_head): per group the :func:`input_scale` of its weights (rounded as ``own_config`` says
+    for a weight it names, else as ``config``); the normalisation's scale (and bias) initializers are divided by
+    ``s`` in place (copied first where something else reads them). Returns
     ``{input tensor: s}`` (groups whose best ``s`` is 1 are left out)."""
     from onnx import numpy_helper
 
@@ -275,7 +290,8 @@ def scale_inputs(model, matmuls: list, grams: dict, config: QuantizeConfig, init
                      - {m.name for m in members} for m in members)  # a weight another input also reads
         if site is None or shared or tensor not in grams:
             continue
-        best = input_scale([_weight(m, initializers) for m in members], grams[tensor], config, powers)
+        rounding = (own_config or {}).get(members[0].input[1], config)  # the head's bits for a tied head
+        best = input_scale([_weight(m, initializers) for m in members], grams[tensor], rounding, powers)
         if np.allclose(best, 1.0):
             continue
         node = producer[tensor]
@@ -297,6 +313,25 @@ def _own_copy(model, node, name: str, initializer):
     duplicate.name = f"{initializer.name}/{node.name.strip('/').replace('/', '.')}"
     node.input[list(node.input).index(name)] = duplicate.name
     return duplicate
+
+
+def _head_weights(model, matmuls: list) -> set[str]:
+    """The weights of the MatMuls that write the logits (the lm_head), through at most a few elementwise or
+    shape ops (a bias Add, a Cast, a Reshape)."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    weights = {m.name: m.input[1] for m in matmuls}
+    found = set()
+    for output in model.graph.output:
+        if "logits" not in output.name:
+            continue
+        node = producer.get(output.name)
+        for _ in range(4):
+            if node is None or node.name in weights:
+                break
+            node = producer.get(node.input[0]) if node.input else None
+        if node is not None and node.name in weights:
+            found.add(weights[node.name])
+    return found
 
 
 def _table_config(table, vocab_first: bool, config: QuantizeConfig) -> QuantizeConfig:

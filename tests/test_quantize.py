@@ -286,8 +286,8 @@ def test_a_file_must_compute_with_the_values_it_stores(tied_export, monkeypatch,
 
         scale_inputs = quantize_graph.scale_inputs
 
-        def unfolded(model, matmuls, grams, config, initializers):
-            return scale_inputs(copy.deepcopy(model), matmuls, grams, config, copy.deepcopy(initializers))
+        def unfolded(model, matmuls, grams, config, initializers, *rest):
+            return scale_inputs(copy.deepcopy(model), matmuls, grams, config, copy.deepcopy(initializers), *rest)
 
         monkeypatch.setattr(quantize_graph, "scale_inputs", unfolded)
     root, _ = tied_export
@@ -330,3 +330,31 @@ def test_a_block_wider_than_the_table_stores_the_tied_table_at_a_block_that_fits
               if node.op_type in ("MatMulNBits", "GatherBlockQuantized")}
     assert {b for name, b in blocks.items() if "lm_head" in name or "Gather" in name} == {64}
     assert {b for name, b in blocks.items() if "lm_head" not in name and "Gather" not in name} == {128}
+
+
+def test_head_bits_store_the_shared_table_and_lm_head_in_int8(tied_export, tmp_path):
+    """--head-bits 8: the tied table and its lm_head in int8 (one copy, GatherBlockQuantized bits 8), the rest
+    int4; it computes with the values it stores, and is closer to fp32 than int4 everywhere."""
+    from lestd_export.onnx_input import open_onnx_input
+    from lestd_export.onnx_input.quantize import quantize_onnx
+
+    root, _ = tied_export
+    reports = {bits: quantize_onnx(root / "fp32", tmp_path / f"head{bits}", QuantizeConfig(head_bits=bits),
+                                   calibration_tokens=256, progress=False) for bits in (4, 8)}
+    assert reports[8]["token_table"] == ["int8, shared with the lm_head"]
+    assert reports[8]["stored_values"]["max_relative_logit_difference"] < 1e-5
+    bits = {node.name: next(a.i for a in node.attribute if a.name == "bits")
+            for node in onnx.load(str(tmp_path / "head8" / "model.onnx")).graph.node
+            if node.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    assert {b for name, b in bits.items() if "lm_head" in name or "Gather" in name} == {8}
+    assert {b for name, b in bits.items() if "lm_head" not in name and "Gather" not in name} == {4}
+    extra = reports[8]["output"]["model_bytes"] - reports[4]["output"]["model_bytes"]
+    assert extra == 128 * 64 // 2  # one more half byte per table entry, stored once
+    source = open_onnx_input(root / "fp32")
+    ids = np.random.default_rng(2).integers(3, 120, size=(2, 16))
+    reference = prefill_logits(source, source.model, ids)
+    errors = {}
+    for b in (4, 8):
+        model = onnx.load(str(tmp_path / f"head{b}" / "model.onnx"))
+        errors[b] = np.abs(prefill_logits(source, model, ids) - reference).max()
+    assert errors[8] < errors[4]

@@ -47,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
     default = config_from_args(args)  # planned for the format's layout and the --quantize precision
     config = default if compression_flags_given(args) else None
     loaded, _ = load_for_export(args.model, config, args.dense, default=default)
-    rounding = dict(block_size=args.block_size, rounding=args.rounding, calibration=args.calibration or "default",
-                    calibration_tokens=args.calibration_tokens)  # a quantised file's rounding and its calibration
+    # a quantised file's rounding, and its calibration (a data-free baseline's weights are still calibrated)
+    rounding = dict(block_size=args.block_size, rounding=args.rounding, head_bits=args.head_bits,
+                    calibration=args.calibration or "default", calibration_tokens=args.calibration_tokens)
     if args.format == "genai":
         from ..export_genai import export_genai
 

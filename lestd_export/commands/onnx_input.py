@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2) if args.json else quantize_summary(report, args.output))
         return 0
     report = compress_onnx(args.model, args.output, config, rounding=args.rounding, block_size=args.block_size,
+                           head_bits=args.head_bits,
                            overwrite=args.overwrite, progress=not args.quiet, validate=not args.no_validate)
     print(json.dumps(report, indent=2) if args.json else summary(report, args.output))
     return 0

@@ -128,8 +128,8 @@ def input_record(source: OnnxInput, path: str | Path) -> dict:
 
 
 def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConfig, *, quantize: str | None = None,
-                  rounding: str = "awq", block_size: int = 32, overwrite: bool = False, progress: bool = True,
-                  validate: bool = True) -> dict:
+                  rounding: str = "awq", block_size: int = 32, head_bits: int | None = None,
+                  overwrite: bool = False, progress: bool = True, validate: bool = True) -> dict:
     """Compress the attention of the decoder ONNX at ``path`` into ``out_dir``; returns the report.
 
     ``out_dir`` receives the input directory's other files (genai_config.json, config.json, tokenizer
@@ -167,8 +167,8 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
         if QUANTIZE_BITS[quantize] is not None:  # every weight and the token table, the grafted factors' inputs too
             from .quantize import quantize_calibrated
 
-            quantised = quantize_calibrated(source, QuantizeConfig(bits=QUANTIZE_BITS[quantize],
-                                                                   block_size=block_size, rounding=rounding),
+            quantised = quantize_calibrated(source, QuantizeConfig(bits=QUANTIZE_BITS[quantize], block_size=block_size,
+                                                                   rounding=rounding, head_bits=head_bits),
                                             None if data is None else data.sequences, validate=validate,
                                             progress=progress)
             quantised.update(nodes=quantised["weight_matmuls"], attention_nodes=len(grafted))
