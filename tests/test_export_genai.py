@@ -68,6 +68,9 @@ def test_quantised_graft_leaves_no_fp32_weight_product(storage, op, tmp_path):
         expected = loaded.model(torch.from_numpy(ids)).logits.numpy().ravel()
     correlation = np.corrcoef(genai_logits(tmp_path / "genai", ids).ravel(), expected)[0, 1]
     assert correlation > 0.8  # int4 noise on a random tiny model (the builder's own dense int4: 0.93), not a wrong graph
+    # the tight check: the fp32 graft equals PyTorch, and the file computes with the values it stores
+    assert report["parity_fp32"]["max_relative_error"] < 1e-3
+    assert report["quantization"]["stored_values"]["max_relative_logit_difference"] < 1e-4
 
 
 def test_equalised_factor_pairs_keep_the_product_and_share_their_ranges():
@@ -207,6 +210,7 @@ def test_quantised_optimum_export_quantises_every_weight_product(tmp_path):
     assert sum("/lestd/" in n.name and n.op_type == "MatMulNBits" for n in graph.node) == 8  # 2 layers x 4
     assert report["storage"] == "int4" and report["parity"]["decode_steps"] == 8
     assert report["parity"]["max_relative_error"] < 1.0  # int4 noise on a random tiny model, not a wrong graph
+    assert report["quantization"]["stored_values"]["max_relative_logit_difference"] < 1e-4  # the tight check
 
 
 def test_svd_baseline_grafts_into_genai(tmp_path):

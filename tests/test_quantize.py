@@ -358,3 +358,24 @@ def test_head_bits_store_the_shared_table_and_lm_head_in_int8(tied_export, tmp_p
         model = onnx.load(str(tmp_path / f"head{b}" / "model.onnx"))
         errors[b] = np.abs(prefill_logits(source, model, ids) - reference).max()
     assert errors[8] < errors[4]
+
+
+def test_an_export_failing_the_stored_value_check_leaves_nothing(tied_export, tmp_path, monkeypatch, capsys):
+    """A quantised file that does not compute with its stored values (here: a fold forced to be dropped) is a typed
+    one-line error and nothing is written; --no-validate writes it and says it was not checked."""
+    import copy
+
+    import lestd_export.quantize_graph as quantize_graph
+
+    scale_inputs = quantize_graph.scale_inputs
+    monkeypatch.setattr(quantize_graph, "SCALE_POWERS", (1.0,))
+    monkeypatch.setattr(quantize_graph, "scale_inputs", lambda model, matmuls, grams, config, initializers, *rest:
+                        scale_inputs(copy.deepcopy(model), matmuls, grams, config, copy.deepcopy(initializers), *rest))
+    root, _ = tied_export
+    args = ["quantize", str(root / "fp32"), "--calibration-tokens", "256", "--quiet", "-o"]
+    assert main(args + [str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "does not compute with the values it stores" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".*"))
+    assert main(args + [str(tmp_path / "kept"), "--no-validate"]) == 0
+    assert "stored values: not checked (--no-validate)" in capsys.readouterr().out
