@@ -4,7 +4,7 @@ and ONNX Runtime's own quantisers, file bytes against perplexity on three held-o
 Builds the default model with the builder (fp32; int4 at blocks 32 and 64; int8), quantises the fp32 build with
 ONNX Runtime's MatMulNBitsQuantizer (--ort: RTN symmetric, HQQ with its fp32 zero points; the token table, which
 that quantiser leaves fp32, stored in int4 by our round-to-nearest so that sizes compare) and with
-`lestd-export quantize` (--ours: rounding:block), exports the compressed variants of benchmarks/genai_edge.py at
+`lestd-export quantize` (--ours: rounding:block[:head bits]), exports the compressed variants of benchmarks/genai_edge.py at
 --fraction (--compressed: LeSTD --dense-output, factored output, SVD-LLM; `export --format genai --quantize int4`
 with its default calibrated rounding), and measures for every file: the bytes on disk, perplexity
 through ONNX Runtime on three held-out texts (technical: Python's language reference; legal: GPL-3; narrative:
@@ -96,7 +96,8 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("artifacts/int4-genai"))
-    parser.add_argument("--ours", default="awq:16,awq:32,awq:64,awq:128", help="rounding:block,... of ours")
+    parser.add_argument("--ours", default="awq:16,awq:32,awq:64,awq:128,awq:16:8,awq:32:8,awq:64:8",
+                        help="rounding:block[:head bits],... of ours")
     parser.add_argument("--ort", default="rtn:16,rtn:32,rtn:64,rtn:128,hqq:16,hqq:32,hqq:64,hqq:128",
                         help="algorithm:block,... of ONNX Runtime's quantiser")
     parser.add_argument("--compressed", default="", help="genai_edge.py settings,... (dense_output, factored_output, "
@@ -129,10 +130,11 @@ def main() -> None:
             ort_quantized(root / "builder-fp32", root / name, algorithm, int(block))
         names.append(name)
     for item in filter(None, args.ours.split(",")):
-        rounding, block = item.split(":")
-        name = f"ours-{rounding}-{block}"
+        rounding, block, *head = item.split(":")
+        name = f"ours-{rounding}-{block}" + (f"-head{head[0]}" if head else "")
         if not (root / name).exists():
-            quantize_onnx(root / "builder-fp32", root / name, QuantizeConfig(block_size=int(block), rounding=rounding))
+            quantize_onnx(root / "builder-fp32", root / name, QuantizeConfig(
+                block_size=int(block), rounding=rounding, head_bits=int(head[0]) if head else None))
         names.append(name)
     for settings in filter(None, args.compressed.split(",")):
         name = f"lestd-{args.fraction}-{settings}-int4"

@@ -24,7 +24,8 @@ def register(subparsers) -> None:
                              "genai: an onnxruntime-genai model directory (the genai builder's graph with the "
                              "compressed attention grafted in; needs onnxruntime-genai)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (16..20, default 18)")
-    parser.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    parser.add_argument("--no-validate", action="store_true", help="skip the checks: ONNX Runtime vs PyTorch, and a quantised "
+                        "file against the values it stores")
     parser.add_argument("--optimize", action="store_true",
                         help="apply onnxscript's ONNX Runtime fusions (use it for dense and compressed alike)")
     parser.add_argument("--tolerance", type=float, default=1e-3,
@@ -90,7 +91,7 @@ def summary(report: dict, out: Path) -> str:
                      f"{stored['max_relative_logit_difference']:.1e} (tolerance {stored['tolerance']:.0e})")
     parity = report.get("parity")
     if parity is None:
-        lines.append("  parity with PyTorch: not checked (--no-validate)")
+        lines.append("  parity with PyTorch and stored values: not checked (--no-validate)")
     elif "greedy_tokens_equal" in parity:
         lines.append(f"  parity with PyTorch: max relative logit error {parity['max_relative_error']:.1e}, greedy "
                      f"tokens {'equal' if parity['greedy_tokens_equal'] else 'differ'} (batch {parity['batch']}, "

@@ -30,7 +30,8 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true", help="print the compression report (also written to "
                         "DIR/compression_report.json) instead of a summary")
     parser.add_argument("--no-validate", action="store_true",
-                        help="skip loading the result in ONNX Runtime and comparing its logits with the input's")
+                        help="skip loading the result in ONNX Runtime and comparing its logits with the input's "
+                        "(and a quantised result against the values it stores)")
     add_compression_flags(parser)  # --quantize int4|int8 among them: every weight MatMul of the result
     add_rounding_flags(parser)
     parser.set_defaults(run=run)
@@ -80,6 +81,9 @@ def summary(report: dict, out: Path) -> str:
         check = report["vs_input"]
         lines.append(f"  logits against the input: max relative difference "
                      f"{check['max_relative_logit_difference']:.2e}, top-1 agreement {check['top1_agreement']:.2f}")
+    if quantised and "stored_values" in quantised:
+        lines.append(f"  computes with the values it stores ({quantised['rounding']} rounding): relative logit error "
+                     f"{quantised['stored_values']['max_relative_logit_difference']:.1e}")
     backend = "" if source["config"] == "genai_config.json" else " --backend onnxruntime"
     lines += [f"  report: {out / REPORT_FILE}", "next:", f"  lestd-export eval {out}{backend}",
               f"  lestd-export bench {out}"]

@@ -16,9 +16,12 @@ def register(subparsers) -> None:
         description="Quantise every weight MatMul of an fp32 decoder ONNX (an onnxruntime-genai -p fp32 build or "
                     "an optimum export) to MatMulNBits in the builder's symmetric layout (no zero points: its "
                     "bytes and fast kernel), the token table stored once (shared with a tied lm_head). "
-                    "--rounding awq (default) chooses each block's scale to minimise the rounding error weighted "
-                    "by each input channel's mean square on calibration text; gptq adds error compensation on "
-                    "that grid; rtn is ONNX Runtime's / the builder's round-to-nearest.")
+                    "--rounding awq (default): activation-aware input scaling folded into the normalisations, "
+                    "then each block's scale searched and refined to minimise the rounding error weighted by each "
+                    "input channel's mean square on calibration text; gptq adds error compensation on that grid; "
+                    "rtn is ONNX Runtime's / the builder's round-to-nearest. --head-bits 8 keeps the token table "
+                    "and lm_head in int8. The file must compute with the values it stores (checked in fp32 "
+                    "arithmetic; --no-validate skips it).")
     parser.add_argument("model", help=INPUT_HELP)
     parser.add_argument("-o", "--output", required=True, type=Path, help="output directory (must not exist)")
     parser.add_argument("--bits", type=int, default=4, choices=(4, 8), help="bits per weight (default 4)")
@@ -28,7 +31,7 @@ def register(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--no-validate", action="store_true",
-                        help="skip comparing the result's logits with the input's")
+                        help="skip the stored-value check and the comparison with the input's logits")
     parser.add_argument("--json", action="store_true", help="print the report instead of a summary")
     add_rounding_flags(parser)
     parser.set_defaults(run=run)
