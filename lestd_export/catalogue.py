@@ -16,6 +16,7 @@ from .files import read_json
 DEFAULT_ALIAS = "smollm2-135m"
 SOURCE_KEYS = {  # source type -> the keys it needs
     "package-gguf": ("package", "file", "distribution", "version", "sha256"),  # see loading.package_gguf
+    "package-gguf-parts": ("file", "sha256", "parts"),  # see loading.package_gguf_parts
     "hub": ("repo",),
 }
 

