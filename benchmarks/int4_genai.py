@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import shutil
 import tempfile
 from pathlib import Path
@@ -88,13 +89,14 @@ def plot(results: dict, path: Path) -> None:
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("perplexity / dense")
     axes[0].legend()
-    fig.suptitle(f"SmolLM2-135M int4 frontier, onnxruntime-genai layout ({results['machine']})")
+    fig.suptitle(f"{results['model']} int4 frontier, onnxruntime-genai layout ({results['machine']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="catalogue alias or path (default: the default model)")
     parser.add_argument("--root", type=Path, default=Path("artifacts/int4-genai"))
     parser.add_argument("--ours", default="awq:16,awq:32,awq:64,awq:128,awq:16:8,awq:32:8,awq:64:8",
                         help="rounding:block[:head bits],... of ours")
@@ -112,7 +114,7 @@ def main() -> None:
 
     root = args.root
     root.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(None)
+    loaded = load_model(args.model)
     hf = root / "hf"
     if not hf.exists():
         loaded.model.save_pretrained(hf)
@@ -140,7 +142,9 @@ def main() -> None:
         name = f"lestd-{args.fraction}-{settings}-int4"
         lestd_variant(root, args.fraction, "int4", settings)
         names.append(name)
-    results = {"machine": platform.processor() or platform.machine(), "eval_tokens": args.eval_tokens, "runs": {}}
+    results = {"machine": platform.processor() or platform.machine(), "model": loaded.source,
+               "eval_tokens": args.eval_tokens, "runs": {}}
+    del loaded
     with tempfile.TemporaryDirectory() as tmp:
         texts = {}
         for text, read in TEXTS.items():
@@ -162,6 +166,8 @@ def main() -> None:
         speed = run_benchmark([root / v for v in timed], baseline=root / "builder-int4", repeats=args.repeats,
                               quality_tokens=0, progress=False)
         results["speed"] = speed.get("ratios", speed)
+    results["peak_rss_mb"] = {who: resource.getrusage(flag).ru_maxrss / 1024 for who, flag in
+                              (("this process", resource.RUSAGE_SELF), ("children", resource.RUSAGE_CHILDREN))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str))
     plot(results, args.out.with_suffix(".png"))

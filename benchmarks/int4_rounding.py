@@ -15,6 +15,7 @@ Variants at one block size have the same bytes (symmetric: K/2 bytes + one fp32 
   gptq      error-compensated rounding (GPTQ) on the awq grid, damped input Grams (calibrated)
   awq-scaled  the quantiser's own awq (lestd_export.quantize_graph): Q/K/V and gate/up rows scaled by
               diag(C)^(a/2) first (AWQ; the norm absorbs 1/s), then rounded as `lestd-export quantize` does
+              (searched, refined and guarded block scales: the current code, whatever it is)
   awq-scaled-head  the tied lm_head/table too (the final norm absorbs 1/s, the lookup is multiplied by 1/s)
 
     python benchmarks/int4_rounding.py --out benchmarks/results/int4_rounding.json
@@ -117,7 +118,10 @@ def main() -> None:
     parser.add_argument("--damping", type=float, default=0.1)
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--calibration-tokens", type=int, default=4096)
-    parser.add_argument("--calibration", default="default", help="default, self (the model's samples) or a file")
+    parser.add_argument("--calibration", default="default",
+                        help="default, self (the model's samples), mixed (half each) or a file")
+    parser.add_argument("--head-bits", type=int, default=None, choices=(4, 8),
+                        help="the tied lm_head/table rounded to nearest at these bits instead (as --head-bits)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/int4_rounding.json"))
     args = parser.parse_args()
 
@@ -134,8 +138,16 @@ def main() -> None:
                "texts": {n: len(ids) for n, ids in texts.items()}, "damping": args.damping, "runs": []}
     results["runs"].append({"variant": "dense", "block": None, "perplexity": perplexities()})
     print(results["runs"][-1], flush=True)
-    data = load_calibration(args.calibration, model, tokenizer, args.calibration_tokens)
+    if args.calibration == "mixed":  # the docstrings and the model's own samples, half the tokens each
+        halves = [load_calibration(source, model, tokenizer, args.calibration_tokens // 2)
+                  for source in ("default", "self")]
+        length = min(h.sequences.shape[1] for h in halves)
+        data = type(halves[0])(np.concatenate([h.sequences[:, :length] for h in halves]),
+                               "mixed: " + " + ".join(h.source for h in halves), 0.0)
+    else:
+        data = load_calibration(args.calibration, model, tokenizer, args.calibration_tokens)
     results["calibration"] = data.source
+    results["head_bits"] = args.head_bits
     grams = input_grams(model, data.sequences)
     for block in [int(b) for b in args.blocks.split(",")]:
         for variant in args.variants.split(","):
@@ -145,8 +157,11 @@ def main() -> None:
             with torch.no_grad():
                 for name, module in linears(model).items():  # the tied table is the lm_head's weight: once
                     w = dense[name].double().numpy().T  # [K, N]: x @ W
-                    values = scaled[name] if name in scaled else rounded(w, variant.split("-scaled")[0], block,
-                                                                         grams[name], args.damping)
+                    if name == "lm_head" and args.head_bits:
+                        values = blockwise_round(w, args.head_bits, block)
+                    else:
+                        values = scaled[name] if name in scaled else rounded(w, variant.split("-scaled")[0], block,
+                                                                             grams[name], args.damping)
                     module.weight.copy_(torch.from_numpy(values.T))
             seconds = time.perf_counter() - started
             row = {"variant": variant, "block": block, "seconds": round(seconds, 1), "perplexity": perplexities()}

@@ -85,6 +85,8 @@ def summary(report: dict, out: Path) -> str:
         a = report["attention_bytes"]
         lines.append(f"  attention weights: {a['compressed'] / 2**20:.1f} MB ({a['fraction']:.3f} of the builder's "
                      f"{a['dense'] / 2**20:.1f} MB)")
+    if report.get("parity_fp32"):
+        lines.append(f"  fp32 graph before quantising: parity with PyTorch {report['parity_fp32']['max_relative_error']:.1e}")
     stored = (report.get("quantization") or {}).get("stored_values")
     if stored:
         lines.append(f"  computes with the values it stores: relative logit error "
@@ -97,8 +99,10 @@ def summary(report: dict, out: Path) -> str:
                      f"tokens {'equal' if parity['greedy_tokens_equal'] else 'differ'} (batch {parity['batch']}, "
                      f"prefill + {parity['decode_steps']} decode steps{_against(parity)})")
     else:
-        lines.append(f"  parity with PyTorch: max relative logit error {parity['max_relative_error']:.1e}, top-1 "
-                     f"agreement {parity['top1_agreement']:.0%} ({parity['tokens']} tokens{_against(parity)})")
+        what = ("parity with PyTorch" if "checked_against" not in parity
+                else f"distance from PyTorch fp32 ({report['storage']} rounding, random tokens, not a check)")
+        lines.append(f"  {what}: max relative logit error {parity['max_relative_error']:.1e}, top-1 "
+                     f"agreement {parity['top1_agreement']:.0%} ({parity['tokens']} tokens)")
     if report.get("runtime"):
         lines.append(f"  {report['runtime']['runtime']} loads it and generates")
     if report.get("fusions") is not None:
