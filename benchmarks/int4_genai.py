@@ -150,12 +150,20 @@ def main() -> None:
         for text, read in TEXTS.items():
             texts[text] = Path(tmp) / f"{text}.txt"
             texts[text].write_text(read())
+        cache_file = root / "perplexity-cache.json"  # a file's perplexities, kept until the file changes
+        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
         for name in names:
             directory = root / name
-            row = {"bytes": model_files_bytes(resolve_input(directory)[1]), "perplexity": {}}
+            model_file = resolve_input(directory)[1]
+            stamp = [p.stat().st_mtime_ns for p in sorted(directory.glob("model.onnx*"))]
+            row = {"bytes": model_files_bytes(model_file), "perplexity": {}}
             for text, path in texts.items():
-                row["perplexity"][text] = evaluate(directory, text_file=path, max_tokens=args.eval_tokens,
-                                                   progress=False)["perplexity"]
+                key = f"{name}|{text}|{args.eval_tokens}"
+                if cache.get(key, {}).get("stamp") != stamp:
+                    cache[key] = {"stamp": stamp, "perplexity": evaluate(
+                        directory, text_file=path, max_tokens=args.eval_tokens, progress=False)["perplexity"]}
+                    cache_file.write_text(json.dumps(cache, indent=1))
+                row["perplexity"][text] = cache[key]["perplexity"]
             results["runs"][name] = row
             print(name, row, flush=True)
     dense = results["runs"]["builder-fp32"]["perplexity"]

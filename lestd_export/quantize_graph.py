@@ -189,9 +189,10 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
             own = own_config.get(name, config)
             q, scales = round_codes(weight, own, gram)
             data, flat_scales = pack_matmulnbits(q, scales, own.bits, own.block_size)
-            new_initializers += [numpy_helper.from_array(data, f"{name}_Q{own.bits}"),
-                                 numpy_helper.from_array(flat_scales, f"{name}_scales")]
-            packed_of[name] = (f"{name}_Q{own.bits}", f"{name}_scales", own.block_size)
+            packed_of[name] = (_fresh(f"{name}_Q{own.bits}", initializers), _fresh(f"{name}_scales", initializers),
+                               own.block_size)
+            new_initializers += [numpy_helper.from_array(data, packed_of[name][0]),
+                                 numpy_helper.from_array(flat_scales, packed_of[name][1])]
             if stored is not None:  # the initializer holds W [K, N], or W^T for the transposed (tied) head
                 stored[name] = {"data": packed_of[name][0], "scales": packed_of[name][1], "k": k, "bits": own.bits,
                                 "block": own.block_size, "transposed": node.op_type == "FusedMatMul",
@@ -315,6 +316,16 @@ def _own_copy(model, node, name: str, initializer):
     return duplicate
 
 
+def _fresh(name: str, initializers: dict) -> str:
+    """``name``, or ``name`` with a numbered suffix where an initializer has it (a graph another quantiser already
+    wrote: ONNX Runtime's names its packed weights ``<weight>_Q4`` too); reserved in ``initializers``."""
+    candidate, number = name, 1
+    while candidate in initializers:
+        candidate, number = f"{name}_{number}", number + 1
+    initializers[candidate] = None  # reserved: the caller adds the initializer
+    return candidate
+
+
 def _head_weights(model, matmuls: list) -> set[str]:
     """The weights of the MatMuls that write the logits (the lm_head), through at most a few elementwise or
     shape ops (a bias Add, a Cast, a Reshape)."""
@@ -377,7 +388,7 @@ def _quantized_table(node, transpose, name: str, initializers: dict, matmuls: li
         scales = max_abs_scales(table.T.astype(np.float64), config.bits, config.block_size)
         data, flat_scales = pack_matmulnbits(codes(table.T.astype(np.float64), scales, config.bits,
                                                    config.block_size), scales, config.bits, config.block_size)
-        data_name, scales_name = f"{name}_Q{config.bits}", f"{name}_scales"
+        data_name, scales_name = _fresh(f"{name}_Q{config.bits}", initializers), _fresh(f"{name}_scales", initializers)
         extra = [numpy_helper.from_array(data, data_name), numpy_helper.from_array(flat_scales, scales_name)]
         if stored is not None:  # codes of table^T [width, vocab]
             stored[name] = {"data": data_name, "scales": scales_name, "k": width, "bits": config.bits,

@@ -379,3 +379,20 @@ def test_an_export_failing_the_stored_value_check_leaves_nothing(tied_export, tm
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".*"))
     assert main(args + [str(tmp_path / "kept"), "--no-validate"]) == 0
     assert "stored values: not checked (--no-validate)" in capsys.readouterr().out
+
+
+def test_new_initializers_never_take_an_existing_name(tied_export):
+    """A graph another quantiser touched may already hold ``<weight>_Q4`` (ONNX Runtime's name for its packed
+    weights): ours get other names, so no initializer is defined twice."""
+    from onnx import numpy_helper
+
+    from lestd_export.onnx_input import open_onnx_input
+    from lestd_export.quantize_graph import quantize_graph
+
+    root, _ = tied_export
+    model = open_onnx_input(root / "fp32").model
+    taken = [f"{node.input[1]}_Q4" for node in weight_matmuls(model)]
+    model.graph.initializer.extend(numpy_helper.from_array(np.zeros(3, np.float32), name) for name in taken)
+    quantize_graph(model, QuantizeConfig(rounding="rtn"), progress=False)
+    names = [init.name for init in model.graph.initializer]
+    assert len(names) == len(set(names)) and set(taken) <= set(names)
