@@ -4,7 +4,7 @@ and ONNX Runtime's own quantisers, file bytes against perplexity on three held-o
 Builds the default model with the builder (fp32; int4 at blocks 32 and 64; int8), quantises the fp32 build with
 ONNX Runtime's MatMulNBitsQuantizer (--ort: RTN symmetric, HQQ with its fp32 zero points; the token table, which
 that quantiser leaves fp32, stored in int4 by our round-to-nearest so that sizes compare) and with
-`lestd-export quantize` (--ours: rounding:block[:head bits]), exports the compressed variants of benchmarks/genai_edge.py at
+`lestd-export quantize` (--ours: rounding:block[:head bits[:bits]]), exports the compressed variants of benchmarks/genai_edge.py at
 --fraction (--compressed: LeSTD --dense-output, factored output, SVD-LLM; `export --format genai --quantize int4`
 with its default calibrated rounding), and measures for every file: the bytes on disk, perplexity
 through ONNX Runtime on three held-out texts (technical: Python's language reference; legal: GPL-3; narrative:
@@ -63,6 +63,21 @@ def ort_quantized(fp32: Path, out: Path, algorithm: str, block: int) -> None:
     staging.rename(out)
 
 
+def beaten_by(runs: dict) -> dict:
+    """For each file not ours, our files of at most its bytes (+1%) with at most its perplexity on every text."""
+    ours = {name: row for name, row in runs.items() if name.startswith("ours")}
+    return {name: [mine for mine, o in ours.items() if o["bytes"] <= 1.01 * row["bytes"]
+                   and all(o["x_dense"][t] <= x for t, x in row["x_dense"].items())]
+            for name, row in runs.items() if not name.startswith("ours") and name != "builder-fp32"}
+
+
+def machine() -> str:
+    """The CPU's model name and core count (``platform.processor()`` is empty on Linux)."""
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+    return f"{names[0]}, {len(names)} cores" if names else platform.machine()
+
+
 def plot(results: dict, path: Path) -> None:
     """File MB against perplexity (x dense), one panel per text, one marker per family."""
     import matplotlib
@@ -98,8 +113,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="catalogue alias or path (default: the default model)")
     parser.add_argument("--root", type=Path, default=Path("artifacts/int4-genai"))
-    parser.add_argument("--ours", default="awq:16,awq:32,awq:64,awq:128,awq:16:8,awq:32:8,awq:64:8",
-                        help="rounding:block[:head bits],... of ours")
+    parser.add_argument("--ours", default="awq:16,awq:32,awq:64,awq:128,awq:16:8,awq:32:8,awq:64:8,awq:32::8",
+                        help="rounding:block[:head bits[:bits]],... of ours (bits default 4)")
+    parser.add_argument("--builder", default="fp32,int4,int4-block64,int8",
+                        help="the builder's files (fp32 is always needed)")
     parser.add_argument("--ort", default="rtn:16,rtn:32,rtn:64,rtn:128,hqq:16,hqq:32,hqq:64,hqq:128",
                         help="algorithm:block,... of ONNX Runtime's quantiser")
     parser.add_argument("--compressed", default="", help="genai_edge.py settings,... (dense_output, factored_output, "
@@ -121,6 +138,7 @@ def main() -> None:
         loaded.tokenizer.save_pretrained(hf)
     builds = {"builder-fp32": ("fp32", {}), "builder-int4": ("int4", {}),
               "builder-int4-block64": ("int4", {"int4_block_size": "64"}), "builder-int8": ("int8", {})}
+    builds = {name: build for name, build in builds.items() if name[len("builder-"):] in args.builder.split(",")}
     for name, (precision, options) in builds.items():
         if not (root / name).exists():
             run_builder(hf, root / name, precision, extra_options=options)
@@ -132,17 +150,17 @@ def main() -> None:
             ort_quantized(root / "builder-fp32", root / name, algorithm, int(block))
         names.append(name)
     for item in filter(None, args.ours.split(",")):
-        rounding, block, *head = item.split(":")
-        name = f"ours-{rounding}-{block}" + (f"-head{head[0]}" if head else "")
+        rounding, block, head, bits = (item.split(":") + ["", ""])[:4]
+        name = f"ours-{rounding}-{block}" + (f"-head{head}" if head else "") + (f"-int{bits}" if bits else "")
         if not (root / name).exists():
             quantize_onnx(root / "builder-fp32", root / name, QuantizeConfig(
-                block_size=int(block), rounding=rounding, head_bits=int(head[0]) if head else None))
+                bits=int(bits or 4), block_size=int(block), rounding=rounding, head_bits=int(head) if head else None))
         names.append(name)
     for settings in filter(None, args.compressed.split(",")):
         name = f"lestd-{args.fraction}-{settings}-int4"
         lestd_variant(root, args.fraction, "int4", settings)
         names.append(name)
-    results = {"machine": platform.processor() or platform.machine(), "model": loaded.source,
+    results = {"machine": machine(), "model": loaded.source,
                "eval_tokens": args.eval_tokens, "runs": {}}
     del loaded
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,6 +187,7 @@ def main() -> None:
     dense = results["runs"]["builder-fp32"]["perplexity"]
     for row in results["runs"].values():
         row["x_dense"] = {t: round(p / dense[t], 4) for t, p in row["perplexity"].items()}
+    results["beaten_by"] = beaten_by(results["runs"])
     timed = [name for name in args.timed.split(",") if name]
     if timed and args.repeats:
         speed = run_benchmark([root / v for v in timed], baseline=root / "builder-int4", repeats=args.repeats,

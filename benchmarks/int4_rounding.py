@@ -159,9 +159,13 @@ def main() -> None:
                     w = dense[name].double().numpy().T  # [K, N]: x @ W
                     if name == "lm_head" and args.head_bits:
                         values = blockwise_round(w, args.head_bits, block)
+                    elif name in scaled:
+                        values = scaled[name]
+                    elif variant.startswith("awq-scaled"):  # the quantiser's rounding of an unscaled weight
+                        q, scales = round_codes(w, QuantizeConfig(block_size=block), grams[name])
+                        values = dequantize(q, scales, block)
                     else:
-                        values = scaled[name] if name in scaled else rounded(w, variant.split("-scaled")[0], block,
-                                                                             grams[name], args.damping)
+                        values = rounded(w, variant, block, grams[name], args.damping)
                     module.weight.copy_(torch.from_numpy(values.T))
             seconds = time.perf_counter() - started
             row = {"variant": variant, "block": block, "seconds": round(seconds, 1), "perplexity": perplexities()}

@@ -106,9 +106,9 @@ def quantize_export(model, directory: Path, loaded: LoadedModel, config, calibra
     """Quantise an exported fp32 graph ``model`` (in memory, compressed factors included; its config files in
     ``directory``) with ``config`` (a :class:`~.quantize_graph.QuantizeConfig`), calibrated on ``calibration``
     tokenised by the model's tokenizer; with ``validate`` the result must compute with the values it stores
-    (:func:`~.onnx_input.quantize.check_stored_values`). Returns the quantisation report."""
+    (:func:`~.onnx_input.quantized.check_stored_values`). Returns the quantisation report."""
     from .calibration import load_calibration
-    from .onnx_input.quantize import quantize_calibrated
+    from .onnx_input.quantized import quantize_calibrated
     from .onnx_input.source import graph_input
 
     source = graph_input(model, directory)

@@ -278,7 +278,7 @@ def test_a_file_must_compute_with_the_values_it_stores(tied_export, monkeypatch,
     import lestd_export.quantize_graph as quantize_graph
     from lestd_export.errors import ExportValidationError
     from lestd_export.onnx_input import open_onnx_input
-    from lestd_export.onnx_input.quantize import quantize_calibrated
+    from lestd_export.onnx_input.quantized import quantize_calibrated
 
     monkeypatch.setattr(quantize_graph, "SCALE_POWERS", (1.0,))  # force input scaling (tied head included)
     if break_it == "fold":  # the normalisation keeps its scale: the file computes with x, not x / s

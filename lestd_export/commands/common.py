@@ -1,4 +1,4 @@
-"""Flags shared by the verbs that compress (compress, export, sweep)."""
+"""Flags shared by the verbs that compress or quantise (compress, export, sweep, compress-onnx, quantize)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import argparse
 
 from ..config import BUDGETS, DEFAULT_CALIBRATION_TOKENS, GRANULARITIES, METHODS, OBJECTIVES, REFIT_TARGETS, CompressionConfig, parse_ranks
 
+INPUT_HELP = ("decoder .onnx file, or a directory holding one (the file genai_config.json names, else model.onnx): "
+              "an onnxruntime-genai build (-p fp32) or an optimum export; its directory needs genai_config.json or "
+              "config.json, and tokenizer files to calibrate on text")  # an ONNX input (compress-onnx, quantize)
 MODEL_HELP = ("model: catalogue alias (default: smollm2-135m), local Hugging Face directory, .gguf file, "
               "or hub id org/name (needs network)")
 

@@ -6,12 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import QUANTIZE, add_compression_flags, add_rounding_flags, config_from_args, quantize_config
+from .common import (INPUT_HELP, QUANTIZE, add_compression_flags, add_rounding_flags, config_from_args,
+                     quantize_config)
 
 VERB = "compress-onnx"
-INPUT_HELP = ("decoder .onnx file, or a directory holding one (the file genai_config.json names, else model.onnx): "
-              "an onnxruntime-genai build (-p fp32) or an optimum export; its directory needs genai_config.json or "
-              "config.json, and tokenizer files to calibrate on text")
 
 
 def register(subparsers) -> None:

@@ -6,8 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import add_rounding_flags, quantize_config
-from .onnx_input import INPUT_HELP
+from .common import INPUT_HELP, add_rounding_flags, quantize_config
 
 
 def register(subparsers) -> None:

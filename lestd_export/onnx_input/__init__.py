@@ -28,10 +28,10 @@ statistics), :mod:`.refit` (the refit through ONNX Runtime), :mod:`.plan` (Stage
 """
 
 from .capture import collect_onnx_statistics, load_onnx_calibration
-from .driver import REPORT_FILE, compare_logits, compress_onnx
+from .driver import REPORT_FILE, compress_onnx
 from .plan import check_config, plan_cores, plan_low_rank
 from .refit import dense_refit, sequential_refit_onnx
-from .sessions import decoder_feed, subgraph_model
+from .sessions import compare_logits, decoder_feed, subgraph_model
 from .source import OnnxInput, OnnxInputError, is_onnx_input, open_onnx_input, read_config, read_weights, resolve_input
 
 __all__ = ["REPORT_FILE", "OnnxInput", "OnnxInputError", "check_config", "collect_onnx_statistics", "compare_logits",

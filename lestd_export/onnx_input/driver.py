@@ -17,7 +17,7 @@ from ..errors import InvalidConfigError
 from ..onnx_sites import GraphMappingError
 from ..quantize_graph import QuantizeConfig
 from .plan import check_config, plan_cores, plan_low_rank
-from .sessions import decoder_feed
+from .sessions import compare_logits
 from .source import OnnxInput, open_onnx_input
 
 REPORT_FILE = "compression_report.json"
@@ -37,36 +37,6 @@ def _storage(config: CompressionConfig, quantize: str | None) -> tuple[Compressi
         raise InvalidConfigError(f"unknown quantisation {quantize!r}; choose one of {', '.join(QUANTIZE_BITS)}")
     wanted = "fp32" if quantize == "none" else quantize
     return (config if config.storage == wanted else replace(config, storage=wanted)), quantize
-
-
-def compare_logits(reference: Path, candidate: Path, source: OnnxInput, *, batch: int = 2, length: int = 16,
-                   seed: int = 0, ids: np.ndarray | None = None) -> dict:
-    """Prefill logits of two decoder files on the same tokens (``ids [B, T]``, else random ones): max
-    absolute and relative difference, top-1 agreement (the candidate against the reference)."""
-    import onnxruntime as ort
-
-    from ..runtime import session_options
-
-    logits_name = (source.genai_decoder or {}).get("outputs", {}).get("logits", "logits")
-    results, tokens = [], "calibration" if ids is not None else "random"
-    for path in (reference, candidate):
-        try:
-            session = ort.InferenceSession(str(path), sess_options=session_options(None, "all"),
-                                           providers=["CPUExecutionProvider"])
-        except Exception as error:  # noqa: BLE001 -- onnxruntime raises its own untyped errors
-            raise GraphMappingError(f"onnxruntime cannot load {path} ({str(error).splitlines()[0][:200]})") from None
-        if ids is None:
-            vocab = next(o.shape[-1] for o in session.get_outputs() if o.name == logits_name)
-            ids = np.random.default_rng(seed).integers(0, vocab if isinstance(vocab, int) else 32, size=(batch, length))
-        feed = decoder_feed(session, source.io, source.shape, ids, source.genai_decoder)
-        results.append(session.run([logits_name], feed)[0].astype(np.float64))
-        del session
-    ref, new = results
-    scale = float(np.abs(ref).max()) or 1.0
-    return {"max_abs_logit_difference": float(np.abs(new - ref).max()),
-            "max_relative_logit_difference": float(np.abs(new - ref).max() / scale),
-            "top1_agreement": float(np.mean(ref.argmax(-1) == new.argmax(-1))), "batch": int(ids.shape[0]),
-            "length": int(ids.shape[1]), "tokens": tokens}
 
 
 def copy_directory_files(source: OnnxInput, staging: Path) -> list[str]:
@@ -165,7 +135,7 @@ def compress_onnx(path: str | Path, out_dir: str | Path, config: CompressionConf
         quantised = None
         sample = None if data is None else data.sequences[:2, :64]  # real text where there is some
         if QUANTIZE_BITS[quantize] is not None:  # every weight and the token table, the grafted factors' inputs too
-            from .quantize import quantize_calibrated
+            from .quantized import quantize_calibrated
 
             quantised = quantize_calibrated(source, QuantizeConfig(bits=QUANTIZE_BITS[quantize], block_size=block_size,
                                                                    rounding=rounding, head_bits=head_bits),

@@ -132,3 +132,33 @@ def decoder_feed(session, io: DecoderIO, shape, ids: np.ndarray, genai_decoder: 
             raise GraphMappingError(f"the graph has an input {name!r} that a decoder prefill does not know how to "
                                     "feed (expected input_ids, attention_mask, position_ids and the past key/values)")
     return feed
+
+
+def compare_logits(reference: Path, candidate: Path, source: OnnxInput, *, batch: int = 2, length: int = 16,
+                   seed: int = 0, ids: np.ndarray | None = None) -> dict:
+    """Prefill logits of two decoder files on the same tokens (``ids [B, T]``, else random ones): max
+    absolute and relative difference, top-1 agreement (the candidate against the reference)."""
+    import onnxruntime as ort
+
+    from ..runtime import session_options
+
+    logits_name = (source.genai_decoder or {}).get("outputs", {}).get("logits", "logits")
+    results, tokens = [], "calibration" if ids is not None else "random"
+    for path in (reference, candidate):
+        try:
+            session = ort.InferenceSession(str(path), sess_options=session_options(None, "all"),
+                                           providers=["CPUExecutionProvider"])
+        except Exception as error:  # noqa: BLE001 -- onnxruntime raises its own untyped errors
+            raise GraphMappingError(f"onnxruntime cannot load {path} ({str(error).splitlines()[0][:200]})") from None
+        if ids is None:
+            vocab = next(o.shape[-1] for o in session.get_outputs() if o.name == logits_name)
+            ids = np.random.default_rng(seed).integers(0, vocab if isinstance(vocab, int) else 32, size=(batch, length))
+        feed = decoder_feed(session, source.io, source.shape, ids, source.genai_decoder)
+        results.append(session.run([logits_name], feed)[0].astype(np.float64))
+        del session
+    ref, new = results
+    scale = float(np.abs(ref).max()) or 1.0
+    return {"max_abs_logit_difference": float(np.abs(new - ref).max()),
+            "max_relative_logit_difference": float(np.abs(new - ref).max() / scale),
+            "top1_agreement": float(np.mean(ref.argmax(-1) == new.argmax(-1))), "batch": int(ids.shape[0]),
+            "length": int(ids.shape[1]), "tokens": tokens}
