@@ -396,3 +396,18 @@ def test_new_initializers_never_take_an_existing_name(tied_export):
     quantize_graph(model, QuantizeConfig(rounding="rtn"), progress=False)
     names = [init.name for init in model.graph.initializer]
     assert len(names) == len(set(names)) and set(taken) <= set(names)
+
+
+def test_onnx_input_at_full_size_quantises_without_compressing(tied_export, tmp_path, capsys):
+    """`lestd-export MODEL.onnx --size-fraction 1.0 --quantize int4` is `quantize` (the same file); without
+    --quantize it is a typed error (nothing to do)."""
+    root, _ = tied_export
+    common = ["--calibration-tokens", "256", "--quiet"]
+    assert main([str(root / "fp32"), "-o", str(tmp_path / "via-compress"), "--size-fraction", "1.0",
+                 "--quantize", "int4", *common]) == 0
+    assert "computes with the values it stores" in capsys.readouterr().out
+    assert main(["quantize", str(root / "fp32"), "-o", str(tmp_path / "via-quantize"), *common]) == 0
+    data = [(tmp_path / name / "model.onnx").read_bytes() for name in ("via-compress", "via-quantize")]
+    assert data[0] == data[1]
+    assert main([str(root / "fp32"), "-o", str(tmp_path / "nothing"), "--size-fraction", "1.0"]) == 2
+    assert "leaves the model as it is" in capsys.readouterr().err and not (tmp_path / "nothing").exists()
