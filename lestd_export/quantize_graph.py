@@ -11,8 +11,9 @@ rounding on that grid (``gptq``); a calibrated rounding keeps round-to-nearest's
 they have the lower output error on the calibration inputs, so it is never worse there. Calibrated roundings
 also scale the input channels of the weights a normalisation feeds (Q/K/V, gate/up, a tied lm_head) where that
 lowers the group's calibration output error, folding ``1/s`` into the normalisation's own scale
-(:func:`scale_inputs`; a lookup in the tied table is then multiplied by ``1/s``). A table whose width the
-block does not divide stays fp32 (the builder's shared table fails at run time there), and the report says so.
+(:func:`scale_inputs`; a lookup in the tied table is then multiplied by ``1/s``). A table (and the head tied to
+it) whose width the block does not divide is stored at the largest block that does (the builder's shared table
+fails at run time there); only a width no block divides keeps it fp32, and the report says so.
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
             q, scales = round_codes(weight, own, gram)
             data, flat_scales = pack_matmulnbits(q, scales, own.bits, own.block_size)
             packed_of[name] = (_fresh(f"{name}_Q{own.bits}", initializers), _fresh(f"{name}_scales", initializers),
-                               own.block_size)
+                               own)
             new_initializers += [numpy_helper.from_array(data, packed_of[name][0]),
                                  numpy_helper.from_array(flat_scales, packed_of[name][1])]
             if stored is not None:  # the initializer holds W [K, N], or W^T for the transposed (tied) head
@@ -199,7 +200,7 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
                                 "row_scale": row_scales.get(node.input[0])}
         replaced[node.name] = [helper.make_node(
             "MatMulNBits", [node.input[0], *packed_of[name][:2]], list(node.output), name=f"{node.name}_Q{config.bits}",
-            domain="com.microsoft", K=k, N=n, bits=own_config.get(name, config).bits, block_size=packed_of[name][2],
+            domain="com.microsoft", K=k, N=n, bits=packed_of[name][2].bits, block_size=packed_of[name][2].block_size,
             accuracy_level=config.accuracy_level)]
     table_storage = []
     for node, transpose, table in tables:
@@ -371,7 +372,7 @@ def _quantized_table(node, transpose, name: str, initializers: dict, matmuls: li
     if width % config.block_size:
         return [node], f"fp32 (no block of {', '.join(map(str, BLOCK_SIZES))} divides the width {width})", []
     tied = [m for m in matmuls if m.input[1] == name or tuple(initializers[m.input[1]].dims) == (width, vocab)
-            and packed_of[m.input[1]][2] == config.block_size
+            and packed_of[m.input[1]][2].block_size == config.block_size
             and np.array_equal(numpy_helper.to_array(initializers[m.input[1]]), table.T)]
     extra, output = [], node.output[0]
     if tied and stored is not None and tied[0].input[1] != name:  # a separate copy of the lm_head's weight

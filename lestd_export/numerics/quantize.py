@@ -71,12 +71,11 @@ def unpack_matmulnbits(data: np.ndarray, scales: np.ndarray, k: int, bits: int, 
     """The values ``[K, N]`` that symmetric ``MatMulNBits`` inputs (``data`` ``[N, blocks, block_size * bits / 8]``,
     ``scales`` ``[N, blocks]``; or a ``GatherBlockQuantized`` table's same two) multiply by: the inverse of
     :func:`pack_matmulnbits`."""
-    per_column = np.asarray(data, dtype=np.uint8).reshape(data.shape[0], -1, block_size * bits // 8)
+    per_column = np.asarray(data, dtype=np.uint8).reshape(data.shape[0], -1)  # [N, blocks * block_size * bits / 8]
     if bits == 4:  # low bits first
-        per_column = np.stack([per_column & 0x0F, per_column >> 4], axis=-1).reshape(*per_column.shape[:2], -1)
-    q = per_column.astype(np.float64) - 2 ** (bits - 1)  # [N, blocks, block_size]
-    values = q * np.asarray(scales, dtype=np.float64).reshape(q.shape[0], -1)[:, :, None]
-    return values.reshape(values.shape[0], -1)[:, :k].T
+        per_column = np.stack([per_column & 0x0F, per_column >> 4], axis=-1).reshape(per_column.shape[0], -1)
+    q = per_column[:, :k].T.astype(np.float64) - 2 ** (bits - 1)  # [K, N] signed codes
+    return dequantize(q, np.asarray(scales, dtype=np.float64).reshape(q.shape[1], -1).T, block_size)
 
 
 def blockwise_round(matrix: np.ndarray, bits: int, block_size: int = 32) -> np.ndarray:
@@ -86,20 +85,28 @@ def blockwise_round(matrix: np.ndarray, bits: int, block_size: int = 32) -> np.n
     return dequantize(codes(matrix, scales, bits, block_size), scales, block_size).astype(matrix.dtype)
 
 
+def _row_weights(importance: np.ndarray | None, k: int, block_size: int) -> np.ndarray:
+    """``importance [K]`` (uniform when None) as ``[blocks, block_size, 1]``, zero-padded like :func:`_blocks`."""
+    weight = np.ones(k) if importance is None else np.asarray(importance, dtype=np.float64)
+    return _blocks(weight[:, None], block_size)
+
+
+def _weighted_error(blocks: np.ndarray, weight: np.ndarray, q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """``sum_k weight_k (w_k - q_k s)^2`` per block and column ``[blocks, N]`` of codes ``q`` on ``scales``."""
+    return np.sum(weight * (blocks - q * scales[:, None, :]) ** 2, axis=1)
+
+
 def search_scales(matrix: np.ndarray, bits: int, block_size: int = 32, importance: np.ndarray | None = None,
                   ratios: np.ndarray = CLIP_RATIOS) -> np.ndarray:
     """Per block and column, the scale ``r * max_abs_scale`` (``r`` in ``ratios``) whose rounding error
     ``sum_k importance_k (w_k - q_k)^2`` is least (``importance [K]``: e.g. the mean squared input of each row,
     as activation-aware quantisers weigh it; uniform when None). Returns ``[blocks, N]``."""
     base = max_abs_scales(matrix, bits, block_size)
-    blocks = _blocks(matrix, block_size)
-    weight = np.ones(matrix.shape[0]) if importance is None else np.asarray(importance, dtype=np.float64)
-    weight = _blocks(weight[:, None], block_size)  # [blocks, block_size, 1]
+    blocks, weight = _blocks(matrix, block_size), _row_weights(importance, matrix.shape[0], block_size)
     best, best_error = base, np.full(base.shape, np.inf)
     for ratio in ratios:
         scales = base * ratio
-        q = _block_codes(blocks, scales, bits) * scales[:, None, :]
-        error = np.sum(weight * (blocks - q) ** 2, axis=1)  # [blocks, N]
+        error = _weighted_error(blocks, weight, _block_codes(blocks, scales, bits), scales)
         better = error < best_error
         best, best_error = np.where(better, scales, best), np.where(better, error, best_error)
     return best
@@ -110,22 +117,16 @@ def refine_scales(matrix: np.ndarray, scales: np.ndarray, bits: int, block_size:
     """Alternate codes and scales (Lloyd-style): with the codes fixed, each block's weighted least-squares scale
     ``sum_k i_k w_k q_k / sum_k i_k q_k^2``, then the codes on it; a block keeps its best scale so far, so the
     weighted rounding error never grows from ``scales`` ``[blocks, N]``. Returns ``[blocks, N]``."""
-    blocks = _blocks(matrix, block_size)
-    weight = np.ones(matrix.shape[0]) if importance is None else np.asarray(importance, dtype=np.float64)
-    weight = _blocks(weight[:, None], block_size)  # [blocks, block_size, 1]
-
-    def error(candidate: np.ndarray) -> np.ndarray:  # [blocks, N]
-        return np.sum(weight * (blocks - _block_codes(blocks, candidate, bits) * candidate[:, None, :]) ** 2, axis=1)
-
-    best, best_error, current = scales, error(scales), scales
-    for _ in range(iterations):
+    blocks, weight = _blocks(matrix, block_size), _row_weights(importance, matrix.shape[0], block_size)
+    best, best_error, current = scales, np.full(scales.shape, np.inf), scales
+    for _ in range(iterations + 1):  # the given scales, then ``iterations`` fitted ones
         q = _block_codes(blocks, current, bits)
+        error = _weighted_error(blocks, weight, q, current)
+        better = error < best_error
+        best, best_error = np.where(better, current, best), np.where(better, error, best_error)
         norm = np.sum(weight * q * q, axis=1)
         fitted = np.sum(weight * blocks * q, axis=1) / np.where(norm > 0, norm, 1.0)
         current = np.where((norm > 0) & (fitted != 0), fitted, best)
-        candidate_error = error(current)
-        better = candidate_error < best_error
-        best, best_error = np.where(better, current, best), np.where(better, candidate_error, best_error)
     return best
 
 
