@@ -31,9 +31,9 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits' fast-path blocks
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """How every weight is stored: ``bits`` (4 or 8), ``block_size`` along the reduction axis, the rounding;
-    ``head_bits`` for the token table and the lm_head (None: ``bits``; 8 on the default model buys most of what
-    int4 loses for 16% more bytes, see README)."""
+    """How every weight is stored: ``bits`` (2, 4 or 8), ``block_size`` along the reduction axis, the rounding;
+    ``head_bits`` for the token table and the lm_head (None: ``bits``, 4 under 2-bit weights; 8 on the default
+    model buys most of what int4 loses for 16% more bytes, see README)."""
 
     bits: int = 4
     block_size: int = 32
@@ -43,8 +43,8 @@ class QuantizeConfig:
     accuracy_level: int = 4  # MatMulNBits: int8 activations (the builder's CPU setting)
 
     def __post_init__(self):
-        if self.bits not in (4, 8):
-            raise InvalidConfigError(f"--quantize stores 4 or 8 bits, not {self.bits}")
+        if self.bits not in (2, 4, 8):
+            raise InvalidConfigError(f"--quantize stores 2, 4 or 8 bits, not {self.bits}")
         if self.head_bits not in (None, 4, 8):
             raise InvalidConfigError(f"--head-bits stores 4 or 8 bits, not {self.head_bits}")
         if self.block_size not in BLOCK_SIZES:
@@ -62,7 +62,7 @@ class QuantizeConfig:
         """The config of the token table and the lm_head."""
         from dataclasses import replace
 
-        return replace(self, bits=self.head_bits or self.bits, head_bits=None)
+        return replace(self, bits=self.head_bits or max(self.bits, 4), head_bits=None)  # tables: 4 or 8 bits
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -157,9 +157,12 @@ def _token_tables(model) -> list[tuple]:
 
 
 def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] | None = None, *,
-                   progress: bool = True, stored: dict | None = None) -> dict:
+                   progress: bool = True, stored: dict | None = None,
+                   configs: dict[str, QuantizeConfig] | None = None) -> dict:
     """Quantise ``model`` (an ``onnx.ModelProto`` with its weights loaded) in place; ``grams`` maps a MatMul's
-    input tensor to its Gram ``[K, K]``. Returns a report: nodes quantised, the table's storage, bytes.
+    input tensor to its Gram ``[K, K]``; ``configs`` the storage of particular weights (by initializer name; a
+    whole-file plan, :mod:`~lestd_export.onnx_input.budget`), ``config`` the rest's. Returns a report: nodes
+    quantised, the table's storage, bytes.
     ``stored`` (when given) receives, per replaced fp32 initializer, where its stored values are
     (:func:`stored_value_simulation` reads it)."""
     from onnx import helper, numpy_helper
@@ -175,6 +178,7 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
     own_config = {name: config.head for name in _head_weights(model, matmuls)}  # an untied lm_head
     own_config.update({name: _table_config(initializers[name], transpose is None, config.head)
                        for _, transpose, name in tables})  # a table and the head that reads it
+    own_config.update(configs or {})
     row_scales = {} if not config.calibrated or not grams else scale_inputs(model, matmuls, grams, config,
                                                                              initializers, own_config)
     for node in tqdm(matmuls, desc=f"int{config.bits} {config.rounding} rounding", unit="weight",
@@ -199,7 +203,7 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
                                 "block": own.block_size, "transposed": node.op_type == "FusedMatMul",
                                 "row_scale": row_scales.get(node.input[0])}
         replaced[node.name] = [helper.make_node(
-            "MatMulNBits", [node.input[0], *packed_of[name][:2]], list(node.output), name=f"{node.name}_Q{config.bits}",
+            "MatMulNBits", [node.input[0], *packed_of[name][:2]], list(node.output), name=f"{node.name}_Q{packed_of[name][2].bits}",
             domain="com.microsoft", K=k, N=n, bits=packed_of[name][2].bits, block_size=packed_of[name][2].block_size,
             accuracy_level=config.accuracy_level)]
     table_storage = []

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import InvalidConfigError
 from .common import INPUT_HELP, add_rounding_flags, quantize_config
 
 
@@ -23,7 +24,16 @@ def register(subparsers) -> None:
                     "arithmetic; --no-validate skips it).")
     parser.add_argument("model", help=INPUT_HELP)
     parser.add_argument("-o", "--output", required=True, type=Path, help="output directory (must not exist)")
-    parser.add_argument("--bits", type=int, default=4, choices=(4, 8), help="bits per weight (default 4)")
+    parser.add_argument("--bits", type=int, default=4, choices=(2, 4, 8),
+                        help="bits per weight (default 4; 2: the token table and lm_head stay int4 unless "
+                             "--head-bits says otherwise)")
+    parser.add_argument("--target-mb", type=float, default=None, metavar="MB",
+                        help="whole-file target in MB (1e6 bytes) of stored weights: every weight MatMul gets its "
+                             "own bits (2/4/8) and block (32/64/128), or SVD-LLM low-rank factors in int4, chosen by "
+                             "calibration output error per byte; --bits and --block-size then only set the "
+                             "token table's storage when it is not tied to the lm_head")
+    parser.add_argument("--no-low-rank", action="store_true",
+                        help="with --target-mb: quantisation only (no low-rank factors among the choices)")
     parser.add_argument("--calibration", default="default",
                         help="calibration text for awq/gptq: default (Python docstrings), a text file, or none")
     parser.add_argument("--calibration-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
@@ -39,10 +49,15 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..onnx_input.quantize import quantize_onnx
 
+    from ..onnx_input.budget import BudgetRequest
+
     config = quantize_config(args, args.bits)
+    if args.no_low_rank and args.target_mb is None:
+        raise InvalidConfigError("--no-low-rank only applies with --target-mb")
+    budget = None if args.target_mb is None else BudgetRequest(round(args.target_mb * 1e6), not args.no_low_rank)
     report = quantize_onnx(args.model, args.output, config, calibration=args.calibration,
                            calibration_tokens=args.calibration_tokens, overwrite=args.overwrite,
-                           progress=not args.quiet, validate=not args.no_validate)
+                           progress=not args.quiet, validate=not args.no_validate, budget=budget)
     print(json.dumps(report, indent=2) if args.json else summary(report, args.output))
     return 0
 
@@ -54,6 +69,13 @@ def summary(report: dict, out: Path) -> str:
              f"{report['block_size']}, {report['rounding']}{', calibrated' if report['calibrated'] else ''}), token "
              f"table {', '.join(report['token_table']) or 'none'}; {output['model_bytes'] / 1e6:.1f} MB "
              f"({output['bytes_fraction']:.2f} of the input)"]
+    if "budget" in report:
+        plan = report["budget"]
+        kinds = "; ".join(f"{kind} {entry['bytes'] / 1e6:.1f} MB ("
+                          + ", ".join(f"{n} x {storage}" for storage, n in entry["storage"].items()) + ")"
+                          for kind, entry in plan["by_kind"].items())
+        lines.append(f"  whole-file plan: {plan['stored_bytes'] / 1e6:.2f} MB stored of {plan['target_bytes'] / 1e6:.2f}"
+                     f" MB targeted, {plan['factored']} weights as low-rank factors; {kinds}")
     if "stored_values" in report:
         lines.append(f"  computes with the values it stores: relative logit error "
                      f"{report['stored_values']['max_relative_logit_difference']:.1e}")

@@ -15,6 +15,7 @@ import numpy as np
 
 from .pruning import LayerCore
 
+PACKED_BITS = (2, 4, 8)  # MatMulNBits widths this package writes (2: ONNX Runtime's CPU kernel, ~1.7x slower than 4)
 CLIP_RATIOS = np.linspace(1.0, 0.5, 26)  # block scales tried by search_scales, as fractions of the max-abs scale
 
 
@@ -57,13 +58,15 @@ def pack_matmulnbits(q: np.ndarray, scales: np.ndarray, bits: int, block_size: i
     ``[N, blocks, block_size * bits / 8]`` (codes + ``2^(bits-1)``, low bits first) and scales float32
     ``[N, blocks]`` (as the genai builder stores them; ``GatherBlockQuantized`` reads the same two for a tied
     table); no zero points (the kernels' default ``2^(bits-1)``, the fast path)."""
-    if bits not in (4, 8):
-        raise ValueError(f"MatMulNBits packs 4 or 8 bits here, not {bits}")
+    if bits not in PACKED_BITS:
+        raise ValueError(f"MatMulNBits packs {', '.join(map(str, PACKED_BITS))} bits here, not {bits}")
     unsigned = (_blocks(q, block_size) + 2 ** (bits - 1)).astype(np.uint8)  # [blocks, block_size, N]
     per_column = unsigned.transpose(2, 0, 1)  # [N, blocks, block_size]
-    if bits == 4:
-        per_column = per_column[..., 0::2] | (per_column[..., 1::2] << 4)
-    return np.ascontiguousarray(per_column), np.ascontiguousarray(scales.T.astype(np.float32))
+    per_byte = 8 // bits
+    packed = np.zeros_like(per_column[..., 0::per_byte])
+    for j in range(per_byte):  # code j of each byte in bits [j * bits, (j + 1) * bits)
+        packed |= per_column[..., j::per_byte] << (j * bits)
+    return np.ascontiguousarray(packed), np.ascontiguousarray(scales.T.astype(np.float32))
 
 
 def unpack_matmulnbits(data: np.ndarray, scales: np.ndarray, k: int, bits: int, block_size: int = 32
@@ -72,8 +75,9 @@ def unpack_matmulnbits(data: np.ndarray, scales: np.ndarray, k: int, bits: int, 
     ``scales`` ``[N, blocks]``; or a ``GatherBlockQuantized`` table's same two) multiply by: the inverse of
     :func:`pack_matmulnbits`."""
     per_column = np.asarray(data, dtype=np.uint8).reshape(data.shape[0], -1)  # [N, blocks * block_size * bits / 8]
-    if bits == 4:  # low bits first
-        per_column = np.stack([per_column & 0x0F, per_column >> 4], axis=-1).reshape(per_column.shape[0], -1)
+    mask = (1 << bits) - 1  # low bits first
+    per_column = np.stack([(per_column >> (j * bits)) & mask for j in range(8 // bits)], axis=-1
+                          ).reshape(per_column.shape[0], -1)
     q = per_column[:, :k].T.astype(np.float64) - 2 ** (bits - 1)  # [K, N] signed codes
     return dequantize(q, np.asarray(scales, dtype=np.float64).reshape(q.shape[1], -1).T, block_size)
 
@@ -163,3 +167,10 @@ def round_qkv_basis(core: LayerCore, bits: int, block_size: int = 32) -> None:
     u1 = np.array(core.u1, copy=True)
     u1[:, columns] = blockwise_round(u1[:, columns], bits, block_size)
     core.u1 = u1
+
+
+def stored_bytes(k: int, n: int, bits: int, block_size: int) -> int:
+    """Bytes :func:`pack_matmulnbits` writes for a ``[K, N]`` weight: the codes (``K`` padded to whole blocks) and
+    one float32 scale per block and column."""
+    blocks = -(-k // block_size)
+    return n * blocks * (block_size * bits // 8 + 4)

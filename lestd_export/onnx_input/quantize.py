@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..config import CompressionConfig
 from ..quantize_graph import QuantizeConfig
+from .budget import BudgetRequest
 from .capture import load_onnx_calibration
 from .driver import QUANTIZE_REPORT, copy_directory_files, input_record, open_for_output, write_model
 from .quantized import quantize_calibrated
@@ -19,10 +20,11 @@ from .sessions import compare_logits
 
 def quantize_onnx(path: str | Path, out_dir: str | Path, config: QuantizeConfig, *, calibration: str = "default",
                   calibration_tokens: int = 4096, overwrite: bool = False, progress: bool = True,
-                  validate: bool = True) -> dict:
+                  validate: bool = True, budget: BudgetRequest | None = None) -> dict:
     """Quantise the fp32 decoder at ``path`` into ``out_dir`` (written into a staging directory, renamed when
     complete): every weight MatMul as MatMulNBits, the token table stored once; returns the report (also
-    ``quantization_report.json``). ``calibration`` (``default``, a text file, ``none``) feeds ``awq``/``gptq``.
+    ``quantization_report.json``). ``calibration`` (``default``, a text file, ``none``) feeds ``awq``/``gptq`` and
+    a ``budget``'s plan (each weight's own storage within a whole-file byte target, :mod:`.budget`).
     With ``validate`` the file must compute with the values it stores (:func:`~.quantized.check_stored_values`,
     else nothing is written) and its logits are compared with the input's."""
     from ..io import atomic_output_dir, write_json
@@ -31,11 +33,11 @@ def quantize_onnx(path: str | Path, out_dir: str | Path, config: QuantizeConfig,
     source = open_for_output(path, out_dir, overwrite)
     with atomic_output_dir(out_dir, overwrite) as staging:
         data = None
-        if config.calibrated and calibration != "none":
+        if (config.calibrated or budget is not None) and calibration != "none":
             data = load_onnx_calibration(source, CompressionConfig(calibration=calibration,
                                                                    calibration_tokens=calibration_tokens))
         report = quantize_calibrated(source, config, None if data is None else data.sequences, validate=validate,
-                                     progress=progress)
+                                     progress=progress, budget=budget)
         sample = None if data is None else data.sequences[:2, :64]
         copied = copy_directory_files(source, staging)
         written = write_model(source.model, source, staging)

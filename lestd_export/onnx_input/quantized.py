@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ExportValidationError
+from ..errors import ExportValidationError, InvalidConfigError
 from ..quantize_graph import (QuantizeConfig, quantize_graph, stored_value_simulation, weight_matmuls,
                               with_accuracy_level)
+from .budget import BudgetRequest, apply_plan, plan_budget
 from .capture import capture_grams
 from .sessions import compare_logits
 from .source import OnnxInput
@@ -20,21 +21,36 @@ STORED_VALUE_TOLERANCE = 1e-3  # relative logit error against the stored values:
 
 
 def quantize_calibrated(source: OnnxInput, config: QuantizeConfig, sequences: np.ndarray | None, *,
-                        validate: bool = True, progress: bool = True) -> dict:
+                        validate: bool = True, progress: bool = True, budget: BudgetRequest | None = None) -> dict:
     """Quantise ``source.model`` (fp32, in memory; compressed factors included) in place: the input Gram of every
     weight MatMul captured through ONNX Runtime over the calibration ``sequences [S, T]`` when the rounding is
-    calibrated (none: round to nearest). With ``validate``, the result must compute what the float graph does
-    with the very values it stores (:func:`check_stored_values`). Returns
-    :func:`~lestd_export.quantize_graph.quantize_graph`'s report (with ``stored_values``)."""
+    calibrated (none: round to nearest). A ``budget`` gives every weight its own storage (or low-rank factors)
+    within a whole-file byte target (:mod:`.budget`; needs ``sequences``). With ``validate``, the result must
+    compute what the float graph does with the very values it stores (:func:`check_stored_values`). Returns
+    :func:`~lestd_export.quantize_graph.quantize_graph`'s report (with ``stored_values``, and ``budget``: the
+    allocation)."""
     import copy
 
-    grams = None
-    if config.calibrated and sequences is not None:
+    from ..export import initializer_sizes
+
+    grams = plan = configs = None
+    if budget is not None and sequences is None:
+        raise InvalidConfigError("--target-mb chooses each weight's storage from calibration statistics: give a "
+                                 "--calibration source")
+    if (config.calibrated or budget is not None) and sequences is not None:
         tensors = [node.input[0] for node in weight_matmuls(source.model)]
         grams = capture_grams(source, tensors, sequences, progress=progress, what="input statistics")
+    if budget is not None:
+        plan = plan_budget(source.model, grams, budget, config, source.model_type, progress=progress)
+        configs = apply_plan(source.model, plan, grams, config)
+        if not config.calibrated:
+            grams = None
     fp32 = copy.deepcopy(source.model) if validate else None
     stored: dict = {}
-    report = quantize_graph(source.model, config, grams, progress=progress, stored=stored)
+    report = quantize_graph(source.model, config, grams, progress=progress, stored=stored, configs=configs)
+    if plan is not None:
+        report["budget"] = plan.report()
+        report["budget"]["stored_bytes"] = sum(initializer_sizes(source.model).values())
     if validate:
         simulation = stored_value_simulation(fp32, source.model, stored)
         report["stored_values"] = check_stored_values(source, simulation,

@@ -1,0 +1,179 @@
+"""A whole-file byte target for a decoder graph (``quantize --target-mb``): every weight MatMul gets its own storage
+(int2/int4/int8 at a block size, or SVD-LLM low-rank factors in int4) chosen by calibration output error per byte
+(:mod:`~lestd_export.numerics.budget`), the chosen factorisations are written into the graph, and
+:func:`~lestd_export.quantize_graph.quantize_graph` stores each weight as planned.
+
+What is not a weight MatMul keeps its bytes: norms and biases stay fp32, a token table its
+:class:`~lestd_export.quantize_graph.QuantizeConfig` head storage (tied to the lm_head: the lm_head's plan, stored
+once). The planned bytes are the stored initializers' bytes exactly (tested) plus the fp32 graph's nodes (the file's
+graph, before quantisation renames and adds a few nodes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ..errors import InvalidConfigError
+from ..quantize_graph import (BLOCK_SIZES, QuantizeConfig, _head_weights, _table_config, _token_tables, _weight,
+                              weight_matmuls)
+
+BODY_STORAGE = tuple((bits, block) for bits in (2, 4, 8) for block in (32, 64, 128))  # every weight's choices
+HEAD_BITS = (4, 8)  # a tied lm_head shares its codes with the token lookup (GatherBlockQuantized: 4 or 8 bits)
+
+
+@dataclass(frozen=True)
+class BudgetRequest:
+    """A whole-file target: ``target_bytes`` of stored initializers; ``low_rank`` also offers SVD-LLM factors."""
+
+    target_bytes: int
+    low_rank: bool = True
+
+    def __post_init__(self):
+        if not (isinstance(self.target_bytes, int) and self.target_bytes > 0):
+            raise InvalidConfigError(f"--target-mb must be a positive size, got {self.target_bytes!r} bytes")
+
+
+@dataclass
+class PlannedWeight:
+    """One weight MatMul's plan: its node, weight, kind and layer (from the registry's node names), the options
+    it had and the one chosen."""
+
+    node: str
+    weight: str
+    kind: str
+    layer: int | None
+    shape: tuple[int, int]
+    energy: float  # tr(W^T C W): the output energy its error is divided by
+    options: list = field(default_factory=list)
+    chosen: int = 0
+
+    @property
+    def option(self):
+        return self.options[self.chosen]
+
+    def to_dict(self) -> dict:
+        return {"node": self.node, "kind": self.kind, "layer": self.layer, "shape": list(self.shape),
+                **self.option.to_dict(), "relative_error": self.option.error / max(self.energy, 1e-30)}
+
+
+@dataclass
+class BudgetPlan:
+    """Every weight's storage and the bytes everything else keeps."""
+
+    weights: list[PlannedWeight]
+    fixed_bytes: int  # norms, biases, an untied token table, the graph's nodes: what the plan does not choose
+    graph_bytes: int  # of which the fp32 graph's nodes (quantisation renames and adds a few: the file differs a little)
+    target_bytes: int
+
+    @property
+    def planned_bytes(self) -> int:
+        return self.fixed_bytes + sum(w.option.bytes for w in self.weights)
+
+    def report(self) -> dict:
+        """The allocation: totals, bytes and storage per kind, and every weight's choice."""
+        kinds: dict[str, dict] = {}
+        for w in self.weights:
+            entry = kinds.setdefault(w.kind, {"bytes": 0, "storage": {}})
+            entry["bytes"] += w.option.bytes
+            entry["storage"][w.option.name] = entry["storage"].get(w.option.name, 0) + 1
+        return {"target_bytes": self.target_bytes, "planned_bytes": self.planned_bytes,
+                "fixed_bytes": self.fixed_bytes, "graph_bytes": self.graph_bytes, "factored": sum(w.option.rank is not None for w in self.weights),
+                "objective": "sum of relative calibration output errors", "by_kind": kinds,
+                "weights": [w.to_dict() for w in self.weights]}
+
+
+def plan_budget(model, grams: dict[str, np.ndarray], request: BudgetRequest, config: QuantizeConfig,
+                model_type: str | None = None, progress: bool = True) -> BudgetPlan:
+    """Every weight MatMul's options (errors from the calibration ``grams``, keyed by the MatMul input) and the
+    choice that fits ``request.target_bytes``. Raises :class:`~lestd_export.errors.InvalidConfigError` for a target
+    below the smallest file the options can make, or a weight without calibration statistics."""
+    from tqdm.auto import tqdm
+
+    from ..export import initializer_sizes
+    from ..numerics.budget import choose_options, storage_options
+    from ..numerics.quantize import stored_bytes
+    from ..registry import REGISTRY
+    from ..weights import _node_rules, classify_node
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    matmuls = weight_matmuls(model)
+    tables = _token_tables(model)
+    heads = _head_weights(model, matmuls)
+    tied = {name for _, _, name in tables} & {m.input[1] for m in matmuls}
+    rules = _node_rules(REGISTRY.get(model_type or ""))
+    fixed = 0
+    for _, transpose, name in tables:
+        if name not in tied:  # an untied table: stored as the head config says, not planned
+            table = _table_config(initializers[name], transpose is None, config.head)
+            vocab, width = (initializers[name].dims if transpose is None else initializers[name].dims[::-1])
+            fixed += stored_bytes(int(width), int(vocab), table.bits, table.block_size)
+        fixed += 16 + (4 * int(min(initializers[name].dims)) if name in tied else 0)  # its lookup's shape, 1/s
+    planned_names = {m.input[1] for m in matmuls} | {name for _, _, name in tables}
+    fixed += sum(size for name, size in initializer_sizes(model).items() if name not in planned_names)
+    graph = sum(node.ByteSize() for node in model.graph.node)  # the graph itself (the fp32 one's nodes)
+
+    weights, seen = [], set()
+    for node in tqdm(matmuls, desc="storage options", unit="weight", disable=not progress):
+        if node.input[1] in seen:
+            continue  # a weight two MatMuls read is planned (and stored) once
+        seen.add(node.input[1])
+        if node.input[0] not in grams:
+            raise InvalidConfigError(f"no calibration statistics for {node.name}'s input: --target-mb needs them")
+        weight, gram = _weight(node, initializers), grams[node.input[0]]  # [K, N], [K, K]
+        if node.input[1] in tied:  # its codes are the token lookup's too: 4 or 8 bits, whole blocks of the width
+            width = weight.shape[0]
+            storage = tuple((b, s) for b in HEAD_BITS for s in BLOCK_SIZES[1:4] if width % s == 0)
+            low_rank = ()
+        else:
+            storage = BODY_STORAGE
+            low_rank = None if request.low_rank else ()
+        options = storage_options(weight, gram, storage, **({} if low_rank is None else {"low_rank": low_rank}))
+        kind, layer = classify_node(node.name, rules) or ("lm_head" if node.input[1] in heads else "other", None)
+        weights.append(PlannedWeight(node.name, node.input[1], kind, layer, weight.shape,
+                                     float(np.einsum("kn,kn->", weight, gram @ weight)), options))
+    try:
+        choice = choose_options([w.options for w in weights], request.target_bytes - fixed - graph,
+                                [1.0 / max(w.energy, 1e-30) for w in weights])
+    except ValueError as error:
+        smallest = fixed + sum(min(o.bytes for o in w.options) for w in weights)
+        raise InvalidConfigError(f"--target-mb {request.target_bytes / 1e6:.1f} is below the smallest file this plan "
+                                 f"can make ({smallest / 1e6:.1f} MB): raise it ({error})") from None
+    for w, j in zip(weights, choice):
+        w.chosen = j
+    return BudgetPlan(weights, fixed + graph, graph, request.target_bytes)
+
+
+def apply_plan(model, plan: BudgetPlan, grams: dict[str, np.ndarray], config: QuantizeConfig
+               ) -> dict[str, QuantizeConfig]:
+    """Write the plan's factorisations into ``model`` (``x @ W`` -> ``(x @ A) @ B``, fp32 factors; ``grams`` gains
+    ``A^T C A`` for each new intermediate) and return the storage of every weight and factor by initializer name,
+    for :func:`~lestd_export.quantize_graph.quantize_graph`."""
+    from onnx import helper, numpy_helper
+
+    from ..numerics.budget import low_rank_factors
+    from ..onnx_sites import replace_nodes
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    nodes = {node.name: node for node in model.graph.node}
+    configs, replaced = {}, {}
+    for w in plan.weights:
+        option = w.option
+        storage = replace(config, bits=option.bits, block_size=option.block_size, head_bits=None)
+        if option.rank is None:
+            configs[w.weight] = storage
+            continue
+        node = nodes[w.node]
+        gram = grams[node.input[0]]
+        a, b = low_rank_factors(_weight(node, initializers), gram, option.rank)  # [K, r], [r, N]
+        names = (f"{w.weight}/low_rank_a", f"{w.weight}/low_rank_b")
+        middle = f"{w.node}/low_rank"
+        model.graph.initializer.extend([numpy_helper.from_array(a.astype(np.float32), names[0]),
+                                        numpy_helper.from_array(b.astype(np.float32), names[1])])
+        replaced[w.node] = [helper.make_node("MatMul", [node.input[0], names[0]], [middle], name=f"{w.node}/a"),
+                            helper.make_node("MatMul", [middle, names[1]], list(node.output), name=f"{w.node}/b")]
+        grams[middle] = a.T @ gram @ a
+        configs.update(dict.fromkeys(names, storage))
+    replace_nodes(model.graph, replaced)
+    return configs
