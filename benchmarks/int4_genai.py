@@ -6,13 +6,17 @@ ONNX Runtime's MatMulNBitsQuantizer (--ort: RTN symmetric, HQQ with its fp32 zer
 that quantiser leaves fp32, stored in int4 by our round-to-nearest so that sizes compare) and with
 `lestd-export quantize` (--ours: rounding:block[:head bits[:bits]]), exports the compressed variants of benchmarks/genai_edge.py at
 --fraction (--compressed: LeSTD --dense-output, factored output, SVD-LLM; `export --format genai --quantize int4`
-with its default calibrated rounding), and measures for every file: the bytes on disk, perplexity
+with its default calibrated rounding), writes whole-file plans at --targets fractions of the builder's int4 bytes
+(`quantize --target-mb`, issue 19: with low-rank factors among the choices, `plan-F`, and quantisation only,
+`plan-F-quant`), and measures for every file: the bytes on disk, perplexity
 through ONNX Runtime on three held-out texts (technical: Python's language reference; legal: GPL-3; narrative:
 Debian's project history; calibration: the default Python docstrings, none of them), and, for --timed files,
 decode speed in onnxruntime-genai's own loop against the builder's int4 (interleaved, --repeats runs, paired
 ratios). Writes the JSON and a plot of MB against perplexity per text.
 
     python benchmarks/int4_genai.py --out benchmarks/results/int4_frontier.json
+    python benchmarks/int4_genai.py --targets 0.95,0.9,0.8,0.7 --ours awq:32,awq:64,awq:128,awq:256,awq:32::2 \
+        --out benchmarks/results/whole_model_frontier.json
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from lestd_export.export import model_files_bytes
 from lestd_export.genai import run_builder
 from lestd_export.loading import load_model
 from lestd_export.onnx_input import resolve_input
+from lestd_export.onnx_input.budget import BudgetRequest
 from lestd_export.onnx_input.quantize import quantize_onnx
 from lestd_export.quantize_graph import QuantizeConfig
 
@@ -71,6 +76,22 @@ def beaten_by(runs: dict) -> dict:
             for name, row in runs.items() if not name.startswith("ours") and name != "builder-fp32"}
 
 
+def plan_verdicts(runs: dict) -> dict:
+    """For each whole-file plan with low-rank factors among its choices (``plan-*`` not ``-quant``): the
+    quantisation-only files of at most its bytes, and which of them it beats on every text."""
+    verdicts = {}
+    for name, row in runs.items():
+        if not name.startswith("plan-") or name.endswith("-quant"):
+            continue
+        rivals = {other: o for other, o in runs.items() if other != name and other != "builder-fp32"
+                  and not (other.startswith("plan-") and not other.endswith("-quant"))
+                  and not other.startswith("lestd-") and o["bytes"] <= row["bytes"]}
+        verdicts[name] = {"no_larger_quantisation_only": sorted(rivals), "beats": sorted(
+            other for other, o in rivals.items() if all(row["x_dense"][t] < x for t, x in o["x_dense"].items())),
+            "factored_weights": row.get("factored")}
+    return verdicts
+
+
 def machine() -> str:
     """The CPU's model name and core count (``platform.processor()`` is empty on Linux)."""
     names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -88,14 +109,14 @@ def plot(results: dict, path: Path) -> None:
     texts = list(TEXTS)
     fig, axes = plt.subplots(1, len(texts), figsize=(5 * len(texts), 4.2), sharey=False)
     families = {"builder": ("s", "tab:gray"), "ort-rtn": ("v", "tab:orange"), "ort-hqq": ("^", "tab:red"),
-                "ours": ("o", "tab:blue"), "lestd": ("x", "tab:green")}
+                "ours": ("o", "tab:blue"), "lestd": ("x", "tab:green"), "plan": ("D", "tab:purple")}
     for axis, text in zip(axes, texts):
         for family, (marker, color) in families.items():
             rows = sorted((r["bytes"] / 1e6, r["x_dense"][text], name) for name, r in results["runs"].items()
                           if name.startswith(family) and "fp32" not in name and r["x_dense"][text] < 2.5)
             if rows:
                 axis.plot([r[0] for r in rows], [r[1] for r in rows], marker=marker, color=color, label=family,
-                          linestyle="-" if family == "ours" else ":")
+                          linestyle="-" if family in ("ours", "plan") else ":")
                 for mb, x, name in rows:
                     axis.annotate(name[len(family) + 1:], (mb, x), fontsize=6, xytext=(3, 3),
                                   textcoords="offset points")
@@ -122,6 +143,10 @@ def main() -> None:
     parser.add_argument("--compressed", default="", help="genai_edge.py settings,... (dense_output, factored_output, "
                         "svd_llm) exported at int4 beside the quantisation-only files")
     parser.add_argument("--fraction", type=float, default=0.5, help="--compressed: attention size fraction")
+    parser.add_argument("--targets", default="", help="whole-file plans (quantize --target-mb) at these fractions "
+                        "of the builder's int4 bytes, e.g. 0.95,0.9,0.8,0.7")
+    parser.add_argument("--plans", default="lowrank,quant",
+                        help="--targets: lowrank (low-rank factors among the choices), quant (quantisation only)")
     parser.add_argument("--timed", default="ours-awq-32,ours-awq-64",
                         help="files whose decode speed is measured against the builder's int4 ('' for none)")
     parser.add_argument("--eval-tokens", type=int, default=2048)
@@ -156,6 +181,17 @@ def main() -> None:
             quantize_onnx(root / "builder-fp32", root / name, QuantizeConfig(
                 bits=int(bits or 4), block_size=int(block), rounding=rounding, head_bits=int(head) if head else None))
         names.append(name)
+    int4_bytes = model_files_bytes(resolve_input(root / "builder-int4")[1]) if (root / "builder-int4").exists() else 0
+    factored = {}
+    for fraction in filter(None, args.targets.split(",")):
+        for kind in filter(None, args.plans.split(",")):
+            name = f"plan-{fraction}" + ("-quant" if kind == "quant" else "")
+            if not (root / name).exists():
+                quantize_onnx(root / "builder-fp32", root / name, QuantizeConfig(), budget=BudgetRequest(
+                    int(float(fraction) * int4_bytes), low_rank=kind == "lowrank"))
+            report = json.loads((root / name / "quantization_report.json").read_text())
+            factored[name] = report["budget"]["factored"]
+            names.append(name)
     for settings in filter(None, args.compressed.split(",")):
         name = f"lestd-{args.fraction}-{settings}-int4"
         lestd_variant(root, args.fraction, "int4", settings)
@@ -182,12 +218,15 @@ def main() -> None:
                         directory, text_file=path, max_tokens=args.eval_tokens, progress=False)["perplexity"]}
                     cache_file.write_text(json.dumps(cache, indent=1))
                 row["perplexity"][text] = cache[key]["perplexity"]
+            if name in factored:
+                row["factored"] = factored[name]
             results["runs"][name] = row
             print(name, row, flush=True)
     dense = results["runs"]["builder-fp32"]["perplexity"]
     for row in results["runs"].values():
         row["x_dense"] = {t: round(p / dense[t], 4) for t, p in row["perplexity"].items()}
     results["beaten_by"] = beaten_by(results["runs"])
+    results["plans"] = plan_verdicts(results["runs"])
     timed = [name for name in args.timed.split(",") if name]
     if timed and args.repeats:
         speed = run_benchmark([root / v for v in timed], baseline=root / "builder-int4", repeats=args.repeats,

@@ -141,11 +141,15 @@ def test_planned_bytes_are_the_stored_bytes_weight_for_weight(tiny_fp32):
 
     uniform = quantize_onnx(tiny_fp32 / "fp32", tiny_fp32 / "int4", QuantizeConfig(), calibration_tokens=256,
                             progress=False)
-    target = int(0.85 * uniform["output"]["model_bytes"])
+    graph = quantize_onnx(tiny_fp32 / "fp32", tiny_fp32 / "large", QuantizeConfig(), calibration_tokens=256,
+                          progress=False, budget=BudgetRequest(10**7))["budget"]["graph_bytes"]
+    target = int(0.85 * uniform["output"]["model_bytes"]) + graph // 2  # the tiny graph weighs more than its weights
     report = quantize_onnx(tiny_fp32 / "fp32", tiny_fp32 / "plan", QuantizeConfig(), calibration_tokens=256,
                            progress=False, budget=BudgetRequest(target))
     plan = report["budget"]
-    assert plan["planned_bytes"] <= target
+    int4_weights = sum(packed_bytes(onnx.load(str(tiny_fp32 / "int4" / "model.onnx"))).values())
+    assert sum(w["bytes"] for w in plan["weights"]) < int4_weights  # below uniform int4: the plan had to choose
+    assert plan["planned_bytes"] <= target and report["output"]["model_bytes"] <= target
     # every tensor as planned (the lookup's shape and 1/s reserved), but for the copies awq makes of a norm scale that
     # two groups share (4 d bytes each), or the reserved 1/s where no scaling was chosen
     extra = plan["stored_bytes"] - (plan["planned_bytes"] - plan["graph_bytes"])
