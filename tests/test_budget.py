@@ -200,3 +200,33 @@ def test_impossible_targets_and_flags_are_typed_errors(tiny_fp32, capsys):
     assert not (tiny_fp32 / "never").exists()
     with pytest.raises(InvalidConfigError):
         QuantizeConfig(bits=3)
+
+
+def test_loss_prices_are_a_price_of_output_error_that_does_not_depend_on_the_probe_size(tiny_fp32):
+    """The KL per unit of output error is positive for every weight and, the KL being quadratic in small errors, the
+    same for a quarter of a rounding error and for half of it (four times the output error), within 25%."""
+    from lestd_export.config import CompressionConfig
+    from lestd_export.numerics.budget import estimate_codes, output_error
+    from lestd_export.onnx_input import open_onnx_input
+    from lestd_export.onnx_input.capture import capture_grams, load_onnx_calibration
+    from lestd_export.onnx_input.sensitivity import loss_prices
+    from lestd_export.quantize_graph import _weight, weight_matmuls
+
+    source = open_onnx_input(tiny_fp32 / "fp32")
+    data = load_onnx_calibration(source, CompressionConfig(calibration="default", calibration_tokens=256))
+    matmuls = {m.input[1]: m for m in weight_matmuls(source.model)}
+    grams = capture_grams(source, [m.input[0] for m in matmuls.values()], data.sequences, progress=False)
+    initializers = {init.name: init for init in source.model.graph.initializer}
+
+    def probes(name):
+        node = matmuls[name]
+        weight, gram = _weight(node, initializers), grams[node.input[0]]
+        error = estimate_codes(weight, 4, 64, gram) - weight
+        for label, scale in (("once", 0.25), ("twice", 0.5)):
+            values = weight + scale * error
+            yield label, values.T if node.op_type == "FusedMatMul" else values, output_error(weight, values, gram)
+
+    prices = loss_prices(source, list(matmuls), probes, data.sequences, progress=False)
+    assert len(prices) == 2 * len(matmuls) and all(p > 0 for p in prices.values())
+    ratios = np.array([prices[(n, "twice")] / prices[(n, "once")] for n in matmuls])
+    assert np.all(np.abs(ratios - 1) < 0.25), ratios

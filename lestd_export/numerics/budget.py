@@ -11,7 +11,7 @@ weight's relative output error counts the same), within the budget (an exact kna
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -70,6 +70,16 @@ def low_rank_bytes(k: int, n: int, rank: int, bits: int, block_size: int) -> int
     return stored_bytes(k, rank, bits, block_size) + stored_bytes(rank, n, bits, block_size)
 
 
+def stored_values(weight: np.ndarray, gram: np.ndarray, option: StorageOption) -> np.ndarray:
+    """The values ``[K, N]`` that ``option`` would store for ``weight`` (planning estimate, :func:`estimate_codes`;
+    low-rank factors multiplied out)."""
+    if option.rank is None:
+        return estimate_codes(weight, option.bits, option.block_size, gram)
+    a, b = low_rank_factors(weight, gram, option.rank)
+    return (estimate_codes(a, option.bits, option.block_size, gram)
+            @ estimate_codes(b, option.bits, option.block_size, a.T @ gram @ a))
+
+
 def storage_options(weight: np.ndarray, gram: np.ndarray, quantized: tuple[tuple[int, int], ...],
                     low_rank: tuple[float, ...] = LOW_RANK_FRACTIONS, factor_bits: int = 4,
                     factor_block: int = 32) -> list[StorageOption]:
@@ -78,32 +88,26 @@ def storage_options(weight: np.ndarray, gram: np.ndarray, quantized: tuple[tuple
     multiple of ``factor_block``) whose bytes are at most that fraction of the weight's ``factor_bits`` bytes."""
     weight, gram = np.asarray(weight, dtype=np.float64), np.asarray(gram, dtype=np.float64)
     k, n = weight.shape
-    options = [StorageOption(bits, block, None, stored_bytes(k, n, bits, block),
-                             output_error(weight, estimate_codes(weight, bits, block, gram), gram))
-               for bits, block in quantized]
-    if not low_rank:
-        return options
-    full = stored_bytes(k, n, factor_bits, factor_block)
-    ranks = range(factor_block, min(k, n), factor_block)  # whole blocks: B [r, N] pads r to them
-    chosen = {max((r for r in ranks if low_rank_bytes(k, n, r, factor_bits, factor_block) <= fraction * full),
-                  default=None) for fraction in low_rank}
-    for rank in sorted(chosen - {None}):
-        a, b = low_rank_factors(weight, gram, rank)
-        a_stored = estimate_codes(a, factor_bits, factor_block, gram)
-        b_stored = estimate_codes(b, factor_bits, factor_block, a.T @ gram @ a)
-        options.append(StorageOption(factor_bits, factor_block, rank,
-                                     low_rank_bytes(k, n, rank, factor_bits, factor_block),
-                                     output_error(weight, a_stored @ b_stored, gram)))
-    return options
+    options = [StorageOption(bits, block, None, stored_bytes(k, n, bits, block)) for bits, block in quantized]
+    if low_rank:
+        full = stored_bytes(k, n, factor_bits, factor_block)
+        ranks = range(factor_block, min(k, n), factor_block)  # whole blocks: B [r, N] pads r to them
+        chosen = {max((r for r in ranks if low_rank_bytes(k, n, r, factor_bits, factor_block) <= fraction * full),
+                      default=None) for fraction in low_rank}
+        options += [StorageOption(factor_bits, factor_block, rank, low_rank_bytes(k, n, rank, factor_bits,
+                                                                                  factor_block))
+                    for rank in sorted(chosen - {None})]
+    return [replace(o, error=output_error(weight, stored_values(weight, gram, o), gram)) for o in options]
 
 
-def choose_options(options: list[list[StorageOption]], budget: int, weights: list[float] | None = None,
+def choose_options(options: list[list[StorageOption]], budget: int, losses: list[list[float]] | None = None,
                    resolution: int = 20000) -> list[int]:
-    """One option index per weight minimising ``sum_i weights_i * error`` with total bytes ``<= budget``: the
+    """One option index per weight minimising the summed loss of the chosen options (``losses[i][j]``, default
+    their errors) with total bytes ``<= budget``: the
     multiple-choice knapsack solved exactly by dynamic programming over the budget in ``resolution`` units (each
     option's bytes rounded up to whole units, so the choice always fits; exact when a unit is one byte). Raises
     ValueError when even the smallest options exceed ``budget``."""
-    weights = [1.0] * len(options) if weights is None else weights
+    losses = [[o.error for o in opts] for opts in options] if losses is None else losses
     smallest = sum(min(o.bytes for o in opts) for opts in options)
     if smallest > budget:
         raise ValueError(f"even the smallest storage of every weight ({smallest} bytes) exceeds the budget of "
@@ -112,12 +116,12 @@ def choose_options(options: list[list[StorageOption]], budget: int, weights: lis
     units = budget // unit
     best = np.zeros(units + 1)  # best[b]: least error of the weights so far within b units
     picks = []
-    for weight, opts in zip(weights, options):
+    for loss, opts in zip(losses, options):
         steps = [-(-o.bytes // unit) for o in opts]
         candidates = np.full((len(opts), units + 1), np.inf)
-        for j, (o, step) in enumerate(zip(opts, steps)):
+        for j, step in enumerate(steps):
             if step <= units:
-                candidates[j, step:] = best[:units + 1 - step] + weight * o.error
+                candidates[j, step:] = best[:units + 1 - step] + loss[j]
         picks.append(np.argmin(candidates, axis=0).astype(np.int16))  # ties: the first (callers list small first)
         best = candidates[picks[-1], np.arange(units + 1)]
     choice, left = [], units

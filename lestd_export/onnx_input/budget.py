@@ -20,6 +20,7 @@ from ..quantize_graph import (BLOCK_SIZES, QuantizeConfig, _head_weights, _table
                               weight_matmuls)
 
 BODY_STORAGE = tuple((bits, block) for bits in (2, 4, 8) for block in (32, 64, 128))  # every weight's choices
+PROBES = ("round", "low_rank")  # the kinds of error a weight's prices are measured for
 HEAD_BITS = (4, 8)  # a tied lm_head shares its codes with the token lookup (GatherBlockQuantized: 4 or 8 bits)
 
 
@@ -45,9 +46,14 @@ class PlannedWeight:
     kind: str
     layer: int | None
     shape: tuple[int, int]
-    energy: float  # tr(W^T C W): the output energy its error is divided by
+    energy: float  # tr(W^T C W): its mean squared output
     options: list = field(default_factory=list)
     chosen: int = 0
+    prices: dict = field(default_factory=dict)  # what a unit of output error costs, per kind of error (PROBES)
+
+    def loss(self, option) -> float:
+        """The option's share of the plan's objective: its output error at the price of its kind of error."""
+        return option.error * self.prices.get("low_rank" if option.rank is not None else "round", 0.0)
 
     @property
     def option(self):
@@ -55,7 +61,8 @@ class PlannedWeight:
 
     def to_dict(self) -> dict:
         return {"node": self.node, "kind": self.kind, "layer": self.layer, "shape": list(self.shape),
-                **self.option.to_dict(), "relative_error": self.option.error / max(self.energy, 1e-30)}
+                **self.option.to_dict(), "relative_error": self.option.error / max(self.energy, 1e-30),
+                "prices": self.prices, "predicted_loss": self.loss(self.option)}
 
 
 @dataclass
@@ -63,6 +70,7 @@ class BudgetPlan:
     """Every weight's storage and the bytes everything else keeps."""
 
     weights: list[PlannedWeight]
+    objective: str
     fixed_bytes: int  # norms, biases, an untied token table, the graph's nodes: what the plan does not choose
     graph_bytes: int  # of which reserved for the file's graph (nodes and tensor records)
     target_bytes: int
@@ -80,15 +88,20 @@ class BudgetPlan:
             entry["storage"][w.option.name] = entry["storage"].get(w.option.name, 0) + 1
         return {"target_bytes": self.target_bytes, "planned_bytes": self.planned_bytes,
                 "fixed_bytes": self.fixed_bytes, "graph_bytes": self.graph_bytes, "factored": sum(w.option.rank is not None for w in self.weights),
-                "objective": "sum of relative calibration output errors", "by_kind": kinds,
+                "objective": self.objective, "predicted_loss": sum(w.loss(w.option) for w in self.weights),
+                "by_kind": kinds,
                 "weights": [w.to_dict() for w in self.weights]}
 
 
 def plan_budget(model, grams: dict[str, np.ndarray], request: BudgetRequest, config: QuantizeConfig,
-                model_type: str | None = None, progress: bool = True) -> BudgetPlan:
+                model_type: str | None = None, progress: bool = True, measure=None) -> BudgetPlan:
     """Every weight MatMul's options (errors from the calibration ``grams``, keyed by the MatMul input) and the
-    choice that fits ``request.target_bytes``. Raises :class:`~lestd_export.errors.InvalidConfigError` for a target
-    below the smallest file the options can make, or a weight without calibration statistics."""
+    choice that fits ``request.target_bytes``, minimising the summed loss of the chosen options: each option's
+    output error times its weight's price for that kind of error. ``measure(weights, probes)`` returns the prices
+    (:func:`~.sensitivity.loss_prices`: the KL per unit output error of each weight stored as its coarsest int4
+    option, ``round``, and as its largest low-rank option, ``low_rank``); without it, ``1 / output energy``
+    (relative errors). Raises :class:`~lestd_export.errors.InvalidConfigError` for a target below the smallest
+    file the options can make, or a weight without calibration statistics."""
     from tqdm.auto import tqdm
 
     from ..export import initializer_sizes
@@ -136,16 +149,56 @@ def plan_budget(model, grams: dict[str, np.ndarray], request: BudgetRequest, con
         kind, layer = classify_node(node.name, rules) or ("lm_head" if node.input[1] in heads else "other", None)
         weights.append(PlannedWeight(node.name, node.input[1], kind, layer, weight.shape,
                                      float(np.einsum("kn,kn->", weight, gram @ weight)), options))
+    if measure is None:
+        for w in weights:
+            w.prices = dict.fromkeys(PROBES, 1.0 / max(w.energy, 1e-30))
+    else:
+        measured = measure([w.weight for w in weights], _probes(model, weights, grams))
+        for w in weights:
+            w.prices = {label: measured[(w.weight, label)] for label in PROBES if (w.weight, label) in measured}
     try:
         choice = choose_options([w.options for w in weights], request.target_bytes - fixed - graph,
-                                [1.0 / max(w.energy, 1e-30) for w in weights])
+                                [[w.loss(o) for o in w.options] for w in weights])
     except ValueError as error:
         smallest = fixed + graph + sum(min(o.bytes for o in w.options) for w in weights)
         raise InvalidConfigError(f"--target-mb {request.target_bytes / 1e6:.1f} is below the smallest file this plan "
                                  f"can make ({smallest / 1e6:.1f} MB): raise it ({error})") from None
     for w, j in zip(weights, choice):
         w.chosen = j
-    return BudgetPlan(weights, fixed + graph, graph, request.target_bytes)
+    objective = ("sum of relative calibration output errors" if measure is None else
+                 "predicted KL: each option's calibration output error times its weight's measured KL per unit "
+                 "output error (of rounding, or of low-rank truncation)")
+    return BudgetPlan(weights, objective, fixed + graph, graph, request.target_bytes)
+
+
+def _probe_options(w: PlannedWeight) -> dict[str, object]:
+    """The options whose stored values probe a weight's prices: its coarsest 4-bit rounding, its largest low rank."""
+    rounded = [o for o in w.options if o.rank is None and o.bits == 4]
+    factored = [o for o in w.options if o.rank is not None]
+    found = {"round": max(rounded, key=lambda o: o.block_size)} if rounded else {}
+    if factored:
+        found["low_rank"] = max(factored, key=lambda o: o.rank)
+    return found
+
+
+def _probes(model, weights: list[PlannedWeight], grams: dict[str, np.ndarray]):
+    """``probes(initializer)`` for :func:`~.sensitivity.loss_prices`: ``(label, perturbed value, output error)`` of
+    each :func:`_probe_options` option, in the initializer's layout."""
+    from ..numerics.budget import stored_values
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    nodes = {node.name: node for node in model.graph.node}
+    by_weight = {w.weight: w for w in weights}
+
+    def probes(name: str):
+        w = by_weight[name]
+        node = nodes[w.node]
+        weight, gram = _weight(node, initializers), grams[node.input[0]]
+        for label, option in _probe_options(w).items():
+            values = stored_values(weight, gram, option)
+            yield label, values.T if node.op_type == "FusedMatMul" else values, option.error
+
+    return probes
 
 
 def apply_plan(model, plan: BudgetPlan, grams: dict[str, np.ndarray], config: QuantizeConfig

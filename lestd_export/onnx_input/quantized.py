@@ -14,6 +14,7 @@ from ..quantize_graph import (QuantizeConfig, quantize_graph, stored_value_simul
                               with_accuracy_level)
 from .budget import BudgetRequest, apply_plan, plan_budget
 from .capture import capture_grams
+from .sensitivity import loss_prices
 from .sessions import compare_logits
 from .source import OnnxInput
 
@@ -41,7 +42,10 @@ def quantize_calibrated(source: OnnxInput, config: QuantizeConfig, sequences: np
         tensors = [node.input[0] for node in weight_matmuls(source.model)]
         grams = capture_grams(source, tensors, sequences, progress=progress, what="input statistics")
     if budget is not None:
-        plan = plan_budget(source.model, grams, budget, config, source.model_type, progress=progress)
+        def measure(weights: list[str], probes) -> dict:
+            return loss_prices(source, weights, probes, sequences, progress=progress)
+
+        plan = plan_budget(source.model, grams, budget, config, source.model_type, progress=progress, measure=measure)
         configs = apply_plan(source.model, plan, grams, config)
         if not config.calibrated:
             grams = None
