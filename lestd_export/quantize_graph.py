@@ -223,6 +223,7 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
 
 
 SCALE_POWERS = (0.0, 0.25, 0.5, 0.75, 1.0)  # s = diag(C)^(a/2): a = 0 is no scaling
+SCALE_SEARCH_COLUMNS = 65536  # output columns the choice of s is made on (an untied 151,936-wide head: 1 in 3)
 
 
 def _scale_site(tensor: str, producer: dict, consumers: dict, members: set[str], initializers: dict
@@ -256,8 +257,13 @@ def input_scale(weights: list[np.ndarray], gram: np.ndarray, config: QuantizeCon
                 powers: tuple[float, ...] | None = None) -> np.ndarray:
     """AWQ's input-channel scale ``s [K]`` for weights ``[K, N_i]`` that read one input of Gram ``gram``:
     ``s = diag(C)^(a/2)`` (geometric mean 1, ``a`` in ``powers``, default :data:`SCALE_POWERS`) whose rounding of
-    ``s W`` (:func:`round_codes`) gives the least calibration output error over all the weights (``a = 0``: none)."""
+    ``s W`` (:func:`round_codes`) gives the least calibration output error over all the weights (``a = 0``: none),
+    judged on at most :data:`SCALE_SEARCH_COLUMNS` evenly spaced output columns (the error separates by column)."""
     diag = np.maximum(np.diag(gram), 1e-12)
+    columns = sum(w.shape[1] for w in weights)
+    if columns > SCALE_SEARCH_COLUMNS:  # a vocabulary-wide head: decide on evenly spaced columns (every 1 in step)
+        step = -(-columns // SCALE_SEARCH_COLUMNS)
+        weights = [w[:, ::step] for w in weights]
     best, best_error = None, np.inf
     for power in powers or SCALE_POWERS:
         s = diag ** (power / 2)

@@ -166,9 +166,10 @@ def test_a_file_with_low_rank_factors_computes_with_the_values_it_stores(tiny_fp
     """Force every MLP weight onto its smallest low-rank option: the graph gains two MatMulNBits per factored
     weight, the stored-value check (fp32 graph with the factors' stored values) passes, and bytes still match."""
     from lestd_export.onnx_input import budget as budget_module
+    from lestd_export.onnx_input import quantized
     from lestd_export.onnx_input.quantize import quantize_onnx
 
-    chosen = budget_module.plan_budget
+    chosen = quantized.plan_budget
 
     def factor_the_mlp(*args, **kwargs):
         plan = chosen(*args, **kwargs)
@@ -230,3 +231,23 @@ def test_loss_prices_are_a_price_of_output_error_that_does_not_depend_on_the_pro
     assert len(prices) == 2 * len(matmuls) and all(p > 0 for p in prices.values())
     ratios = np.array([prices[(n, "twice")] / prices[(n, "once")] for n in matmuls])
     assert np.all(np.abs(ratios - 1) < 0.25), ratios
+
+
+def test_a_cache_of_weighed_options_serves_every_target_of_the_same_model(tiny_fp32, tmp_path, monkeypatch):
+    """The options and prices do not depend on the target: measured once into --plan-cache, reused for a second
+    target (no new measurement) and for a quantisation-only plan; a plan for the same target is the same."""
+    from lestd_export.onnx_input import quantized
+    from lestd_export.onnx_input.budget import BudgetRequest
+    from lestd_export.onnx_input.quantize import quantize_onnx
+
+    calls = []
+    measured = quantized.loss_prices
+    monkeypatch.setattr(quantized, "loss_prices", lambda *a, **k: calls.append(1) or measured(*a, **k))
+    cache = str(tmp_path / "options.json")
+    reports = [quantize_onnx(tiny_fp32 / "fp32", tmp_path / name, QuantizeConfig(), calibration_tokens=256,
+                             progress=False, validate=False, budget=BudgetRequest(target, low_rank, cache))
+               for name, target, low_rank in (("a", 10**6, True), ("b", 10**6, True), ("c", 10**6, False))]
+    assert len(calls) == 1
+    assert [w["storage"] for w in reports[0]["budget"]["weights"]] == [w["storage"] for w in
+                                                                      reports[1]["budget"]["weights"]]
+    assert reports[2]["budget"]["factored"] == 0

@@ -28,12 +28,16 @@ def register(subparsers) -> None:
                         help="bits per weight (default 4; 2: the token table and lm_head stay int4 unless "
                              "--head-bits says otherwise)")
     parser.add_argument("--target-mb", type=float, default=None, metavar="MB",
-                        help="whole-file target in MB (1e6 bytes) of stored weights: every weight MatMul gets its "
-                             "own bits (2/4/8) and block (32/64/128), or SVD-LLM low-rank factors in int4, chosen by "
-                             "calibration output error per byte; --bits and --block-size then only set the "
-                             "token table's storage when it is not tied to the lm_head")
+                        help="whole-file target in MB (1e6 bytes; the written model files): every weight MatMul gets its "
+                             "own bits (2/4/8) and block (32/64/128), or SVD-LLM low-rank factors in int4, chosen for "
+                             "the least predicted loss (each option's calibration output error times the KL per unit "
+                             "output error measured for that weight through ONNX Runtime); --bits and --block-size "
+                             "then only set the token table's storage when it is not tied to the lm_head")
     parser.add_argument("--no-low-rank", action="store_true",
                         help="with --target-mb: quantisation only (no low-rank factors among the choices)")
+    parser.add_argument("--plan-cache", default=None, metavar="FILE.json",
+                        help="with --target-mb: keep the weighed options and measured prices here and reuse them for "
+                             "later targets on the same model and calibration (they do not depend on the target)")
     parser.add_argument("--calibration", default="default",
                         help="calibration text for awq/gptq: default (Python docstrings), a text file, or none")
     parser.add_argument("--calibration-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
@@ -52,9 +56,10 @@ def run(args: argparse.Namespace) -> int:
     from ..onnx_input.budget import BudgetRequest
 
     config = quantize_config(args, args.bits)
-    if args.no_low_rank and args.target_mb is None:
-        raise InvalidConfigError("--no-low-rank only applies with --target-mb")
-    budget = None if args.target_mb is None else BudgetRequest(round(args.target_mb * 1e6), not args.no_low_rank)
+    if (args.no_low_rank or args.plan_cache) and args.target_mb is None:
+        raise InvalidConfigError("--no-low-rank and --plan-cache only apply with --target-mb")
+    budget = None if args.target_mb is None else BudgetRequest(round(args.target_mb * 1e6), not args.no_low_rank,
+                                                                args.plan_cache)
     report = quantize_onnx(args.model, args.output, config, calibration=args.calibration,
                            calibration_tokens=args.calibration_tokens, overwrite=args.overwrite,
                            progress=not args.quiet, validate=not args.no_validate, budget=budget)

@@ -12,6 +12,7 @@ the written file is at most the target.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -26,10 +27,13 @@ HEAD_BITS = (4, 8)  # a tied lm_head shares its codes with the token lookup (Gat
 
 @dataclass(frozen=True)
 class BudgetRequest:
-    """A whole-file target: ``target_bytes`` of stored initializers; ``low_rank`` also offers SVD-LLM factors."""
+    """A whole-file target: ``target_bytes`` of the written file; ``low_rank`` also offers SVD-LLM factors;
+    ``cache`` a JSON file keeping the weighed options (:class:`WeighedOptions`: they do not depend on the target) for
+    the next request on the same model and calibration."""
 
     target_bytes: int
     low_rank: bool = True
+    cache: str | None = None
 
     def __post_init__(self):
         if not (isinstance(self.target_bytes, int) and self.target_bytes > 0):
@@ -64,16 +68,60 @@ class PlannedWeight:
                 **self.option.to_dict(), "relative_error": self.option.error / max(self.energy, 1e-30),
                 "prices": self.prices, "predicted_loss": self.loss(self.option)}
 
+    def state(self) -> dict:
+        """Everything but the choice, as JSON (:meth:`WeighedOptions.save`)."""
+        return {"node": self.node, "weight": self.weight, "kind": self.kind, "layer": self.layer,
+                "shape": list(self.shape), "energy": self.energy, "prices": self.prices,
+                "options": [[o.bits, o.block_size, o.rank, o.bytes, o.error] for o in self.options]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> PlannedWeight:
+        from ..numerics.budget import StorageOption
+
+        return cls(state["node"], state["weight"], state["kind"], state["layer"], tuple(state["shape"]),
+                   state["energy"], [StorageOption(*o) for o in state["options"]], prices=state["prices"])
+
 
 @dataclass
-class BudgetPlan:
-    """Every weight's storage and the bytes everything else keeps."""
+class WeighedOptions:
+    """Every weight's options with their errors and prices, and the bytes no choice changes: the expensive part of a
+    plan, independent of the target (``key`` says which model, calibration and settings it was measured for)."""
 
     weights: list[PlannedWeight]
     objective: str
-    fixed_bytes: int  # norms, biases, an untied token table, the graph's nodes: what the plan does not choose
+    fixed_bytes: int  # norms, biases, an untied token table, the graph: what the plan does not choose
     graph_bytes: int  # of which reserved for the file's graph (nodes and tensor records)
-    target_bytes: int
+    key: dict
+
+    def save(self, path: str | Path) -> None:
+        from ..io import write_json
+
+        write_json(Path(path), {"key": self.key, "objective": self.objective, "fixed_bytes": self.fixed_bytes,
+                                "graph_bytes": self.graph_bytes, "weights": [w.state() for w in self.weights]})
+
+    @classmethod
+    def load(cls, path: str | Path, key: dict) -> WeighedOptions | None:
+        """The options saved at ``path`` when measured for ``key`` (low-rank options may serve a request without
+        them), else None."""
+        import json
+
+        path = Path(path)
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        saved = data.get("key", {})
+        if {k: v for k, v in saved.items() if k != "low_rank"} != {k: v for k, v in key.items() if k != "low_rank"} \
+                or (key["low_rank"] and not saved.get("low_rank")):
+            return None
+        return cls([PlannedWeight.from_state(w) for w in data["weights"]], data["objective"], data["fixed_bytes"],
+                   data["graph_bytes"], saved)
+
+
+@dataclass
+class BudgetPlan(WeighedOptions):
+    """Every weight's storage (its ``chosen`` option) within ``target_bytes``."""
+
+    target_bytes: int = 0
 
     @property
     def planned_bytes(self) -> int:
@@ -87,25 +135,24 @@ class BudgetPlan:
             entry["bytes"] += w.option.bytes
             entry["storage"][w.option.name] = entry["storage"].get(w.option.name, 0) + 1
         return {"target_bytes": self.target_bytes, "planned_bytes": self.planned_bytes,
-                "fixed_bytes": self.fixed_bytes, "graph_bytes": self.graph_bytes, "factored": sum(w.option.rank is not None for w in self.weights),
-                "objective": self.objective, "predicted_loss": sum(w.loss(w.option) for w in self.weights),
-                "by_kind": kinds,
+                "fixed_bytes": self.fixed_bytes, "graph_bytes": self.graph_bytes,
+                "factored": sum(w.option.rank is not None for w in self.weights), "objective": self.objective,
+                "predicted_loss": sum(w.loss(w.option) for w in self.weights), "by_kind": kinds,
                 "weights": [w.to_dict() for w in self.weights]}
 
 
-def plan_budget(model, grams: dict[str, np.ndarray], request: BudgetRequest, config: QuantizeConfig,
-                model_type: str | None = None, progress: bool = True, measure=None) -> BudgetPlan:
-    """Every weight MatMul's options (errors from the calibration ``grams``, keyed by the MatMul input) and the
-    choice that fits ``request.target_bytes``, minimising the summed loss of the chosen options: each option's
-    output error times its weight's price for that kind of error. ``measure(weights, probes)`` returns the prices
+def weigh_options(model, grams: dict[str, np.ndarray], config: QuantizeConfig, *, low_rank: bool = True,
+                  model_type: str | None = None, measure=None, key: dict | None = None,
+                  progress: bool = True) -> WeighedOptions:
+    """Every weight MatMul's options (bytes; errors from the calibration ``grams``, keyed by the MatMul input), with
+    low-rank factors among them when ``low_rank``, and its prices: ``measure(weights, probes)`` returns them
     (:func:`~.sensitivity.loss_prices`: the KL per unit output error of each weight stored as its coarsest int4
     option, ``round``, and as its largest low-rank option, ``low_rank``); without it, ``1 / output energy``
-    (relative errors). Raises :class:`~lestd_export.errors.InvalidConfigError` for a target below the smallest
-    file the options can make, or a weight without calibration statistics."""
+    (relative errors). Raises :class:`~lestd_export.errors.InvalidConfigError` for a weight without statistics."""
     from tqdm.auto import tqdm
 
     from ..export import initializer_sizes
-    from ..numerics.budget import choose_options, storage_options
+    from ..numerics.budget import storage_options
     from ..numerics.quantize import stored_bytes
     from ..registry import REGISTRY
     from ..weights import _node_rules, classify_node
@@ -141,11 +188,9 @@ def plan_budget(model, grams: dict[str, np.ndarray], request: BudgetRequest, con
         if node.input[1] in tied:  # its codes are the token lookup's too: 4 or 8 bits, whole blocks of the width
             width = weight.shape[0]
             storage = tuple((b, s) for b in HEAD_BITS for s in BLOCK_SIZES[1:4] if width % s == 0)
-            low_rank = ()
+            options = storage_options(weight, gram, storage, low_rank=())
         else:
-            storage = BODY_STORAGE
-            low_rank = None if request.low_rank else ()
-        options = storage_options(weight, gram, storage, **({} if low_rank is None else {"low_rank": low_rank}))
+            options = storage_options(weight, gram, BODY_STORAGE, **({} if low_rank else {"low_rank": ()}))
         kind, layer = classify_node(node.name, rules) or ("lm_head" if node.input[1] in heads else "other", None)
         weights.append(PlannedWeight(node.name, node.input[1], kind, layer, weight.shape,
                                      float(np.einsum("kn,kn->", weight, gram @ weight)), options))
@@ -156,19 +201,33 @@ def plan_budget(model, grams: dict[str, np.ndarray], request: BudgetRequest, con
         measured = measure([w.weight for w in weights], _probes(model, weights, grams))
         for w in weights:
             w.prices = {label: measured[(w.weight, label)] for label in PROBES if (w.weight, label) in measured}
-    try:
-        choice = choose_options([w.options for w in weights], request.target_bytes - fixed - graph,
-                                [[w.loss(o) for o in w.options] for w in weights])
-    except ValueError as error:
-        smallest = fixed + graph + sum(min(o.bytes for o in w.options) for w in weights)
-        raise InvalidConfigError(f"--target-mb {request.target_bytes / 1e6:.1f} is below the smallest file this plan "
-                                 f"can make ({smallest / 1e6:.1f} MB): raise it ({error})") from None
-    for w, j in zip(weights, choice):
-        w.chosen = j
     objective = ("sum of relative calibration output errors" if measure is None else
                  "predicted KL: each option's calibration output error times its weight's measured KL per unit "
                  "output error (of rounding, or of low-rank truncation)")
-    return BudgetPlan(weights, objective, fixed + graph, graph, request.target_bytes)
+    return WeighedOptions(weights, objective, fixed + graph, graph, {**(key or {}), "low_rank": low_rank})
+
+
+def choose_plan(weighed: WeighedOptions, request: BudgetRequest) -> BudgetPlan:
+    """The options (low-rank ones only when ``request.low_rank``) of least summed loss (each option's output error
+    at its price) whose file fits ``request.target_bytes``. Raises
+    :class:`~lestd_export.errors.InvalidConfigError` for a target below the smallest file the options can make."""
+    from ..numerics.budget import choose_options
+
+    weights = [PlannedWeight(w.node, w.weight, w.kind, w.layer, w.shape, w.energy, w.options, prices=w.prices)
+               for w in weighed.weights]
+    allowed = [[j for j, o in enumerate(w.options) if request.low_rank or o.rank is None] for w in weights]
+    try:
+        choice = choose_options([[w.options[j] for j in js] for w, js in zip(weights, allowed)],
+                                request.target_bytes - weighed.fixed_bytes,
+                                [[w.loss(w.options[j]) for j in js] for w, js in zip(weights, allowed)])
+    except ValueError as error:
+        smallest = weighed.fixed_bytes + sum(min(w.options[j].bytes for j in js) for w, js in zip(weights, allowed))
+        raise InvalidConfigError(f"--target-mb {request.target_bytes / 1e6:.1f} is below the smallest file this plan "
+                                 f"can make ({smallest / 1e6:.1f} MB): raise it ({error})") from None
+    for w, js, j in zip(weights, allowed, choice):
+        w.chosen = js[j]
+    return BudgetPlan(weights, weighed.objective, weighed.fixed_bytes, weighed.graph_bytes, weighed.key,
+                      request.target_bytes)
 
 
 def _probe_options(w: PlannedWeight) -> dict[str, object]:

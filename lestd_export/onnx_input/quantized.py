@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import ExportValidationError, InvalidConfigError
 from ..quantize_graph import (QuantizeConfig, quantize_graph, stored_value_simulation, weight_matmuls,
                               with_accuracy_level)
-from .budget import BudgetRequest, apply_plan, plan_budget
+from .budget import BudgetRequest, WeighedOptions, apply_plan, choose_plan, weigh_options
 from .capture import capture_grams
 from .sensitivity import loss_prices
 from .sessions import compare_logits
@@ -42,10 +42,7 @@ def quantize_calibrated(source: OnnxInput, config: QuantizeConfig, sequences: np
         tensors = [node.input[0] for node in weight_matmuls(source.model)]
         grams = capture_grams(source, tensors, sequences, progress=progress, what="input statistics")
     if budget is not None:
-        def measure(weights: list[str], probes) -> dict:
-            return loss_prices(source, weights, probes, sequences, progress=progress)
-
-        plan = plan_budget(source.model, grams, budget, config, source.model_type, progress=progress, measure=measure)
+        plan = plan_budget(source, grams, sequences, budget, config, progress=progress)
         configs = apply_plan(source.model, plan, grams, config)
         if not config.calibrated:
             grams = None
@@ -60,6 +57,28 @@ def quantize_calibrated(source: OnnxInput, config: QuantizeConfig, sequences: np
         report["stored_values"] = check_stored_values(source, simulation,
                                                       None if sequences is None else sequences[:2, :64])
     return report
+
+
+def plan_budget(source: OnnxInput, grams: dict, sequences: np.ndarray, request: BudgetRequest,
+                config: QuantizeConfig, *, progress: bool = True):
+    """The whole-file plan of ``source.model`` for ``request``: its options weighed (Grams, and prices measured
+    through ONNX Runtime on ``sequences``) or read from ``request.cache`` when measured there for this model and
+    calibration, then the choice for the target."""
+    import hashlib
+
+    def measure(weights: list[str], probes) -> dict:
+        return loss_prices(source, weights, probes, sequences, progress=progress)
+
+    key = {"model": str(source.model_file.resolve()), "model_bytes": source.input_bytes(),
+           "modified_ns": source.model_file.stat().st_mtime_ns, "table": config.head.to_dict(),
+           "calibration_sha256": hashlib.sha256(np.ascontiguousarray(sequences).tobytes()).hexdigest()}
+    weighed = None if request.cache is None else WeighedOptions.load(request.cache, {**key, "low_rank": request.low_rank})
+    if weighed is None:
+        weighed = weigh_options(source.model, grams, config, low_rank=request.low_rank, model_type=source.model_type,
+                                measure=measure, key=key, progress=progress)
+        if request.cache is not None:
+            weighed.save(request.cache)
+    return choose_plan(weighed, request)
 
 
 def check_stored_values(source: OnnxInput, simulation, ids: np.ndarray | None = None,
