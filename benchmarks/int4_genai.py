@@ -161,6 +161,8 @@ def main() -> None:
     if not hf.exists():
         loaded.model.save_pretrained(hf)
         loaded.tokenizer.save_pretrained(hf)
+    source = loaded.source
+    del loaded  # the PyTorch model is not needed again: its memory goes to the quantiser (0.5B: 2.5 GB)
     builds = {"builder-fp32": ("fp32", {}), "builder-int4": ("int4", {}),
               "builder-int4-block64": ("int4", {"int4_block_size": "64"}), "builder-int8": ("int8", {})}
     builds = {name: build for name, build in builds.items() if name[len("builder-"):] in args.builder.split(",")}
@@ -188,7 +190,8 @@ def main() -> None:
             name = f"plan-{fraction}" + ("-quant" if kind == "quant" else "")
             if not (root / name).exists():
                 quantize_onnx(root / "builder-fp32", root / name, QuantizeConfig(), budget=BudgetRequest(
-                    int(float(fraction) * int4_bytes), low_rank=kind == "lowrank"))
+                    int(float(fraction) * int4_bytes), low_rank=kind == "lowrank",
+                    cache=str(root / "plan-options.json")))  # weighed once for every target
             report = json.loads((root / name / "quantization_report.json").read_text())
             factored[name] = report["budget"]["factored"]
             names.append(name)
@@ -196,9 +199,7 @@ def main() -> None:
         name = f"lestd-{args.fraction}-{settings}-int4"
         lestd_variant(root, args.fraction, "int4", settings)
         names.append(name)
-    results = {"machine": machine(), "model": loaded.source,
-               "eval_tokens": args.eval_tokens, "runs": {}}
-    del loaded
+    results = {"machine": machine(), "model": source, "eval_tokens": args.eval_tokens, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         texts = {}
         for text, read in TEXTS.items():
