@@ -106,8 +106,9 @@ def _fp32_matrices(model) -> set[str]:
 
 
 def weight_matmuls(model) -> list:
-    """The nodes ``x @ W`` whose ``W`` is a 2-D fp32 initializer (what is quantised): ``MatMul``, and the
-    ``FusedMatMul(x, E, transB=1)`` that reads a tied token table as the lm_head (this package's optimum export)."""
+    """The nodes ``x @ W`` whose ``W`` is a 2-D fp32 initializer (what is quantised): ``MatMul``; the
+    ``FusedMatMul(x, E, transB=1)`` that reads a tied token table as the lm_head (this package's optimum export); and
+    ``Gemm(x, W, bias)`` with unit ``alpha``/``beta`` (optimum's GPT-2 ``Conv1D`` and OPT ``fc1``/``fc2``)."""
     from onnx import helper
 
     floats = _fp32_matrices(model)
@@ -116,12 +117,26 @@ def weight_matmuls(model) -> list:
         if len(node.input) < 2 or node.input[1] not in floats:
             continue
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        transposed = node.op_type == "FusedMatMul" and attributes == {"transB": 1} | {
-            k: v for k, v in attributes.items() if (k, v) in (("transA", 0), ("alpha", 1.0), ("transBatchA", 0),
-                                                             ("transBatchB", 0))}
-        if node.op_type == "MatMul" or transposed:
+        neutral = {k: v for k, v in attributes.items() if (k, v) in (("transA", 0), ("alpha", 1.0), ("beta", 1.0),
+                                                                     ("transBatchA", 0), ("transBatchB", 0))}
+        fused = node.op_type == "FusedMatMul" and attributes == {"transB": 1} | neutral
+        gemm = node.op_type == "Gemm" and set(attributes) - set(neutral) <= {"transB"}
+        if node.op_type == "MatMul" or fused or gemm:
             found.append(node)
     return found
+
+
+def transposed(node) -> bool:
+    """Whether a node of :func:`weight_matmuls` reads its weight initializer as ``W^T`` (``transB=1``)."""
+    from onnx import helper
+
+    return node.op_type != "MatMul" and any(a.name == "transB" and helper.get_attribute_value(a) == 1
+                                            for a in node.attribute)
+
+
+def bias_of(node) -> str | None:
+    """The bias a ``Gemm`` of :func:`weight_matmuls` adds (None for a MatMul): kept as an ``Add`` after the weight."""
+    return node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
 
 
 def _weight(node, initializers: dict) -> np.ndarray:
@@ -129,7 +144,7 @@ def _weight(node, initializers: dict) -> np.ndarray:
     from onnx import numpy_helper
 
     weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
-    return weight.T if node.op_type == "FusedMatMul" else weight
+    return weight.T if transposed(node) else weight
 
 
 def _token_tables(model) -> list[tuple]:
@@ -200,12 +215,17 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
                                  numpy_helper.from_array(flat_scales, packed_of[name][1])]
             if stored is not None:  # the initializer holds W [K, N], or W^T for the transposed (tied) head
                 stored[name] = {"data": packed_of[name][0], "scales": packed_of[name][1], "k": k, "bits": own.bits,
-                                "block": own.block_size, "transposed": node.op_type == "FusedMatMul",
+                                "block": own.block_size, "transposed": transposed(node),
                                 "row_scale": row_scales.get(node.input[0])}
+        bias = bias_of(node)
+        product = f"{node.output[0]}/product" if bias else node.output[0]
         replaced[node.name] = [helper.make_node(
-            "MatMulNBits", [node.input[0], *packed_of[name][:2]], list(node.output), name=f"{node.name}_Q{packed_of[name][2].bits}",
+            "MatMulNBits", [node.input[0], *packed_of[name][:2]], [product], name=f"{node.name}_Q{packed_of[name][2].bits}",
             domain="com.microsoft", K=k, N=n, bits=packed_of[name][2].bits, block_size=packed_of[name][2].block_size,
             accuracy_level=config.accuracy_level)]
+        if bias:
+            replaced[node.name].append(helper.make_node("Add", [product, bias], list(node.output),
+                                                        name=f"{node.name}/bias"))
     table_storage = []
     for node, transpose, table in tables:
         replaced[node.name], storage, extra = _quantized_table(node, transpose, table, initializers, matmuls,
@@ -298,7 +318,7 @@ def scale_inputs(model, matmuls: list, grams: dict, config: QuantizeConfig, init
     chosen = {}
     for tensor, members in groups.items():
         site = _scale_site(tensor, producer, consumers, {m.name for m in members}, initializers)
-        shared = any({c.name for c in consumers[m.input[1]] if c.op_type in ("MatMul", "FusedMatMul")}
+        shared = any({c.name for c in consumers[m.input[1]] if c.op_type in ("MatMul", "FusedMatMul", "Gemm")}
                      - {m.name for m in members} for m in members)  # a weight another input also reads
         if site is None or shared or tensor not in grams:
             continue

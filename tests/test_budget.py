@@ -251,3 +251,36 @@ def test_a_cache_of_weighed_options_serves_every_target_of_the_same_model(tiny_f
     assert [w["storage"] for w in reports[0]["budget"]["weights"]] == [w["storage"] for w in
                                                                       reports[1]["budget"]["weights"]]
     assert reports[2]["budget"]["factored"] == 0
+
+
+@pytest.mark.parametrize("name", sorted(__import__("tiny").TINY_CONFIGS))
+def test_every_architecture_runs_with_its_mlp_as_low_rank_factors(tmp_path, name, monkeypatch):
+    """Each registered architecture's MLP (SwiGLU gate/up/down, a fused gate_up_proj, GELU c_fc/fc1/fc_in), found
+    by the registry's node names in its optimum export, stored as int4 low-rank factors: the file computes with the
+    values it stores (the stored-value check against the fp32 graph holding them)."""
+    from lestd_export.export import export_model
+    from lestd_export.hf import LoadedModel
+    from lestd_export.onnx_input import open_onnx_input, quantized
+    from lestd_export.onnx_input.budget import BudgetRequest
+    from tiny import tiny_model
+
+    export_model(LoadedModel(tiny_model(name), None, name), tmp_path / "fp32", validate=False)
+    monkeypatch.setattr("lestd_export.numerics.budget.LOW_RANK_FRACTIONS", (0.95,))  # rank 32 of the tiny MLP
+    chosen = quantized.plan_budget
+
+    def factor_the_mlp(*args, **kwargs):
+        plan = chosen(*args, **kwargs)
+        for w in plan.weights:
+            ranks = [j for j, o in enumerate(w.options) if o.rank is not None]
+            if w.kind.startswith("mlp") and ranks:
+                w.chosen = ranks[0]
+        return plan
+
+    monkeypatch.setattr(quantized, "plan_budget", factor_the_mlp)
+    source = open_onnx_input(tmp_path / "fp32", attention=False)  # as quantize opens it
+    ids = np.random.default_rng(0).integers(3, 100, size=(4, 64))
+    report = quantized.quantize_calibrated(source, QuantizeConfig(), ids, progress=False,
+                                           budget=BudgetRequest(10**8))
+    mlp = [w for w in report["budget"]["weights"] if w["kind"].startswith("mlp")]
+    assert len(mlp) in (2 * 2, 2 * 3) and all(w["rank"] == 32 for w in mlp)  # every MLP weight of both layers
+    assert report["stored_values"]["max_relative_logit_difference"] < 1e-4

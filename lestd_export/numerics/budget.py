@@ -81,12 +81,13 @@ def stored_values(weight: np.ndarray, gram: np.ndarray, option: StorageOption) -
 
 
 def storage_options(weight: np.ndarray, gram: np.ndarray, quantized: tuple[tuple[int, int], ...],
-                    low_rank: tuple[float, ...] = LOW_RANK_FRACTIONS, factor_bits: int = 4,
+                    low_rank: tuple[float, ...] | None = None, factor_bits: int = 4,
                     factor_block: int = 32) -> list[StorageOption]:
     """The options of one weight ``[K, N]`` with input Gram ``gram [K, K]``: each ``(bits, block)`` of
-    ``quantized``, and for each fraction in ``low_rank`` low-rank factors at ``factor_bits`` of the largest rank (a
+    ``quantized``, and for each fraction in ``low_rank`` (default :data:`LOW_RANK_FRACTIONS`) low-rank factors at ``factor_bits`` of the largest rank (a
     multiple of ``factor_block``) whose bytes are at most that fraction of the weight's ``factor_bits`` bytes."""
     weight, gram = np.asarray(weight, dtype=np.float64), np.asarray(gram, dtype=np.float64)
+    low_rank = LOW_RANK_FRACTIONS if low_rank is None else low_rank
     k, n = weight.shape
     options = [StorageOption(bits, block, None, stored_bytes(k, n, bits, block)) for bits, block in quantized]
     if low_rank:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import InvalidConfigError
 from ..quantize_graph import (BLOCK_SIZES, QuantizeConfig, _head_weights, _table_config, _token_tables, _weight,
-                              weight_matmuls)
+                              bias_of, transposed, weight_matmuls)
 
 BODY_STORAGE = tuple((bits, block) for bits in (2, 4, 8) for block in (32, 64, 128))  # every weight's choices
 PROBES = ("round", "low_rank")  # the kinds of error a weight's prices are measured for
@@ -255,7 +255,7 @@ def _probes(model, weights: list[PlannedWeight], grams: dict[str, np.ndarray]):
         weight, gram = _weight(node, initializers), grams[node.input[0]]
         for label, option in _probe_options(w).items():
             values = stored_values(weight, gram, option)
-            yield label, values.T if node.op_type == "FusedMatMul" else values, option.error
+            yield label, values.T if transposed(node) else values, option.error
 
     return probes
 
@@ -286,8 +286,12 @@ def apply_plan(model, plan: BudgetPlan, grams: dict[str, np.ndarray], config: Qu
         middle = f"{w.node}/low_rank"
         model.graph.initializer.extend([numpy_helper.from_array(a.astype(np.float32), names[0]),
                                         numpy_helper.from_array(b.astype(np.float32), names[1])])
+        bias = bias_of(node)
+        product = f"{w.node}/low_rank_product" if bias else node.output[0]
         replaced[w.node] = [helper.make_node("MatMul", [node.input[0], names[0]], [middle], name=f"{w.node}/a"),
-                            helper.make_node("MatMul", [middle, names[1]], list(node.output), name=f"{w.node}/b")]
+                            helper.make_node("MatMul", [middle, names[1]], [product], name=f"{w.node}/b")]
+        if bias:  # a Gemm's bias
+            replaced[w.node].append(helper.make_node("Add", [product, bias], list(node.output), name=f"{w.node}/bias"))
         grams[middle] = a.T @ gram @ a
         configs.update(dict.fromkeys(names, storage))
     replace_nodes(model.graph, replaced)

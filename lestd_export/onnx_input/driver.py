@@ -54,13 +54,14 @@ def copy_directory_files(source: OnnxInput, staging: Path) -> list[str]:
     return copied
 
 
-def open_for_output(path: str | Path, out_dir: str | Path, overwrite: bool) -> OnnxInput:
-    """The input at ``path``, once ``out_dir`` is known to be writable and not the input's own directory."""
+def open_for_output(path: str | Path, out_dir: str | Path, overwrite: bool, attention: bool = True) -> OnnxInput:
+    """The input at ``path`` (its attention located when ``attention``), once ``out_dir`` is known to be writable
+    and not the input's own directory."""
     from ..io import check_output_dir
 
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
-    source = open_onnx_input(path)
+    source = open_onnx_input(path, attention)
     if out_dir.resolve() == source.directory.resolve():
         raise InvalidConfigError(f"-o {out_dir} is the input directory: write the new model elsewhere")
     return source
@@ -91,7 +92,7 @@ def write_model(model, source: OnnxInput, staging: Path) -> list[str]:
 def input_record(source: OnnxInput, path: str | Path) -> dict:
     """The report's description of an ONNX input."""
     return {"path": str(path), "model_file": source.model_file.name, "producer": source.producer,
-            "config": source.config_file.name, "layers": len(source.sites), "packed_qkv": source.sites[0].packed,
+            "config": source.config_file.name, "layers": len(source.sites) or None, "packed_qkv": source.sites[0].packed if source.sites else None,
             "bytes": source.input_bytes(),
             "shape": {"hidden": source.shape.hidden, "heads": source.shape.heads, "kv_heads": source.shape.kv_heads,
                       "head_dim": source.shape.head_dim}}

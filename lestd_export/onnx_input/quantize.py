@@ -30,7 +30,7 @@ def quantize_onnx(path: str | Path, out_dir: str | Path, config: QuantizeConfig,
     from ..io import atomic_output_dir, write_json
 
     started = time.perf_counter()
-    source = open_for_output(path, out_dir, overwrite)
+    source = open_for_output(path, out_dir, overwrite, attention=False)  # every weight MatMul, found by structure
     with atomic_output_dir(out_dir, overwrite) as staging:
         data = None
         if (config.calibrated or budget is not None) and calibration != "none":

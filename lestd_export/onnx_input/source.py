@@ -121,8 +121,10 @@ def _external_files(model) -> set[str]:
     return files
 
 
-def open_onnx_input(path: str | Path) -> OnnxInput:
-    """Read, locate and check an ONNX decoder (typed errors; nothing is written)."""
+def open_onnx_input(path: str | Path, attention: bool = True) -> OnnxInput:
+    """Read, locate and check an ONNX decoder (typed errors; nothing is written). ``attention``: locate the attention
+    sites (what compression needs; quantising does not, so an architecture whose attention is not mapped in ONNX,
+    e.g. GPT-2's fused Conv1D, still quantises)."""
     import onnx
 
     from ..onnx_sites import decoder_io, head_counts, locate
@@ -141,7 +143,8 @@ def open_onnx_input(path: str | Path) -> OnnxInput:
     io = decoder_io(header, config["model"]["decoder"] if genai else None)
     shape = head_counts(config, genai, header, io, str(config_file))
     spec = REGISTRY.get(config_model_type(config, genai))
-    producer, sites = locate(header, io, shape, spec)  # before reading gigabytes of weights
+    producer, sites = (locate(header, io, shape, spec) if attention  # before reading gigabytes of weights
+                       else ("onnxruntime-genai" if genai else "onnx", []))
     del header
     try:
         model = onnx.load(str(model_file))
