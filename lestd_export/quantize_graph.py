@@ -139,7 +139,7 @@ def bias_of(node) -> str | None:
     return node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
 
 
-def _weight(node, initializers: dict) -> np.ndarray:
+def weight_of(node, initializers: dict) -> np.ndarray:
     """``W [K, N]`` (float64) of a node from :func:`weight_matmuls`."""
     from onnx import numpy_helper
 
@@ -147,7 +147,7 @@ def _weight(node, initializers: dict) -> np.ndarray:
     return weight.T if transposed(node) else weight
 
 
-def _token_tables(model) -> list[tuple]:
+def token_tables(model) -> list[tuple]:
     """``(Gather, Transpose or None, table initializer name)`` for each lookup in a 2-D fp32 initializer table,
     directly or through a ``Transpose`` of the lm_head's ``[d, vocab]`` weight (the genai builder's tied fp32
     model)."""
@@ -188,17 +188,17 @@ def quantize_graph(model, config: QuantizeConfig, grams: dict[str, np.ndarray] |
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     matmuls = weight_matmuls(model)
-    tables = _token_tables(model)
+    tables = token_tables(model)
     replaced, new_initializers, packed_of = {}, [], {}
-    own_config = {name: config.head for name in _head_weights(model, matmuls)}  # an untied lm_head
-    own_config.update({name: _table_config(initializers[name], transpose is None, config.head)
+    own_config = {name: config.head for name in head_weights(model, matmuls)}  # an untied lm_head
+    own_config.update({name: table_config(initializers[name], transpose is None, config.head)
                        for _, transpose, name in tables})  # a table and the head that reads it
     own_config.update(configs or {})
     row_scales = {} if not config.calibrated or not grams else scale_inputs(model, matmuls, grams, config,
                                                                              initializers, own_config)
     for node in tqdm(matmuls, desc=f"int{config.bits} {config.rounding} rounding", unit="weight",
                      disable=not progress):
-        weight = _weight(node, initializers)  # [K, N]
+        weight = weight_of(node, initializers)  # [K, N]
         k, n = weight.shape
         name = node.input[1]
         if name not in packed_of:  # a weight two MatMuls read is stored once (rounded for the first reader)
@@ -323,7 +323,7 @@ def scale_inputs(model, matmuls: list, grams: dict, config: QuantizeConfig, init
         if site is None or shared or tensor not in grams:
             continue
         rounding = (own_config or {}).get(members[0].input[1], config)  # the head's bits for a tied head
-        best = input_scale([_weight(m, initializers) for m in members], grams[tensor], rounding, powers)
+        best = input_scale([weight_of(m, initializers) for m in members], grams[tensor], rounding, powers)
         if np.allclose(best, 1.0):
             continue
         node = producer[tensor]
@@ -357,7 +357,7 @@ def _fresh(name: str, initializers: dict) -> str:
     return candidate
 
 
-def _head_weights(model, matmuls: list) -> set[str]:
+def head_weights(model, matmuls: list) -> set[str]:
     """The weights of the MatMuls that write the logits (the lm_head), through at most a few elementwise or
     shape ops (a bias Add, a Cast, a Reshape)."""
     producer = {out: node for node in model.graph.node for out in node.output}
@@ -376,7 +376,7 @@ def _head_weights(model, matmuls: list) -> set[str]:
     return found
 
 
-def _table_config(table, vocab_first: bool, config: QuantizeConfig) -> QuantizeConfig:
+def table_config(table, vocab_first: bool, config: QuantizeConfig) -> QuantizeConfig:
     """``config`` for a token table (and a head tied to it) of initializer ``table``: at the largest MatMulNBits
     block that divides its width when ``config.block_size`` does not (GatherBlockQuantized needs whole blocks)."""
     from dataclasses import replace

@@ -134,7 +134,7 @@ def classify_parameter(spec: ArchSpec, name: str) -> tuple[str, int | None, str,
 # ------------------------------------------------------------------------------------------------- ONNX
 
 
-def _node_rules(spec: ArchSpec | None) -> list[tuple[re.Pattern, str, bool]]:
+def node_rules(spec: ArchSpec | None) -> list[tuple[re.Pattern, str, bool]]:
     """``(node-name pattern, kind, per layer)`` from optimum's module paths (longest first)."""
     rules = []
     if spec is not None:
@@ -177,7 +177,7 @@ def onnx_weight_map(model, format: str, architecture: str | None = None, layers:
 
     sizes = initializer_sizes(model)
     initializers = {init.name: init for init in model.graph.initializer}
-    rules = _node_rules(REGISTRY.get(architecture or ""))
+    rules = node_rules(REGISTRY.get(architecture or ""))
     claimed: dict[str, tuple[str, int | None, str, str]] = {}
     tied: list[WeightSite] = []  # a node reading another kind's tensors only (a tied lm_head): 0 bytes
     for node in model.graph.node:

@@ -211,7 +211,7 @@ def test_loss_prices_are_a_price_of_output_error_that_does_not_depend_on_the_pro
     from lestd_export.onnx_input import open_onnx_input
     from lestd_export.onnx_input.capture import capture_grams, load_onnx_calibration
     from lestd_export.onnx_input.sensitivity import loss_prices
-    from lestd_export.quantize_graph import _weight, weight_matmuls
+    from lestd_export.quantize_graph import weight_of, weight_matmuls
 
     source = open_onnx_input(tiny_fp32 / "fp32")
     data = load_onnx_calibration(source, CompressionConfig(calibration="default", calibration_tokens=256))
@@ -221,7 +221,7 @@ def test_loss_prices_are_a_price_of_output_error_that_does_not_depend_on_the_pro
 
     def probes(name):
         node = matmuls[name]
-        weight, gram = _weight(node, initializers), grams[node.input[0]]
+        weight, gram = weight_of(node, initializers), grams[node.input[0]]
         error = estimate_codes(weight, 4, 64, gram) - weight
         for label, scale in (("once", 0.25), ("twice", 0.5)):
             values = weight + scale * error

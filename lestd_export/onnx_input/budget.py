@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidConfigError
-from ..quantize_graph import (BLOCK_SIZES, QuantizeConfig, _head_weights, _table_config, _token_tables, _weight,
-                              bias_of, transposed, weight_matmuls)
+from ..quantize_graph import (BLOCK_SIZES, QuantizeConfig, bias_of, head_weights, table_config, token_tables,
+                              transposed, weight_matmuls, weight_of)
 
 BODY_STORAGE = tuple((bits, block) for bits in (2, 4, 8) for block in (32, 64, 128))  # every weight's choices
 PROBES = ("round", "low_rank")  # the kinds of error a weight's prices are measured for
@@ -155,18 +155,18 @@ def weigh_options(model, grams: dict[str, np.ndarray], config: QuantizeConfig, *
     from ..numerics.budget import storage_options
     from ..numerics.quantize import stored_bytes
     from ..registry import REGISTRY
-    from ..weights import _node_rules, classify_node
+    from ..weights import classify_node, node_rules
 
     initializers = {init.name: init for init in model.graph.initializer}
     matmuls = weight_matmuls(model)
-    tables = _token_tables(model)
-    heads = _head_weights(model, matmuls)
+    tables = token_tables(model)
+    heads = head_weights(model, matmuls)
     tied = {name for _, _, name in tables} & {m.input[1] for m in matmuls}
-    rules = _node_rules(REGISTRY.get(model_type or ""))
+    rules = node_rules(REGISTRY.get(model_type or ""))
     fixed = 0
     for _, transpose, name in tables:
         if name not in tied:  # an untied table: stored as the head config says, not planned
-            table = _table_config(initializers[name], transpose is None, config.head)
+            table = table_config(initializers[name], transpose is None, config.head)
             vocab, width = (initializers[name].dims if transpose is None else initializers[name].dims[::-1])
             fixed += stored_bytes(int(width), int(vocab), table.bits, table.block_size)
         fixed += 16 + (4 * int(min(initializers[name].dims)) if name in tied else 0)  # its lookup's shape, 1/s
@@ -184,7 +184,7 @@ def weigh_options(model, grams: dict[str, np.ndarray], config: QuantizeConfig, *
         seen.add(node.input[1])
         if node.input[0] not in grams:
             raise InvalidConfigError(f"no calibration statistics for {node.name}'s input: --target-mb needs them")
-        weight, gram = _weight(node, initializers), grams[node.input[0]]  # [K, N], [K, K]
+        weight, gram = weight_of(node, initializers), grams[node.input[0]]  # [K, N], [K, K]
         if node.input[1] in tied:  # its codes are the token lookup's too: 4 or 8 bits, whole blocks of the width
             width = weight.shape[0]
             storage = tuple((b, s) for b in HEAD_BITS for s in BLOCK_SIZES[1:4] if width % s == 0)
@@ -252,7 +252,7 @@ def _probes(model, weights: list[PlannedWeight], grams: dict[str, np.ndarray]):
     def probes(name: str):
         w = by_weight[name]
         node = nodes[w.node]
-        weight, gram = _weight(node, initializers), grams[node.input[0]]
+        weight, gram = weight_of(node, initializers), grams[node.input[0]]
         for label, option in _probe_options(w).items():
             values = stored_values(weight, gram, option)
             yield label, values.T if transposed(node) else values, option.error
@@ -281,7 +281,7 @@ def apply_plan(model, plan: BudgetPlan, grams: dict[str, np.ndarray], config: Qu
             continue
         node = nodes[w.node]
         gram = grams[node.input[0]]
-        a, b = low_rank_factors(_weight(node, initializers), gram, option.rank)  # [K, r], [r, N]
+        a, b = low_rank_factors(weight_of(node, initializers), gram, option.rank)  # [K, r], [r, N]
         names = (f"{w.weight}/low_rank_a", f"{w.weight}/low_rank_b")
         middle = f"{w.node}/low_rank"
         model.graph.initializer.extend([numpy_helper.from_array(a.astype(np.float32), names[0]),
