@@ -109,23 +109,32 @@ def plot(results: dict, path: Path) -> None:
     texts = list(TEXTS)
     fig, axes = plt.subplots(1, len(texts), figsize=(5 * len(texts), 4.2), sharey=False)
     families = {"builder": ("s", "tab:gray"), "ort-rtn": ("v", "tab:orange"), "ort-hqq": ("^", "tab:red"),
-                "ours": ("o", "tab:blue"), "lestd": ("x", "tab:green"), "plan": ("D", "tab:purple")}
+                "ours": ("o", "tab:blue"), "lestd": ("x", "tab:green"), "plan-quant": ("D", "tab:purple"),
+                "plan-lowrank": ("P", "tab:olive")}
+
+    def family_of(name: str) -> str:
+        if name.startswith("plan-"):
+            return "plan-quant" if name.endswith("-quant") else "plan-lowrank"
+        return next((f for f in families if name.startswith(f)), "")
+
     for axis, text in zip(axes, texts):
         for family, (marker, color) in families.items():
             rows = sorted((r["bytes"] / 1e6, r["x_dense"][text], name) for name, r in results["runs"].items()
-                          if name.startswith(family) and "fp32" not in name and r["x_dense"][text] < 2.5)
+                          if family_of(name) == family and "fp32" not in name and r["x_dense"][text] < 2.5)
             if rows:
                 axis.plot([r[0] for r in rows], [r[1] for r in rows], marker=marker, color=color, label=family,
-                          linestyle="-" if family in ("ours", "plan") else ":")
+                          linestyle="-" if family in ("ours", "plan-quant", "plan-lowrank") else ":")
                 for mb, x, name in rows:
-                    axis.annotate(name[len(family) + 1:], (mb, x), fontsize=6, xytext=(3, 3),
-                                  textcoords="offset points")
+                    speed = (results.get("speed") or {}).get(name, {})
+                    label = name.split("-", 1)[1] + (f" {speed['decode_speedup_paired']:.2f}x" if speed else "")
+                    axis.annotate(label, (mb, x), fontsize=6, xytext=(3, 3), textcoords="offset points")
         axis.set_title(f"{text} (dense ppl {results['runs']['builder-fp32']['perplexity'][text]:.1f})")
         axis.set_xlabel("file MB")
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("perplexity / dense")
+    axes[0].set_ylabel("perplexity / dense (files under 2.5x)")
     axes[0].legend()
-    fig.suptitle(f"{results['model']} int4 frontier, onnxruntime-genai layout ({results['machine']})")
+    fig.suptitle(f"{results['model']} frontier, onnxruntime-genai layout ({results['machine']}); "
+                 "N.NNx: decode speed against the builder's int4 (paired)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
