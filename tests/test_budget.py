@@ -7,6 +7,7 @@ weights computes with the values it stores; bad requests are typed errors.
 """
 
 import itertools
+import json
 
 import numpy as np
 import onnx
@@ -251,6 +252,10 @@ def test_a_cache_of_weighed_options_serves_every_target_of_the_same_model(tiny_f
     assert [w["storage"] for w in reports[0]["budget"]["weights"]] == [w["storage"] for w in
                                                                       reports[1]["budget"]["weights"]]
     assert reports[2]["budget"]["factored"] == 0
+    (tmp_path / "options.json").write_text("{not json")  # a damaged cache is measured again, not an error
+    quantize_onnx(tiny_fp32 / "fp32", tmp_path / "d", QuantizeConfig(), calibration_tokens=256, progress=False,
+                  validate=False, budget=BudgetRequest(10**6, True, cache))
+    assert len(calls) == 2 and json.loads((tmp_path / "options.json").read_text())["key"]["low_rank"]
 
 
 @pytest.mark.parametrize("name", sorted(__import__("tiny").TINY_CONFIGS))

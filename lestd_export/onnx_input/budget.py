@@ -1,7 +1,9 @@
 """A whole-file byte target for a decoder graph (``quantize --target-mb``): every weight MatMul gets its own storage
-(int2/int4/int8 at a block size, or SVD-LLM low-rank factors in int4) chosen by calibration output error per byte
-(:mod:`~lestd_export.numerics.budget`), the chosen factorisations are written into the graph, and
-:func:`~lestd_export.quantize_graph.quantize_graph` stores each weight as planned.
+(int2/int4/int8 at a block size, or SVD-LLM low-rank factors in int4) chosen for the least predicted loss within the
+target: each option's calibration output error (:mod:`~lestd_export.numerics.budget`) times the KL per unit output
+error measured for its weight (:mod:`.sensitivity`). :func:`weigh_options` does the expensive part (independent of the
+target, cacheable: :class:`WeighedOptions`), :func:`choose_plan` the choice, :func:`apply_plan` writes the chosen
+factorisations into the graph, and :func:`~lestd_export.quantize_graph.quantize_graph` stores each weight as planned.
 
 What is not a weight MatMul keeps its bytes: norms and biases stay fp32, a token table its
 :class:`~lestd_export.quantize_graph.QuantizeConfig` head storage (tied to the lm_head: the lm_head's plan, stored
@@ -102,19 +104,21 @@ class WeighedOptions:
     @classmethod
     def load(cls, path: str | Path, key: dict) -> WeighedOptions | None:
         """The options saved at ``path`` when measured for ``key`` (low-rank options may serve a request without
-        them), else None."""
+        them), else None (also for a file that is not such a cache: it is measured again and overwritten)."""
         import json
 
         path = Path(path)
-        if not path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            saved = data["key"]
+            if {k: v for k, v in saved.items() if k != "low_rank"} != {k: v for k, v in key.items()
+                                                                      if k != "low_rank"} \
+                    or (key["low_rank"] and not saved.get("low_rank")):
+                return None
+            return cls([PlannedWeight.from_state(w) for w in data["weights"]], data["objective"],
+                       data["fixed_bytes"], data["graph_bytes"], saved)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
-        data = json.loads(path.read_text())
-        saved = data.get("key", {})
-        if {k: v for k, v in saved.items() if k != "low_rank"} != {k: v for k, v in key.items() if k != "low_rank"} \
-                or (key["low_rank"] and not saved.get("low_rank")):
-            return None
-        return cls([PlannedWeight.from_state(w) for w in data["weights"]], data["objective"], data["fixed_bytes"],
-                   data["graph_bytes"], saved)
 
 
 @dataclass
