@@ -163,12 +163,9 @@ def test_planned_bytes_are_the_stored_bytes_weight_for_weight(tiny_fp32):
     assert report["stored_values"]["max_relative_logit_difference"] < 1e-5
 
 
-def test_a_file_with_low_rank_factors_computes_with_the_values_it_stores(tiny_fp32, monkeypatch):
-    """Force every MLP weight onto its smallest low-rank option: the graph gains two MatMulNBits per factored
-    weight, the stored-value check (fp32 graph with the factors' stored values) passes, and bytes still match."""
-    from lestd_export.onnx_input import budget as budget_module
+def force_low_rank_mlp(monkeypatch) -> None:
+    """Make every whole-file plan put each MLP weight on its smallest low-rank option (where it has one)."""
     from lestd_export.onnx_input import quantized
-    from lestd_export.onnx_input.quantize import quantize_onnx
 
     chosen = quantized.plan_budget
 
@@ -180,7 +177,16 @@ def test_a_file_with_low_rank_factors_computes_with_the_values_it_stores(tiny_fp
                 w.chosen = ranks[0]
         return plan
 
-    monkeypatch.setattr("lestd_export.onnx_input.quantized.plan_budget", factor_the_mlp)
+    monkeypatch.setattr(quantized, "plan_budget", factor_the_mlp)
+
+
+def test_a_file_with_low_rank_factors_computes_with_the_values_it_stores(tiny_fp32, monkeypatch):
+    """Force every MLP weight onto its smallest low-rank option: the graph gains two MatMulNBits per factored
+    weight, the stored-value check (fp32 graph with the factors' stored values) passes, and bytes still match."""
+    from lestd_export.onnx_input import budget as budget_module
+    from lestd_export.onnx_input.quantize import quantize_onnx
+
+    force_low_rank_mlp(monkeypatch)
     report = quantize_onnx(tiny_fp32 / "fp32", tiny_fp32 / "factored", QuantizeConfig(), calibration_tokens=256,
                            progress=False, budget=budget_module.BudgetRequest(10**7))
     plan = report["budget"]
@@ -271,17 +277,7 @@ def test_every_architecture_runs_with_its_mlp_as_low_rank_factors(tmp_path, name
 
     export_model(LoadedModel(tiny_model(name), None, name), tmp_path / "fp32", validate=False)
     monkeypatch.setattr("lestd_export.numerics.budget.LOW_RANK_FRACTIONS", (0.95,))  # rank 32 of the tiny MLP
-    chosen = quantized.plan_budget
-
-    def factor_the_mlp(*args, **kwargs):
-        plan = chosen(*args, **kwargs)
-        for w in plan.weights:
-            ranks = [j for j, o in enumerate(w.options) if o.rank is not None]
-            if w.kind.startswith("mlp") and ranks:
-                w.chosen = ranks[0]
-        return plan
-
-    monkeypatch.setattr(quantized, "plan_budget", factor_the_mlp)
+    force_low_rank_mlp(monkeypatch)
     source = open_onnx_input(tmp_path / "fp32", attention=False)  # as quantize opens it
     ids = np.random.default_rng(0).integers(3, 100, size=(4, 64))
     report = quantized.quantize_calibrated(source, QuantizeConfig(), ids, progress=False,

@@ -51,9 +51,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..onnx_input.quantize import quantize_onnx
-
     from ..onnx_input.budget import BudgetRequest
+    from ..onnx_input.quantize import quantize_onnx
 
     config = quantize_config(args, args.bits)
     if (args.no_low_rank or args.plan_cache) and args.target_mb is None:
