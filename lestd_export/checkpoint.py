@@ -55,6 +55,10 @@ def apply_layout(model, compression: dict) -> None:
     from .surgery import install_core_attention, install_low_rank, read_attention, slice_groups
 
     spec = spec_for(model.config)
+    if compression.get("mlp"):
+        _apply_mlp_layout(model, spec, compression["mlp"]["ranks"])
+    if "attention" not in compression["config"].get("modules", ["attention"]):
+        return
     shape = attention_shape(model.config)
     groups = slice_groups(shape, with_output=not compression["config"].get("dense_output", False))
     dtype = next(model.parameters()).dtype
@@ -83,6 +87,21 @@ def apply_layout(model, compression: dict) -> None:
                    "stored": entry["values"] + entry["indices"], "dense": entry["dense"]}
         install_core_attention(layer, spec, core, biases, dtype, summary,
                                shared_rows=compression["config"].get("layout") == "plain")
+
+
+def _apply_mlp_layout(model, spec, ranks: list[list[int]]) -> None:
+    """Empty :class:`~.modules.FactoredLinear` MLPs of the recorded ranks (input basis, output weight) per layer."""
+    from .surgery import install_mlp, read_mlp
+
+    dtype = next(model.parameters()).dtype
+    layers = decoder_layers(model, spec)
+    if len(layers) != len(ranks):
+        raise CheckpointError(f"config records {len(ranks)} compressed MLPs, model has {len(layers)}")
+    for i, (layer, (r_in, r_out)) in enumerate(zip(layers, ranks)):
+        weights = read_mlp(layer, spec, i)
+        (d, n), (f, _) = weights.inputs.shape, weights.output.shape
+        install_mlp(layer, spec, (np.zeros((d, r_in)), np.zeros((r_in, n))), (np.zeros((f, r_out)),
+                                                                             np.zeros((r_out, d))), weights, dtype)
 
 
 def load_compressed(path: Path) -> LoadedModel:

@@ -10,6 +10,7 @@ both count the same sizes and errors.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,7 +38,8 @@ def check_ranks(config: CompressionConfig, hidden: int, head_dim: int) -> None:
 
 def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress: bool = True,
                    source: str | None = None) -> dict:
-    """Compress every attention layer of ``model`` in place; return the compression report.
+    """Compress the ``config.modules`` of every decoder layer of ``model`` in place (attention with
+    ``config.method``, the MLP as low-rank factors); return the compression report.
 
     With ``config.calibration`` other than ``none``, calibration tokens are read (``tokenizer``
     needed for a text source), activation statistics collected from the dense model, Stage I/II run
@@ -46,10 +48,7 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
     architecture, NaN/Inf weights, impossible ranks or budget, unusable calibration source) before
     the model is modified.
     """
-    from tqdm.auto import tqdm
-
-    from .numerics.planner import compress_layers, reconstruct_layer
-    from .surgery import install_core_attention, install_low_rank, read_attention, slice_groups
+    from .surgery import read_attention, read_mlp
 
     started = time.perf_counter()
     spec = spec_for(model.config)
@@ -57,13 +56,53 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
     check_ranks(config, shape.hidden, shape.head_dim)
     layers = decoder_layers(model, spec)
     weights = [read_attention(getattr(layer, spec.attention), spec, shape, i) for i, layer in enumerate(layers)]
+    mlp_weights = [read_mlp(layer, spec, i) for i, layer in enumerate(layers)] if "mlp" in config.modules else None
+    calibration = _calibrate(model, config, tokenizer, spec, shape, progress)
+    if "attention" in config.modules:
+        entries, output_errors = _compress_attention(model, config, spec, shape, weights, calibration, progress)
+    else:
+        entries, output_errors = [dense_entry(w, shape) for w in weights], None
+    mlp = None
+    if mlp_weights is not None:
+        mlp = compress_mlp(model, config, spec, mlp_weights, calibration.mlp_statistics, progress)
+
+    healing = None
+    if config.heal:
+        from .healing import heal
+
+        healing = heal(model, calibration.teacher, calibration.heal_data.sequences, config.heal_steps,
+                       progress=progress)
+        healing["tokens_sha256"] = calibration.heal_data.sha256
+    report = build_report(config, entries, spec.model_type, source, time.perf_counter() - started, calibration.data,
+                          output_errors)
+    if mlp is not None:
+        report["mlp"] = mlp
+    if healing is not None:
+        report["healing"] = healing
+    setattr(model.config, COMPRESSION_KEY, {
+        "format_version": FORMAT_VERSION, "method": config.method, "config": config.to_dict(),
+        "index_dtype": "int32", "layers": [_layout(e) for e in entries],
+        "size_fraction": report["size_fraction"],
+        **({"mlp": {"ranks": mlp["ranks"]}} if mlp is not None else {}),
+    })
+    return report
+
+
+def _compress_attention(model, config: CompressionConfig, spec, shape, weights: list, calibration: Calibration,
+                        progress: bool) -> tuple[list[dict], list | None]:
+    """Compress every layer's attention (``weights``: their :class:`~.surgery.AttentionWeights`) in place; return
+    the per-layer report entries and, after a refit, its relative output errors."""
+    from tqdm.auto import tqdm
+
+    from .numerics.planner import compress_layers, reconstruct_layer
+    from .surgery import install_core_attention, install_low_rank, slice_groups
+
+    layers = decoder_layers(model, spec)
     dtype = next(model.parameters()).dtype
     dense_per_layer = shape.num_slices * shape.hidden * shape.head_dim
-    dense_output = config.dense_output  # the output projection stays as it is: Q/K/V carry the budget
-    groups = slice_groups(shape, with_output=not dense_output)
+    groups = slice_groups(shape, with_output=not config.dense_output)  # a dense output: Q/K/V carry the budget
     output_entries = dense_output_entries(shape, config)
-    calibration, statistics, teacher, heal_data = _calibrate(model, config, tokenizer, spec, shape, progress)
-
+    statistics = calibration.statistics
     with tqdm(total=len(layers), desc=f"{config.method}: decomposing layers", unit="layer",
               disable=not progress) as bar:
         try:
@@ -80,69 +119,102 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
             raise InvalidConfigError(f"cannot meet the request: {error}") from None
 
     if config.method == "svd":
-        entries = [low_rank_entry(factors, shape) for factors in low_rank]
         for layer, w, factors in zip(layers, weights, low_rank):
             install_low_rank(layer, spec, dict(zip(("q", "k", "v", "o"), factors)), w.biases, dtype)
-        output_errors = None
+        return [low_rank_entry(factors, shape) for factors in low_rank], None
+
+    def summary(core):
+        return {"ranks": list(core.ranks), "density": core.density(shape.num_slices),
+                "stored": core.value_entries + output_entries + core.index_entries, "dense": dense_per_layer}
+
+    def install(i, core):
+        install_core_attention(layers[i], spec, core, weights[i].biases, dtype, summary(core),
+                               shared_rows=config.layout == "plain")
+        return getattr(getattr(layers[i], spec.attention).attention, spec.o)
+
+    output_errors = None
+    if calibration.data is not None and config.refit:
+        from .refit import sequential_refit
+
+        output_errors = sequential_refit(model, spec, groups, tensors, cores, calibration.data, install,
+                                         target=config.refit_target, bits=config.bits, progress=progress)
+        for core, dense in zip(cores, tensors):  # the refit changed the values: recount the plain error
+            core.kept_energy = core.energy - float(np.sum((dense - reconstruct_layer(core, groups)) ** 2))
     else:
-        def summary(core):
-            return {"ranks": list(core.ranks), "density": core.density(shape.num_slices),
-                    "stored": core.value_entries + output_entries + core.index_entries, "dense": dense_per_layer}
-
-        def install(i, core):
-            install_core_attention(layers[i], spec, core, weights[i].biases, dtype, summary(core),
-                                   shared_rows=config.layout == "plain")
-            return getattr(getattr(layers[i], spec.attention).attention, spec.o)
-
-        if calibration is not None and config.refit:
-            from .refit import sequential_refit
-
-            output_errors = sequential_refit(model, spec, groups, tensors, cores, calibration, install,
-                                             target=config.refit_target, bits=config.bits, progress=progress)
-            for core, dense in zip(cores, tensors):  # the refit changed the values: recount the plain error
-                core.kept_energy = core.energy - float(np.sum((dense - reconstruct_layer(core, groups)) ** 2))
-        else:
-            for i, core in enumerate(cores):
-                install(i, core)
-            output_errors = None
-        entries = [core_entry(core, shape, config, float(np.sum(w.matrices["o"] ** 2)))
-                   for core, w in zip(cores, weights)]
-
-    healing = None
-    if config.heal:
-        from .healing import heal
-
-        healing = heal(model, teacher, heal_data.sequences, config.heal_steps, progress=progress)
-        healing["tokens_sha256"] = heal_data.sha256
-    report = build_report(config, entries, spec.model_type, source, time.perf_counter() - started, calibration,
-                          output_errors)
-    if healing is not None:
-        report["healing"] = healing
-    setattr(model.config, COMPRESSION_KEY, {
-        "format_version": FORMAT_VERSION, "method": config.method, "config": config.to_dict(),
-        "index_dtype": "int32", "layers": [_layout(e) for e in entries],
-        "size_fraction": report["size_fraction"],
-    })
-    return report
+        for i, core in enumerate(cores):
+            install(i, core)
+    return [core_entry(core, shape, config, float(np.sum(w.matrices["o"] ** 2))) for core, w in zip(cores, weights)], \
+        output_errors
 
 
-def _calibrate(model, config: CompressionConfig, tokenizer, spec, shape, progress: bool):
-    """Calibration data, per-layer statistics and, for healing, a frozen dense copy and its data (or Nones)."""
+def compress_mlp(model, config: CompressionConfig, spec, weights: list, statistics: list | None,
+                 progress: bool = True) -> dict:
+    """Replace every layer's MLP (``weights``: their :class:`~.surgery.MlpWeights`) by low-rank factors at
+    ``config.mlp_fraction`` of its parameters (SVD-LLM whitening by ``statistics``, the layers' input Grams
+    from :func:`~.calibration.collect_mlp_statistics`; the input members share one basis). Returns the
+    report's ``mlp`` section."""
+    from tqdm.auto import tqdm
+
+    from .numerics.lowrank import svd_layers
+    from .numerics.metric import cholesky_factor
+    from .surgery import install_mlp
+
+    lefts = None if statistics is None else [[cholesky_factor(g, config.damping).T for g in pair]
+                                              for pair in statistics]
+    try:
+        factors = svd_layers([[w.inputs, w.output] for w in weights], config.mlp_fraction, config.budget, lefts=lefts)
+    except ValueError as error:
+        raise InvalidConfigError(f"cannot meet the MLP request: {error}") from None
+    dtype = next(model.parameters()).dtype
+    for layer, w, (inputs, output) in tqdm(list(zip(decoder_layers(model, spec), weights, factors)),
+                                           desc="mlp: installing factors", unit="layer", disable=not progress):
+        install_mlp(layer, spec, (inputs.a, inputs.b), (output.a, output.b), w, dtype)
+    dense = sum(w.inputs.size + w.output.size for w in weights)
+    stored = sum(f.entries for layer in factors for f in layer)
+    energy = sum(f.energy for layer in factors for f in layer)
+    error = sum(f.energy - f.kept_energy for layer in factors for f in layer)
+    return {"method": "svd-llm" if statistics is not None else "svd", "shared_input_basis": True,
+            "fraction": {"requested": config.mlp_fraction, "stored": stored / dense},
+            "params": {"dense": int(dense), "stored": int(stored)},
+            "ranks": [[f.rank for f in layer] for layer in factors],
+            "relative_error": {"overall": float(np.sqrt(max(error, 0.0) / energy)),
+                               "per_layer": [float(np.sqrt(max(sum(f.energy - f.kept_energy for f in layer), 0.0)
+                                                           / sum(f.energy for f in layer))) for layer in factors],
+                               "norm": "output (whitened)" if statistics is not None else "Frobenius"}}
+
+
+@dataclass
+class Calibration:
+    """What calibration gives ``compress``: the data, the attention and MLP statistics of the dense model and,
+    for healing, a frozen dense copy and its data (all None without calibration)."""
+
+    data: object = None  # CalibrationData
+    statistics: list | None = None
+    mlp_statistics: list | None = None
+    teacher: object = None
+    heal_data: object = None
+
+
+def _calibrate(model, config: CompressionConfig, tokenizer, spec, shape, progress: bool) -> Calibration:
     if config.calibration == "none":
-        return None, None, None, None
+        return Calibration()
     import copy
 
-    from .calibration import collect_statistics, load_calibration
+    from .calibration import collect_mlp_statistics, collect_statistics, load_calibration
 
     data = load_calibration(config.calibration, model, tokenizer, config.calibration_tokens)
     started = time.perf_counter()
-    statistics = collect_statistics(model, spec, shape, data, gradients=config.objective == "fisher",
-                                    progress=progress)
+    result = Calibration(data)
+    if "attention" in config.modules:
+        result.statistics = collect_statistics(model, spec, shape, data, gradients=config.objective == "fisher",
+                                               progress=progress)
+    if "mlp" in config.modules:
+        result.mlp_statistics = collect_mlp_statistics(model, spec, data, progress=progress)
     data.seconds += time.perf_counter() - started
-    if not config.heal:
-        return data, statistics, None, None
-    heal_data = load_calibration(config.calibration, model, tokenizer, config.heal_tokens)
-    return data, statistics, copy.deepcopy(model), heal_data
+    if config.heal:
+        result.heal_data = load_calibration(config.calibration, model, tokenizer, config.heal_tokens)
+        result.teacher = copy.deepcopy(model)
+    return result
 
 
 def svd_factors(weights: list, statistics: list | None, config: CompressionConfig, shape) -> list[list]:
@@ -215,6 +287,14 @@ def low_rank_entry(factors: list, shape) -> dict:
             "indices": 0, "factors": stored, "dense": shape.num_slices * shape.hidden * shape.head_dim,
             "energy": sum(f.energy for f in factors),
             "squared_error": max(sum(f.energy - f.kept_energy for f in factors), 0.0)}
+
+
+def dense_entry(weights, shape) -> dict:
+    """What the report records of one layer whose attention stays dense (``--modules`` without attention);
+    ``weights``: its :class:`~.surgery.AttentionWeights`."""
+    dense = shape.num_slices * shape.hidden * shape.head_dim
+    return {"ranks": None, "density": 1.0, "values": dense, "indices": 0, "factors": 0, "dense": dense,
+            "energy": sum(float(np.sum(w ** 2)) for w in weights.matrices.values()), "squared_error": 0.0}
 
 
 def core_entry(core, shape, config: CompressionConfig, output_energy: float) -> dict:

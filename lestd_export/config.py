@@ -20,6 +20,8 @@ INDEX_COST = {"fp32": 1, "int8": 4, "int4": 8}  # stored values an int32 row ind
 STORAGE_BITS = {"int8": 8, "int4": 4}  # MatMulNBits bits of a quantised storage
 # 2048 measured worse at 0.5: x2.57 / x2.75 against x2.38 / x2.67 (default text / prose, 4096 tokens each)
 DEFAULT_CALIBRATION_TOKENS = 4096
+MODULES = ("attention", "mlp")  # which weights ``compress`` brings into the compressed domain
+DEFAULT_MLP_FRACTION = 0.9  # the least destructive measured (README "Whole-model compression")
 
 
 def default_input_whitening(dense_output: bool, layout: str) -> float:
@@ -65,6 +67,13 @@ class CompressionConfig:
     ``input_whitening`` (``p``) whitens the shared basis's ``d`` mode by the input Gram to the power
     ``p``; the default depends on what ``U1`` serves (``default_input_whitening``).
 
+    ``modules``: which weights are compressed: ``attention`` (``method`` as above) and/or ``mlp``: every
+    MLP weight as SVD-LLM low-rank factors (whitened by its calibration input Gram when calibrated), the
+    weights that read one input (SwiGLU gate and up, or a fused gate_up_proj) sharing one input basis as
+    Q/K/V do; ``mlp_fraction`` is the MLP's stored parameters as a fraction of its dense ones (default
+    0.9), shared out over its matrices (per layer, or over all layers with ``budget="global"``) by
+    relative energy.
+
     ``objective``: the norm that Stage I and Stage II minimise (numerics/planner.py).
     ``balanced`` (the default for ``lestd``) weights each slice group (q, k, v, o of a layer) by
     ``1/sqrt(its energy)``, which is invariant to the Q/K and V/O rescalings that leave the model
@@ -95,6 +104,8 @@ class CompressionConfig:
     storage: str = "fp32"
     layout: str = "shared"
     dense_output: bool = False  # keep the output projection dense (exact); the budget goes to Q/K/V
+    modules: tuple[str, ...] = ("attention",)
+    mlp_fraction: float | None = None  # with "mlp" in modules: its stored fraction (None: DEFAULT_MLP_FRACTION)
 
     def __post_init__(self):
         def bad(message: str):
@@ -162,7 +173,21 @@ class CompressionConfig:
                 "use --granularity row")
         if self.objective is None and self.method != "svd":
             object.__setattr__(self, "objective", "balanced" if self.method == "lestd" else "frobenius")
-        if self.needs_size_fraction:
+        modules = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules)
+        if not modules or any(m not in MODULES for m in modules) or len(set(modules)) != len(modules):
+            bad(f"modules must be a non-empty choice of {', '.join(MODULES)}, got {self.modules!r}")
+        object.__setattr__(self, "modules", tuple(m for m in MODULES if m in modules))
+        m = self.mlp_fraction
+        if "mlp" not in self.modules:
+            if m is not None:
+                bad("--mlp-fraction sizes the compressed MLP: add mlp to --modules")
+        elif m is None:
+            object.__setattr__(self, "mlp_fraction", DEFAULT_MLP_FRACTION)
+        elif not (isinstance(m, (int, float)) and math.isfinite(m) and 0 < m <= 1):
+            bad(f"MLP fraction must lie in (0, 1], got {m!r}")
+        if "attention" not in self.modules and self.size_fraction is not None:
+            bad("--size-fraction sizes the compressed attention: add attention to --modules or give --mlp-fraction")
+        if self.needs_size_fraction and "attention" in self.modules:
             if self.size_fraction is None:
                 object.__setattr__(self, "size_fraction", DEFAULT_SIZE_FRACTION)
         elif self.size_fraction is not None:
@@ -198,6 +223,7 @@ class CompressionConfig:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["ranks"] = None if self.ranks is None else ["full" if r is None else r for r in self.ranks]
+        data["modules"] = list(self.modules)
         return data
 
     @classmethod
@@ -209,6 +235,8 @@ class CompressionConfig:
         data = dict(data)
         if data.get("ranks") is not None:
             data["ranks"] = parse_ranks(data["ranks"])
+        if "modules" in data:
+            data["modules"] = tuple(data["modules"])
         return cls(**data)
 
 

@@ -64,19 +64,67 @@ def grafted_layers(model) -> list:
     return layers
 
 
+def mlp_factors(model) -> list:
+    """One :class:`~.graft.MlpFactors` per decoder layer of a model whose MLP ``compress`` factored (else empty)."""
+    from .graft import MlpFactors
+    from .registry import decoder_layers, spec_for
+
+    spec = spec_for(model.config)
+    layers = [MlpFactors.from_layer(layer, spec) for layer in decoder_layers(model, spec)]
+    return layers if layers and all(f is not None for f in layers) else []
+
+
+def graft_compressed(model, loaded_model, quantised_ok: bool = False) -> dict:
+    """Graft a compressed model's attention and MLP factors into its dense graph ``model`` (in place); returns
+    the fp32 bytes each kind's weights had before and have after (``{"attention": {...}, "mlp": {...}}``)."""
+    from .export import initializer_sizes
+    from .graft import graft_attention, graft_mlp, mlp_nodes
+    from .onnx_sites import locate_by_name
+    from .registry import spec_for
+
+    spec = spec_for(loaded_model.config)
+    bytes_by_kind = {}
+
+    def grafted(kind: str, nodes: set[str], graft) -> None:
+        dense = _node_weight_bytes(model, nodes)
+        before = sum(initializer_sizes(model).values())
+        graft()
+        stored = dense + sum(initializer_sizes(model).values()) - before  # a weight left dense: kept
+        bytes_by_kind[kind] = {"dense": dense, "compressed": stored, "fraction": stored / dense}
+
+    latents, mlps = grafted_layers(loaded_model), mlp_factors(loaded_model)
+    if latents:
+        _, sites = locate_by_name(model, quantised_ok=quantised_ok, spec=spec)
+        grafted("attention", {n for s in sites for n in (*s.qkv_nodes, s.o_node)},
+                lambda: graft_attention(model, sites, latents))
+        bytes_by_kind["attention"]["grafted_layers"] = len(sites)
+    if mlps:
+        grafted("mlp", {node.name for node in mlp_nodes(model, spec).values()}, lambda: graft_mlp(model, spec, mlps))
+    return bytes_by_kind
+
+
 def dense_model(model):
-    """``model`` with dense-shaped attention: a compressed model's projections are left at their random
-    initial values (a graft replaces them); everything else (embeddings, norms, MLPs, q/k norms) is copied."""
+    """``model`` with dense-shaped weights: a compressed model's attention projections are left at their random
+    initial values (a graft replaces them), a factored MLP weight holds the product of its factors (exact, and
+    replaced by the graft); everything else (embeddings, norms, q/k norms) is copied."""
     from transformers import AutoModelForCausalLM
 
+    from .modules import FactoredLinear
     from .registry import spec_for
 
     if getattr(model.config, COMPRESSION_KEY, None):
         config = copy.deepcopy(model.config)
         delattr(config, COMPRESSION_KEY)
         dense = AutoModelForCausalLM.from_config(config).eval()
-        wrapper = f".{spec_for(model.config).attention}."
+        spec = spec_for(model.config)
+        wrapper = f".{spec.attention}."
         state = {key.replace(f"{wrapper}attention.", wrapper): value for key, value in model.state_dict().items()}
+        for name, module in model.named_modules():
+            if isinstance(module, FactoredLinear):
+                product = module.expand.weight.detach() @ module.basis.weight.detach()  # [out, in]
+                state[f"{name}.weight"] = product.T.contiguous() if spec.weight_in_out else product
+                if module.expand.bias is not None:
+                    state[f"{name}.bias"] = module.expand.bias.detach()
         target = dense.state_dict()
         dense.load_state_dict({k: v for k, v in state.items() if k in target and target[k].shape == v.shape},
                               strict=False)
@@ -140,16 +188,13 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
 
     from .export import initializer_sizes
     from .genai import run_builder
-    from .graft import graft_attention
-    from .onnx_sites import locate_by_name
     from .quantize_graph import QuantizeConfig
-    from .registry import spec_for
 
     if storage not in STORAGES:
         raise InvalidConfigError(f"unknown precision {storage!r}: choose one of {', '.join(STORAGES)}")
-    latents = grafted_layers(loaded.model)
+    compressed = bool(grafted_layers(loaded.model) or mlp_factors(loaded.model))
     hidden = int(loaded.model.config.hidden_size)
-    ours = storage in STORAGE_BITS and (bool(latents) or rounding != "rtn")  # our rounding of every weight
+    ours = storage in STORAGE_BITS and (compressed or rounding != "rtn")  # our rounding of every weight
     if storage == "int4" and not ours and hidden % block_size \
             and getattr(loaded.model.config, "tie_word_embeddings", False):
         raise InvalidConfigError(f"--block-size {block_size} does not divide the hidden size {hidden}: the genai "
@@ -162,17 +207,14 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
             options = {"int4_block_size": str(block_size)} if storage == "int4" and not ours else {}
             build = run_builder(dense_hf_dir(loaded, work / "hf"), work / "build", "fp32" if ours else storage,
                                 extra_options=options)
-            report = {"format": "onnxruntime-genai", "storage": storage, "compressed": bool(latents)}
+            report = {"format": "onnxruntime-genai", "storage": storage, "compressed": compressed}
             model = onnx.load(str(build / MODEL_FILE))
-            if latents:
-                _, sites = locate_by_name(model, quantised_ok=True, spec=spec_for(loaded.model.config))
-                dense_bytes = _node_weight_bytes(model, {n for s in sites for n in (*s.qkv_nodes, s.o_node)})
-                before = sum(initializer_sizes(model).values())
-                graft_attention(model, sites, latents)
-                stored = dense_bytes + sum(initializer_sizes(model).values()) - before  # a dense projection: kept
-                report["attention_bytes"] = {"dense": dense_bytes, "compressed": stored,  # fp32 bytes
-                                             "fraction": stored / dense_bytes}
-                report["grafted_layers"] = len(sites)
+            grafted = graft_compressed(model, loaded.model, quantised_ok=True)
+            if "attention" in grafted:
+                report["attention_bytes"] = grafted["attention"]  # fp32 bytes
+                report["grafted_layers"] = grafted["attention"].pop("grafted_layers")
+            if "mlp" in grafted:
+                report["mlp_bytes"] = grafted["mlp"]
             if ours:
                 if validate:  # the fp32 graph first: a broken graft never reaches the quantiser
                     _save(model, build, keep_in_memory=True)
@@ -229,10 +271,7 @@ def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str
     import onnx
 
     from .export import describe_export, export_model
-    from .graft import graft_attention
-    from .onnx_sites import locate_by_name
     from .quantize_graph import QuantizeConfig
-    from .registry import spec_for
 
     if storage not in STORAGE_BITS:
         raise InvalidConfigError(f"quantised optimum export takes int8 or int4, not {storage!r}")
@@ -243,10 +282,7 @@ def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str
             dense = LoadedModel(dense_model(loaded.model), loaded.tokenizer, loaded.source)
             export_model(dense, work / "dense", opset=opset, validate=False)
             model = onnx.load(str(work / "dense" / MODEL_FILE))
-            latents = grafted_layers(loaded.model)
-            if latents:
-                _, sites = locate_by_name(model, spec=spec_for(loaded.model.config))
-                graft_attention(model, sites, latents)
+            graft_compressed(model, loaded.model)
             config = QuantizeConfig(bits=STORAGE_BITS[storage], block_size=block_size, rounding=rounding,
                                         head_bits=head_bits)
             quantization = quantize_export(model, work / "dense", loaded, config, calibration, calibration_tokens,

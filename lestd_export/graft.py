@@ -24,6 +24,11 @@ both have the same range. The product is unchanged; MatMulNBits blocks run along
 whitened basis leaves at very different scales, and int4 rounds them far less after equalising. The SVD
 baseline's pairs are written as they are (equalising them measured worse: README, Edge deployment).
 
+A compressed MLP (:class:`MlpFactors`, ``compress --modules mlp``) is grafted weight by weight
+(:func:`graft_mlp`): the node that multiplies by a dense MLP weight (found by the registry's module path)
+becomes ``(x @ A) @ B`` writing the same output (a ``Gemm``'s bias kept as an ``Add``), and the weights that
+read the MLP input share one ``x @ A``.
+
 ``D`` is the second layout of ``U1`` that a quantised product needs (MatMulNBits blocks along the
 reduction axis, which differs between ``X U1`` and ``latent U1^T``); only the rows the output heads
 keep are stored. When ``R2 < d_h`` each head is mapped through ``U2^T`` (Q/K/V) or ``U2`` (O).
@@ -254,3 +259,100 @@ def graft_attention(model, sites: list[AttentionSite], layers: list[LatentLayer 
         raise GraphMappingError(f"nodes {sorted(missing)[:3]} are not in the graph")
     replace_nodes(graph, replaced)
     return weight_matmuls
+
+
+@dataclass
+class MlpFactors:
+    """One layer's compressed MLP as stored (row-vector convention): the input members' shared basis
+    ``[d, r]`` and each member's expansion ``[r, n_j]`` (by registry path), the output weight's pair."""
+
+    basis: np.ndarray
+    expands: dict[str, np.ndarray]
+    output: tuple[np.ndarray, np.ndarray]  # [f, r'], [r', d]
+
+    @classmethod
+    def from_layer(cls, layer_module, spec) -> MlpFactors | None:
+        """The factors of a layer whose MLP ``compress`` replaced by FactoredLinear modules (else None)."""
+        from .modules import FactoredLinear
+
+        members = [layer_module.get_submodule(path) for path in (*spec.mlp_in, spec.mlp_out)]
+        if not all(isinstance(m, FactoredLinear) for m in members):
+            return None
+        *inputs, output = members
+        return cls(_numpy(inputs[0].basis.weight).T, {p: _numpy(m.expand.weight).T for p, m in zip(spec.mlp_in, inputs)},
+                   (_numpy(output.basis.weight).T, _numpy(output.expand.weight).T))
+
+
+def factored_product(node, a: str | None, b: str, x: str | None = None) -> list:
+    """Nodes computing what the weight node ``node`` (a MatMul or Gemm of
+    :func:`~.quantize_graph.weight_matmuls`) computes, with ``x @ W`` as ``(x @ A) @ B`` (initializers
+    ``a``, ``b``) and its output names kept (a Gemm's bias becomes an ``Add``). With ``a`` None, ``x`` is
+    ``x @ A`` computed elsewhere (a shared basis)."""
+    from onnx import helper
+
+    from .quantize_graph import bias_of
+
+    nodes = []
+    if a is not None:
+        x = f"{node.name}/basis_output"
+        nodes.append(helper.make_node("MatMul", [node.input[0], a], [x], name=f"{node.name}/basis"))
+    bias = bias_of(node)
+    product = f"{node.name}/product" if bias else node.output[0]
+    nodes.append(helper.make_node("MatMul", [x, b], [product], name=f"{node.name}/expand"))
+    if bias:
+        nodes.append(helper.make_node("Add", [product, bias], list(node.output), name=f"{node.name}/bias"))
+    return nodes
+
+
+def mlp_nodes(model, spec) -> dict[tuple[int, str], object]:
+    """The weight node of every MLP member ``(layer, registry path)``: by optimum's module-path names or the
+    genai builder's (``/model/layers.{i}/mlp/gate_proj/MatMul``)."""
+    import re
+
+    from .quantize_graph import weight_matmuls
+    from .registry import optimum_node_pattern
+
+    patterns = {path: (re.compile(optimum_node_pattern(spec, path)),
+                       re.compile(r"^/model/layers\.(\d+)/" + re.escape(path.replace(".", "/")) + "/"))
+                for path in (*spec.mlp_in, spec.mlp_out)}
+    found = {}
+    for node in weight_matmuls(model):
+        for path, rules in patterns.items():
+            match = next((m for rule in rules if (m := rule.match(node.name))), None)
+            if match:
+                found[(int(match.group(1)), path)] = node
+                break
+    return found
+
+
+def graft_mlp(model, spec, layers: list[MlpFactors]) -> list[str]:
+    """Replace every layer's MLP weight nodes by its factors, in place (initializers only the removed nodes
+    read are dropped). Returns the new weight MatMul nodes' names."""
+    from onnx import numpy_helper
+
+    found = mlp_nodes(model, spec)
+    order = {node.name: i for i, node in enumerate(model.graph.node)}
+    replaced: dict[str, list] = {}
+    for i, factors in enumerate(layers):
+        missing = [p for p in (*spec.mlp_in, spec.mlp_out) if (i, p) not in found]
+        if missing:
+            raise GraphMappingError(f"layer {i}: no weight node for {', '.join(missing)} in the graph")
+        prefix = f"lestd.layers.{i}.mlp"
+        tensors = {f"{prefix}.in.basis": factors.basis, f"{prefix}.out.basis": factors.output[0],
+                   f"{prefix}.out.expand": factors.output[1],
+                   **{f"{prefix}.{p}.expand": e for p, e in factors.expands.items()}}
+        model.graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(v, dtype=np.float32), k)
+                                       for k, v in tensors.items())
+        inputs = sorted(spec.mlp_in, key=lambda p: order[found[(i, p)].name])  # the basis before its first reader
+        shared = None
+        for path in inputs:
+            node = found[(i, path)]
+            if node.input[0] != found[(i, inputs[0])].input[0]:
+                raise GraphMappingError(f"layer {i}: {path} does not read the MLP input that {inputs[0]} reads")
+            replaced[node.name] = factored_product(node, None if shared else f"{prefix}.in.basis",
+                                                   f"{prefix}.{path}.expand", shared)
+            shared = shared or replaced[node.name][0].output[0]
+        node = found[(i, spec.mlp_out)]
+        replaced[node.name] = factored_product(node, f"{prefix}.out.basis", f"{prefix}.out.expand")
+    replace_nodes(model.graph, replaced)
+    return [n.name for nodes in replaced.values() for n in nodes if n.op_type == "MatMul"]

@@ -1,6 +1,6 @@
 """Healing (DESIGN.md 2.5): distil the compressed model against the dense one (logit KL), updating
-only the stored values of the compressed attention (``U1``, ``U2``, core blocks) with the sparsity
-structure (kept rows, ranks) fixed. Adam, cosine-decayed learning rate, fixed data order and seed:
+only the stored values of the compressed modules (attention: ``U1``, ``U2``, core blocks; MLP: both
+factors of every weight) with the sparsity structure (kept rows, ranks) fixed. Adam, cosine-decayed learning rate, fixed data order and seed:
 the same inputs give the same healed model. When the KL on the first two healing sequences ends
 higher than it started, the starting values are restored (``kept: false`` in the record).
 """
@@ -16,8 +16,8 @@ LEARNING_RATE = 2e-4
 
 
 def stored_parameters(model) -> list:
-    """The parameters of the compressed attention modules (factors and core blocks, not biases)."""
-    from .modules import CoreOutput, LatentAttention, LatentQKV
+    """The parameters of the compressed modules (factors and core blocks, not biases; a shared basis once)."""
+    from .modules import CoreOutput, FactoredLinear, LatentAttention, LatentQKV
 
     found = {}
     for module in model.modules():
@@ -25,6 +25,9 @@ def stored_parameters(model) -> list:
             for name, param in module.named_parameters(recurse=False):
                 if name != "bias" and param is not None:
                     found[id(param)] = param
+        elif isinstance(module, FactoredLinear):
+            for param in (module.basis.weight, module.expand.weight):
+                found[id(param)] = param
     return list(found.values())
 
 

@@ -316,6 +316,30 @@ class LowRankProjection(nn.Module):
         return ", ".join(f"rank={getattr(self, f'a_{j}').shape[1]}" for j in range(self.num_parts))
 
 
+class FactoredLinear(nn.Module):
+    """A compressed MLP weight: ``expand(basis(x))``, i.e. ``x [.., in] @ A [in, r] @ B [r, out] (+ bias)``.
+
+    Both factors are plain ``nn.Linear`` modules, so every exporter and quantiser sees two ordinary weight
+    MatMuls. Weights that read one input (SwiGLU gate and up) use the *same* ``basis`` module: the first
+    registers it, the others only refer to it (``owns_basis=False``), so the checkpoint and the ONNX graph
+    store it once, no exporter sees tied weights, and the export computes ``x A`` once per layer.
+    """
+
+    def __init__(self, basis: nn.Linear, expand: nn.Linear, owns_basis: bool = True):
+        super().__init__()
+        if owns_basis:
+            self.basis = basis  # [in] -> [r], no bias
+        else:
+            object.__setattr__(self, "basis", basis)  # a reference, not a submodule
+        self.expand = expand  # [r] -> [out], the original bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expand(self.basis(x))
+
+    def extra_repr(self) -> str:
+        return f"rank={self.basis.out_features}"
+
+
 class _LogitsMatMulT(_MatMulT):
     """:class:`_MatMulT` whose ONNX output keeps ``w``'s row count (the vocabulary) as a static last axis."""
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import NonFiniteWeightsError
-from .modules import CoreOutput, LatentAttention, LatentQKV, LowRankProjection, ProjectionOutput
+from .modules import CoreOutput, FactoredLinear, LatentAttention, LatentQKV, LowRankProjection, ProjectionOutput
 from .numerics.pruning import LayerCore, SliceGroups
 from .registry import ArchSpec, AttentionShape
 
@@ -162,3 +162,70 @@ def install_low_rank(layer_module: nn.Module, spec: ArchSpec, factors: dict, bia
         for name in ("q", "k", "v"):
             setattr(attention, getattr(spec, name), LowRankProjection([pair(name)], biases[name]))
     setattr(attention, spec.o, LowRankProjection([pair("o")], biases["o"]))
+
+
+@dataclass
+class MlpWeights:
+    """One layer's MLP in row-vector convention (float64): the weights that read the MLP input side by side
+    (``inputs [d, n]``, SwiGLU ``gate | up`` or one fused/GELU input weight; ``widths`` per member) and the
+    output weight ``output [f, d]``; biases per member path (``members``: input members, then the output)."""
+
+    inputs: np.ndarray
+    widths: list[int]
+    output: np.ndarray
+    biases: dict[str, torch.Tensor | None]
+
+
+def _parent(layer_module: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent, _, name = path.rpartition(".")
+    return (layer_module.get_submodule(parent) if parent else layer_module), name
+
+
+def read_mlp(layer_module: nn.Module, spec: ArchSpec, layer: int) -> MlpWeights:
+    """The MLP weights of one decoder layer at the registry's paths; refuses NaN/Inf weights."""
+    members = [layer_module.get_submodule(path) for path in spec.mlp_in]
+    inputs = [_as_in_out(m, spec) for m in members]
+    output = _as_in_out(layer_module.get_submodule(spec.mlp_out), spec)
+    for name, w in [*zip(spec.mlp_in, inputs), (spec.mlp_out, output)]:
+        if not np.isfinite(w).all():
+            raise NonFiniteWeightsError(f"layer {layer} {name} has NaN/Inf weights; the model file is corrupt: "
+                                        "fix the weights before compressing")
+    biases = {path: _bias(layer_module.get_submodule(path)) for path in (*spec.mlp_in, spec.mlp_out)}
+    return MlpWeights(np.concatenate(inputs, axis=1), [w.shape[1] for w in inputs], output, biases)
+
+
+def balanced_factors(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a [K, r]``, ``b [r, N]`` rescaled per rank so that column ``j`` of ``a`` and row ``j`` of ``b`` have
+    equal norms (``a @ b`` unchanged): both factors then quantise alike."""
+    scale = np.sqrt(np.linalg.norm(b, axis=1) / np.maximum(np.linalg.norm(a, axis=0), 1e-300))
+    scale = np.where(scale > 0, scale, 1.0)
+    return a * scale, b / scale[:, None]
+
+
+def _linear(weight_in_out: np.ndarray, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    k, n = weight_in_out.shape
+    linear = nn.Linear(k, n, bias=bias is not None, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(_tensor(weight_in_out.T, dtype))
+        if bias is not None:
+            linear.bias.copy_(bias.to(dtype))
+    linear.requires_grad_(False)
+    return linear
+
+
+def install_mlp(layer_module: nn.Module, spec: ArchSpec, inputs: tuple[np.ndarray, np.ndarray],
+                output: tuple[np.ndarray, np.ndarray], weights: MlpWeights, dtype: torch.dtype) -> None:
+    """Replace one layer's MLP weights by :class:`~.modules.FactoredLinear` modules: the input members share
+    one basis ``inputs[0] [d, r]`` (their columns of ``inputs[1] [r, n]`` each), the output weight is
+    ``output[0] [f, r'] @ output[1] [r', d]``."""
+    a, b = balanced_factors(*inputs)
+    basis = _linear(a, None, dtype)
+    start = 0
+    for j, (path, width) in enumerate(zip(spec.mlp_in, weights.widths)):
+        parent, name = _parent(layer_module, path)
+        setattr(parent, name, FactoredLinear(basis, _linear(b[:, start:start + width], weights.biases[path], dtype),
+                                             owns_basis=j == 0))
+        start += width
+    a, b = balanced_factors(*output)
+    parent, name = _parent(layer_module, spec.mlp_out)
+    setattr(parent, name, FactoredLinear(_linear(a, None, dtype), _linear(b, weights.biases[spec.mlp_out], dtype)))

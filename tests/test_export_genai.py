@@ -249,3 +249,38 @@ def test_our_codes_are_what_matmulnbits_computes_with(bits, block):
     np.testing.assert_allclose(stored, dequantize(q, scales, block), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(unpack_matmulnbits(packed, flat_scales, k, bits, block), dequantize(q, scales, block),
                                rtol=1e-6)  # the stored-value check reads the file back exactly
+
+
+@pytest.mark.parametrize("storage", ["fp32", "int4"])
+def test_compressed_mlp_grafts_into_genai(storage, tmp_path):
+    """``--modules attention,mlp``: the builder's graph with the attention and the MLP factors grafted in equals
+    PyTorch (fp32), stores the MLP in the counted bytes, and at int4 keeps no fp32 weight product in the MLP."""
+    model = tiny_llama()
+    config = CompressionConfig(modules=("attention", "mlp"), mlp_fraction=0.6, layout="plain", storage=storage, **SMALL)
+    report = compress_model(model, config, progress=False)
+    loaded = LoadedModel(model, tiny_tokenizer(), source="tiny")
+    exported = export_genai(loaded, tmp_path / "genai", storage=storage)
+    assert exported["mlp_bytes"]["compressed"] == 4 * report["mlp"]["params"]["stored"]  # fp32 factor entries
+    graph = onnx.load(str(tmp_path / "genai" / "model.onnx"), load_external_data=False).graph
+    mlp = [n for n in graph.node if "/mlp/" in n.name and n.op_type in ("MatMul", "MatMulNBits")]
+    initializers = {i.name for i in graph.initializer}
+    weight_products = [n for n in mlp if n.input[1] in initializers]
+    assert len(weight_products) == 2 * 5  # per layer: shared basis, gate, up, down's two factors
+    if storage == "fp32":
+        assert exported["parity"]["max_relative_error"] < 1e-5
+    else:
+        assert {n.op_type for n in weight_products} == {"MatMulNBits"}
+        assert exported["parity_fp32"]["max_relative_error"] < 1e-3
+        assert exported["quantization"]["stored_values"]["max_relative_logit_difference"] < 1e-4
+
+
+def test_quantised_optimum_export_quantises_the_mlp_factors(tmp_path):
+    from lestd_export.export_genai import export_optimum_quantized
+
+    model = tiny_llama()
+    compress_model(model, CompressionConfig(modules=("mlp",), mlp_fraction=0.6, storage="int4"), progress=False)
+    report = export_optimum_quantized(LoadedModel(model, tiny_tokenizer(), source="tiny"), tmp_path / "q",
+                                      storage="int4", opset=18)
+    graph = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False).graph
+    assert sum("/mlp/" in n.name and n.op_type == "MatMulNBits" for n in graph.node) == 2 * 5
+    assert report["quantization"]["stored_values"]["max_relative_logit_difference"] < 1e-4

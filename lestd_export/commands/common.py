@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import BUDGETS, DEFAULT_CALIBRATION_TOKENS, GRANULARITIES, METHODS, OBJECTIVES, REFIT_TARGETS, CompressionConfig, parse_ranks
+from ..config import (BUDGETS, DEFAULT_CALIBRATION_TOKENS, GRANULARITIES, METHODS, MODULES, OBJECTIVES, REFIT_TARGETS,
+                      CompressionConfig, parse_choices, parse_ranks)
 
 INPUT_HELP = ("decoder .onnx file, or a directory holding one (the file genai_config.json names, else model.onnx): "
               "an onnxruntime-genai build (-p fp32) or an optimum export; its directory needs genai_config.json or "
@@ -18,6 +19,14 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--method", choices=METHODS, default="lestd",
                        help="lestd (default): Tucker basis + pruned core; tensorllm: Tucker basis, dense core; "
                             "svd: per-matrix truncated SVD")
+    group.add_argument("--modules", default="attention", metavar="LIST",
+                       help="what to compress, comma-separated: attention (default; --method) and/or mlp (every MLP "
+                            "weight as SVD-LLM low-rank factors, gate and up sharing one input basis). On SmolLM2-135M "
+                            "a factored MLP loses to quantising harder at every size measured (README, Below int4)")
+    group.add_argument("--mlp-fraction", type=float, default=None, metavar="F",
+                       help="with --modules mlp: stored MLP parameters as a fraction of the dense ones, in (0, 1] "
+                            "(default 0.9), shared out over its matrices by relative output energy (--budget global: "
+                            "over all layers)")
     group.add_argument("--size-fraction", type=float, default=None, metavar="F",
                        help="stored attention parameters (factors + core values + int32 indices) as a fraction "
                             "of the dense ones, in (0, 1]; default 0.7 when the planner has something to choose")
@@ -114,6 +123,8 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
                              refit_target=args.refit_target, input_whitening=args.input_whitening, heal=args.heal,
                              heal_tokens=args.heal_tokens, heal_steps=args.heal_steps, damping=args.damping,
                              storage=QUANTIZE[args.quantize], dense_output=args.dense_output,
+                             modules=tuple(parse_choices(args.modules, MODULES, "modules")),
+                             mlp_fraction=args.mlp_fraction,
                              layout="plain" if getattr(args, "format", "optimum") == "genai" else "shared")
 
 
@@ -124,5 +135,5 @@ def compression_flags_given(args: argparse.Namespace) -> bool:
                 "granularity": "row", "budget": "layer", "objective": None, "hooi_tol": 1e-6, "hooi_max_iter": 10,
                 "calibration": None, "calibration_tokens": DEFAULT_CALIBRATION_TOKENS, "no_refit": False, "heal": False,
                 "heal_tokens": 16384, "heal_steps": 300, "damping": 0.01, "refit_target": "layer",
-                "input_whitening": None, "dense_output": False}
+                "input_whitening": None, "dense_output": False, "modules": "attention", "mlp_fraction": None}
     return any(getattr(args, key) != value for key, value in defaults.items())

@@ -11,9 +11,10 @@ from .common import MODEL_HELP, add_compression_flags, config_from_args
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "compress", help="compress a model's attention and save a checkpoint",
-        description="Compress every attention layer (Stage I HOOI + Stage II pruning) and write "
-                    "model.safetensors, config.json, tokenizer files and compression_report.json.")
+        "compress", help="compress a model's attention (and MLP) and save a checkpoint",
+        description="Compress every attention layer (Stage I HOOI + Stage II pruning) and, with --modules mlp, every "
+                    "MLP weight (SVD-LLM low-rank factors), and write model.safetensors, config.json, tokenizer "
+                    "files and compression_report.json.")
     parser.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     parser.add_argument("-o", "--output", required=True, type=Path, help="output directory (must not exist)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -45,10 +46,18 @@ def summary(report: dict, out: Path) -> str:
 
     fraction = report["size_fraction"]
     requested = "" if fraction["requested"] is None else f" (requested {fraction['requested']:g})"
+    lines = []
+    if "attention" in report["config"]["modules"]:
+        lines.append(f"compressed with {report['method']}: attention at {fraction['with_indices']:.3f} of its dense "
+                     f"size{requested}, relative weight error {report['relative_weight_error']['overall']:.3f}")
+    if "mlp" in report:
+        mlp = report["mlp"]
+        lines.append(f"compressed with {mlp['method']}: MLP at {mlp['fraction']['stored']:.3f} of its dense size "
+                     f"(requested {mlp['fraction']['requested']:g}), relative {mlp['relative_error']['norm']} error "
+                     f"{mlp['relative_error']['overall']:.3f}")
     return "\n".join([
-        f"compressed with {report['method']}: attention at {fraction['with_indices']:.3f} of its dense size"
-        f"{requested}, relative weight error {report['relative_weight_error']['overall']:.3f}, "
-        f"{report['seconds']:.1f} s",
+        *lines,
+        f"  {report['seconds']:.1f} s",
         f"  checkpoint: {out} ({WEIGHTS_FILE} {(out / WEIGHTS_FILE).stat().st_size / 2**20:.1f} MB)",
         f"  report: {out / REPORT_FILE}",
         "next:",

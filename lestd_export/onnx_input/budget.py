@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidConfigError
-from ..quantize_graph import (BLOCK_SIZES, QuantizeConfig, bias_of, head_weights, table_config, token_tables,
+from ..quantize_graph import (BLOCK_SIZES, QuantizeConfig, head_weights, table_config, token_tables,
                               transposed, weight_matmuls, weight_of)
 
 BODY_STORAGE = tuple((bits, block) for bits in (2, 4, 8) for block in (32, 64, 128))  # every weight's choices
@@ -269,8 +269,9 @@ def apply_plan(model, plan: BudgetPlan, grams: dict[str, np.ndarray], config: Qu
     """Write the plan's factorisations into ``model`` (``x @ W`` -> ``(x @ A) @ B``, fp32 factors; ``grams`` gains
     ``A^T C A`` for each new intermediate) and return the storage of every weight and factor by initializer name,
     for :func:`~lestd_export.quantize_graph.quantize_graph`."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
+    from ..graft import factored_product
     from ..numerics.budget import low_rank_factors
     from ..onnx_sites import replace_nodes
 
@@ -287,15 +288,10 @@ def apply_plan(model, plan: BudgetPlan, grams: dict[str, np.ndarray], config: Qu
         gram = grams[node.input[0]]
         a, b = low_rank_factors(weight_of(node, initializers), gram, option.rank)  # [K, r], [r, N]
         names = (f"{w.weight}/low_rank_a", f"{w.weight}/low_rank_b")
-        middle = f"{w.node}/low_rank"
         model.graph.initializer.extend([numpy_helper.from_array(a.astype(np.float32), names[0]),
                                         numpy_helper.from_array(b.astype(np.float32), names[1])])
-        bias = bias_of(node)
-        product = f"{w.node}/low_rank_product" if bias else node.output[0]
-        replaced[w.node] = [helper.make_node("MatMul", [node.input[0], names[0]], [middle], name=f"{w.node}/a"),
-                            helper.make_node("MatMul", [middle, names[1]], [product], name=f"{w.node}/b")]
-        if bias:  # a Gemm's bias
-            replaced[w.node].append(helper.make_node("Add", [product, bias], list(node.output), name=f"{w.node}/bias"))
+        replaced[w.node] = factored_product(node, *names)
+        middle = replaced[w.node][0].output[0]
         grams[middle] = a.T @ gram @ a
         configs.update(dict.fromkeys(names, storage))
     replace_nodes(model.graph, replaced)
