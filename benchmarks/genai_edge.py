@@ -33,11 +33,14 @@ from lestd_export.loading import load_model
 PRECISIONS = ("int4", "int8")
 SETTINGS = {"dense_output": {"dense_output": True}, "factored_output": {},
             "dense_output_heal": {"dense_output": True, "heal": True},  # + logit-KL healing, 300 steps
-            "svd_llm": {"method": "svd"}}  # the per-matrix baseline, calibrated (SVD-LLM), grafted the same way
+            "svd_llm": {"method": "svd"},  # the per-matrix baseline, calibrated (SVD-LLM), grafted the same way
+            # the MLP alone as SVD-LLM factors (gate/up sharing a basis) at the fraction given, attention dense
+            "mlp": {"modules": ("mlp",)}, "mlp_heal": {"modules": ("mlp",), "heal": True}}
 
 
 def lestd_variant(root: Path, fraction: float, storage: str, settings: str) -> Path:
-    """Compress (calibrated; plain layout) once per fraction and settings, export to genai at ``storage``;
+    """Compress (calibrated; plain layout; ``fraction`` sizes the attention, or the MLP of the ``mlp`` settings)
+    once per fraction and settings, export to genai at ``storage``;
     cached under ``root`` (delete it after changing the code: cached builds are reused as they are). The plain
     layout stores no index, so its plan is the same for int4 and int8."""
     out = root / f"lestd-{fraction}-{settings}-{storage}"
@@ -46,8 +49,9 @@ def lestd_variant(root: Path, fraction: float, storage: str, settings: str) -> P
     checkpoint = root / f"checkpoint-{fraction}-{settings}"
     loaded = load_model(str(checkpoint) if (checkpoint / "config.json").is_file() else None)
     if not loaded.compressed:
-        config = CompressionConfig(size_fraction=fraction, calibration="default", storage="int4", layout="plain",
-                                   **SETTINGS[settings])
+        settings_ = SETTINGS[settings]
+        sizes = {"size_fraction": fraction} if "mlp" not in settings_.get("modules", ()) else {"mlp_fraction": fraction}
+        config = CompressionConfig(calibration="default", storage="int4", layout="plain", **sizes, **settings_)
         report = compress_model(loaded.model, config, tokenizer=loaded.tokenizer, source="smollm2-135m")
         save_compressed(loaded, report, checkpoint, overwrite=True)
     export_genai(loaded, out, storage=storage, overwrite=True)

@@ -151,7 +151,8 @@ def main() -> None:
                         help="algorithm:block,... of ONNX Runtime's quantiser")
     parser.add_argument("--compressed", default="", help="genai_edge.py settings,... (dense_output, factored_output, "
                         "svd_llm) exported at int4 beside the quantisation-only files")
-    parser.add_argument("--fraction", type=float, default=0.5, help="--compressed: attention size fraction")
+    parser.add_argument("--fraction", default="0.5", help="--compressed: size fractions, comma-separated (of the "
+                        "attention; of the MLP for the mlp settings)")
     parser.add_argument("--targets", default="", help="whole-file plans (quantize --target-mb) at these fractions "
                         "of the builder's int4 bytes, e.g. 0.95,0.9,0.8,0.7")
     parser.add_argument("--plans", default="lowrank,quant",
@@ -204,10 +205,10 @@ def main() -> None:
             report = json.loads((root / name / "quantization_report.json").read_text())
             factored[name] = report["budget"]["factored"]
             names.append(name)
-    for settings in filter(None, args.compressed.split(",")):
-        name = f"lestd-{args.fraction}-{settings}-int4"
-        lestd_variant(root, args.fraction, "int4", settings)
-        names.append(name)
+    for fraction in args.fraction.split(","):
+        for settings in filter(None, args.compressed.split(",")):
+            lestd_variant(root, float(fraction), "int4", settings)
+            names.append(f"lestd-{float(fraction)}-{settings}-int4")
     results = {"machine": machine(), "model": source, "eval_tokens": args.eval_tokens, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         texts = {}

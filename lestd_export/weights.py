@@ -97,7 +97,8 @@ def torch_weight_map(model, format: str = "pytorch") -> WeightMap:
                                                           f"tied to {seen[key]}")
             continue
         seen[key] = kind
-        storage = "lestd (compressed)" if compressed else _short_dtype(str(tensor.dtype).removeprefix("torch."))
+        storage = (("low-rank factors" if kind.startswith("mlp.") else "lestd (compressed)") if compressed
+                   else _short_dtype(str(tensor.dtype).removeprefix("torch.")))
         entry = by_site.setdefault((kind, layer, site), WeightSite(kind, layer, site, [], [], 0, storage))
         entry.tensors.append(name)
         entry.shapes.append(list(tensor.shape))
@@ -110,7 +111,7 @@ def torch_weight_map(model, format: str = "pytorch") -> WeightMap:
 def classify_parameter(spec: ArchSpec, name: str) -> tuple[str, int | None, str, bool]:
     """``(kind, layer, module path, compressed)`` of a state-dict entry; compressed attention (``compress``'s
     modules under the attention module) counts as attention: ``attention.o`` where it names the output
-    projection."""
+    projection; a factored MLP weight (``member.basis``/``member.expand``) as its member's kind."""
     for group in spec.weight_groups():
         if not group.per_layer:
             for member in group.members:
@@ -122,8 +123,9 @@ def classify_parameter(spec: ArchSpec, name: str) -> tuple[str, int | None, str,
     layer, rest = int(match.group(1)), match.group(2)
     for group in spec.weight_groups():
         for member in group.members:
-            if group.per_layer and rest.startswith(member + "."):
-                return group.kind, layer, f"{spec.layers_path}.{layer}.{member}", False
+            if group.per_layer and rest.startswith(member + "."):  # factored MLP weights: member.basis/.expand
+                factored = rest.startswith((f"{member}.basis.", f"{member}.expand."))
+                return group.kind, layer, f"{spec.layers_path}.{layer}.{member}", factored
     if rest.startswith(spec.attention + "."):  # compressed modules replace the projections
         kind = "attention.o" if f".{spec.o}." in rest or rest.endswith(f".{spec.o}") else "attention.qkv"
         module = rest.rsplit(".", 1)[0]
