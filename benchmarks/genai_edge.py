@@ -35,7 +35,7 @@ SETTINGS = {"dense_output": {"dense_output": True}, "factored_output": {},
             "dense_output_heal": {"dense_output": True, "heal": True},  # + logit-KL healing, 300 steps
             "svd_llm": {"method": "svd"},  # the per-matrix baseline, calibrated (SVD-LLM), grafted the same way
             # the MLP alone as SVD-LLM factors (gate/up sharing a basis) at the fraction given, attention dense
-            "mlp": {"modules": ("mlp",)}, "mlp_heal": {"modules": ("mlp",), "heal": True}}
+            "mlp": {"modules": ("mlp",)}, "mlp_heal100": {"modules": ("mlp",), "heal": True, "heal_steps": 100}}
 
 
 def lestd_variant(root: Path, fraction: float, storage: str, settings: str) -> Path:

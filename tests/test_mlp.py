@@ -19,14 +19,11 @@ from lestd_export.modules import FactoredLinear
 from lestd_export.numerics.lowrank import svd_layers
 from lestd_export.registry import decoder_layers, optimum_node_pattern, spec_for
 from lestd_export.surgery import balanced_factors, install_mlp, read_mlp
+from test_architectures import tokens
 from tiny import TINY_CONFIGS, tiny_model
 
 NAMES = sorted(TINY_CONFIGS)
 MLP = CompressionConfig(modules=("mlp",), mlp_fraction=0.6)
-
-
-def tokens(batch=2, length=9, seed=1):
-    return torch.from_numpy(np.random.default_rng(seed).integers(3, 128, size=(batch, length)))
 
 
 @pytest.mark.parametrize("name", NAMES)
