@@ -153,3 +153,10 @@ def test_cli_refuses_misplaced_mlp_flags(tmp_path, capsys):
     assert main(["compress", "-o", str(tmp_path / "out"), "--modules", "ffn"]) == 2
     assert "modules" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_onnx_input_refuses_the_mlp_module():
+    from lestd_export.onnx_input.plan import check_config
+
+    with pytest.raises(InvalidConfigError, match="target-mb"):
+        check_config(CompressionConfig(modules=("attention", "mlp")))

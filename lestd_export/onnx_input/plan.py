@@ -18,6 +18,10 @@ from .source import OnnxInput, read_weights
 
 def check_config(config: CompressionConfig) -> CompressionConfig:
     """Refuse what needs a PyTorch model; the graft's layout is the plain one (every weight a MatMul)."""
+    if config.modules != ("attention",):
+        raise InvalidConfigError("an ONNX input has its attention compressed only: for its MLP use `lestd-export "
+                                 "quantize --target-mb MB` (low-rank factors among its choices), or compress the "
+                                 "PyTorch model with --modules mlp")
     if config.heal:
         raise InvalidConfigError("--heal distils a PyTorch model: it is not available for an ONNX input")
     if config.objective == "fisher":
