@@ -122,6 +122,7 @@ def main() -> None:
                 "by_weight": {p: {"output": float(np.mean([v[0] for v in vs])),
                                   "frobenius": float(np.mean([v[1] for v in vs]))} for p, vs in kinds.items()}}
             print(method, fraction, results["errors"][f"{method}@{fraction}"]["output"], flush=True)
+            save(results, args.out)  # a partial run keeps what it measured
     texts = {name: tokenize(loaded.tokenizer, read(), max_tokens=args.eval_tokens) for name, read in TEXTS.items()}
 
     def perplexities() -> dict[str, float]:
@@ -140,11 +141,16 @@ def main() -> None:
                         layer.get_submodule(path).weight.copy_(torch.from_numpy(np.ascontiguousarray(stored)))
                 results["perplexity"][f"{method}@{fraction}"] = perplexities()
                 print(method, fraction, results["perplexity"][f"{method}@{fraction}"], flush=True)
+                save(results, args.out)
         with torch.no_grad():
             for (layer, path, *_), original in zip(weights, originals):
                 layer.get_submodule(path).weight.copy_(original)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    save(results, args.out)
+
+
+def save(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
