@@ -74,9 +74,15 @@ def mlp_factors(model) -> list:
     return layers if layers and all(f is not None for f in layers) else []
 
 
-def graft_compressed(model, loaded_model, quantised_ok: bool = False) -> dict:
-    """Graft a compressed model's attention and MLP factors into its dense graph ``model`` (in place); returns
-    the fp32 bytes each kind's weights had before and have after (``{"attention": {...}, "mlp": {...}}``)."""
+def compressed_layers(model) -> tuple[list, list]:
+    """A compressed model's per-layer attention (:func:`grafted_layers`) and MLP factors (:func:`mlp_factors`)."""
+    return grafted_layers(model), mlp_factors(model)
+
+
+def graft_compressed(model, loaded_model, layers: tuple[list, list], quantised_ok: bool = False) -> dict:
+    """Graft a compressed model's attention and MLP factors (``layers``, from :func:`compressed_layers`) into its
+    dense graph ``model`` (in place); returns the fp32 bytes each kind's weights had before and have after
+    (``{"attention": {...}, "mlp": {...}}``)."""
     from .export import initializer_sizes
     from .graft import graft_attention, graft_mlp, mlp_nodes
     from .onnx_sites import locate_by_name
@@ -92,7 +98,7 @@ def graft_compressed(model, loaded_model, quantised_ok: bool = False) -> dict:
         stored = dense + sum(initializer_sizes(model).values()) - before  # a weight left dense: kept
         bytes_by_kind[kind] = {"dense": dense, "compressed": stored, "fraction": stored / dense}
 
-    latents, mlps = grafted_layers(loaded_model), mlp_factors(loaded_model)
+    latents, mlps = layers
     if latents:
         _, sites = locate_by_name(model, quantised_ok=quantised_ok, spec=spec)
         grafted("attention", {n for s in sites for n in (*s.qkv_nodes, s.o_node)},
@@ -192,7 +198,8 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
 
     if storage not in STORAGES:
         raise InvalidConfigError(f"unknown precision {storage!r}: choose one of {', '.join(STORAGES)}")
-    compressed = bool(grafted_layers(loaded.model) or mlp_factors(loaded.model))
+    layers = compressed_layers(loaded.model)
+    compressed = any(layers)
     hidden = int(loaded.model.config.hidden_size)
     ours = storage in STORAGE_BITS and (compressed or rounding != "rtn")  # our rounding of every weight
     if storage == "int4" and not ours and hidden % block_size \
@@ -209,7 +216,7 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
                                 extra_options=options)
             report = {"format": "onnxruntime-genai", "storage": storage, "compressed": compressed}
             model = onnx.load(str(build / MODEL_FILE))
-            grafted = graft_compressed(model, loaded.model, quantised_ok=True)
+            grafted = graft_compressed(model, loaded.model, layers, quantised_ok=True)
             if "attention" in grafted:
                 report["attention_bytes"] = grafted["attention"]  # fp32 bytes
                 report["grafted_layers"] = grafted["attention"].pop("grafted_layers")
@@ -282,7 +289,7 @@ def export_optimum_quantized(loaded: LoadedModel, out_dir: Path, *, storage: str
             dense = LoadedModel(dense_model(loaded.model), loaded.tokenizer, loaded.source)
             export_model(dense, work / "dense", opset=opset, validate=False)
             model = onnx.load(str(work / "dense" / MODEL_FILE))
-            graft_compressed(model, loaded.model)
+            graft_compressed(model, loaded.model, compressed_layers(loaded.model))
             config = QuantizeConfig(bits=STORAGE_BITS[storage], block_size=block_size, rounding=rounding,
                                         head_bits=head_bits)
             quantization = quantize_export(model, work / "dense", loaded, config, calibration, calibration_tokens,
