@@ -35,11 +35,14 @@ SETTINGS = {"dense_output": {"dense_output": True}, "factored_output": {},
             "dense_output_heal": {"dense_output": True, "heal": True},  # + logit-KL healing, 300 steps
             "svd_llm": {"method": "svd"},  # the per-matrix baseline, calibrated (SVD-LLM), grafted the same way
             # the MLP alone as SVD-LLM factors (gate/up sharing a basis) at the fraction given, attention dense
-            "mlp": {"modules": ("mlp",)}, "mlp_heal100": {"modules": ("mlp",), "heal": True, "heal_steps": 100}}
+            "mlp": {"modules": ("mlp",)}, "mlp_heal100": {"modules": ("mlp",), "heal": True, "heal_steps": 100},
+            # the token table and tied lm_head alone as SVD-LLM factors at the fraction given
+            "embedding": {"modules": ("embedding",)}}
 
 
 def lestd_variant(root: Path, fraction: float, storage: str, settings: str) -> Path:
-    """Compress (calibrated; plain layout; ``fraction`` sizes the attention, or the MLP of the ``mlp`` settings)
+    """Compress (calibrated; plain layout; ``fraction`` sizes the attention, or the MLP / table of the settings
+    without attention)
     once per fraction and settings, export to genai at ``storage``;
     cached under ``root`` (delete it after changing the code: cached builds are reused as they are). The plain
     layout stores no index, so its plan is the same for int4 and int8."""
@@ -50,7 +53,8 @@ def lestd_variant(root: Path, fraction: float, storage: str, settings: str) -> P
     loaded = load_model(str(checkpoint) if (checkpoint / "config.json").is_file() else None)
     if not loaded.compressed:
         settings_ = SETTINGS[settings]
-        sizes = {"size_fraction": fraction} if "mlp" not in settings_.get("modules", ()) else {"mlp_fraction": fraction}
+        modules = settings_.get("modules", ("attention",))
+        sizes = {"size_fraction" if "attention" in modules else f"{modules[0]}_fraction": fraction}
         config = CompressionConfig(calibration="default", storage="int4", layout="plain", **sizes, **settings_)
         report = compress_model(loaded.model, config, tokenizer=loaded.tokenizer, source="smollm2-135m")
         save_compressed(loaded, report, checkpoint, overwrite=True)

@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--compressed", default="", help="genai_edge.py settings,... (dense_output, factored_output, "
                         "svd_llm) exported at int4 beside the quantisation-only files")
     parser.add_argument("--fraction", default="0.5", help="--compressed: size fractions, comma-separated (of the "
-                        "attention; of the MLP for the mlp settings)")
+                        "attention; of the MLP or the token table for the mlp and embedding settings)")
     parser.add_argument("--targets", default="", help="whole-file plans (quantize --target-mb) at these fractions "
                         "of the builder's int4 bytes, e.g. 0.95,0.9,0.8,0.7")
     parser.add_argument("--plans", default="lowrank,quant",

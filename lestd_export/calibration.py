@@ -307,32 +307,40 @@ def collect_statistics(model, spec, shape, data: CalibrationData, *, gradients: 
             for i, (x, h) in enumerate(zip(x_acc, h_acc))]
 
 
-def collect_mlp_statistics(model, spec, data: CalibrationData, *, progress: bool = True
-                           ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per decoder layer the float64 input Grams of the MLP over the calibration data (one forward pass of the
-    dense model): of the weights that read the MLP input (``[d, d]``) and of its output weight (``[f, f]``)."""
+def collect_input_grams(model, modules: list, data: CalibrationData, *, desc: str, progress: bool = True
+                        ) -> list[np.ndarray]:
+    """The float64 Gram ``sum x^T x`` / tokens of each of ``modules``' inputs over the calibration data (one
+    forward pass of the model)."""
     import torch
     from tqdm.auto import tqdm
 
-    from .registry import decoder_layers
-
-    layers = decoder_layers(model, spec)
-    accumulators = [(_Accumulator(), _Accumulator()) for _ in layers]
+    accumulators = [_Accumulator() for _ in modules]
     handles = []
-    for layer, pair in zip(layers, accumulators):
-        for path, accumulator in zip((spec.mlp_in[0], spec.mlp_out), pair):
-            def hook(module, args, kwargs, accumulator=accumulator):
-                accumulator.add(args[0] if args else kwargs["input"])
-            handles.append(layer.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
+    for module, accumulator in zip(modules, accumulators):
+        def hook(module, args, kwargs, accumulator=accumulator):
+            accumulator.add(args[0] if args else next(iter(kwargs.values())))
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        with torch.no_grad(), tqdm(total=data.tokens, desc="MLP statistics", unit="tok", disable=not progress) as bar:
+        with torch.no_grad(), tqdm(total=data.tokens, desc=desc, unit="tok", disable=not progress) as bar:
             for batch in data.batches():
                 model(torch.from_numpy(batch), use_cache=False)
                 bar.update(batch.size)
     finally:
         for handle in handles:
             handle.remove()
-    return [(x.mean(), h.mean()) for x, h in accumulators]
+    return [accumulator.mean() for accumulator in accumulators]
+
+
+def collect_mlp_statistics(model, spec, data: CalibrationData, *, progress: bool = True
+                           ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per decoder layer the float64 input Grams of the MLP over the calibration data (one forward pass of the
+    dense model): of the weights that read the MLP input (``[d, d]``) and of its output weight (``[f, f]``)."""
+    from .registry import decoder_layers
+
+    modules = [layer.get_submodule(path) for layer in decoder_layers(model, spec)
+               for path in (spec.mlp_in[0], spec.mlp_out)]
+    grams = collect_input_grams(model, modules, data, desc="MLP statistics", progress=progress)
+    return list(zip(grams[::2], grams[1::2]))
 
 
 # ------------------------------------------------------------------------------------ layer replay

@@ -57,6 +57,8 @@ def apply_layout(model, compression: dict) -> None:
     spec = spec_for(model.config)
     if compression.get("mlp"):
         _apply_mlp_layout(model, spec, compression["mlp"]["ranks"])
+    if compression.get("embedding"):
+        _apply_embedding_layout(model, compression["embedding"])
     if "attention" not in compression["config"].get("modules", ["attention"]):
         return
     shape = attention_shape(model.config)
@@ -102,6 +104,17 @@ def _apply_mlp_layout(model, spec, ranks: list[list[int]]) -> None:
         (d, n), (f, _) = weights.inputs.shape, weights.output.shape
         install_mlp(layer, spec, (np.zeros((d, r_in)), np.zeros((r_in, n))), (np.zeros((f, r_out)),
                                                                              np.zeros((r_out, d))), weights, dtype)
+
+
+def _apply_embedding_layout(model, layout: dict) -> None:
+    """An empty factored token table (and lm_head) of the recorded ranks."""
+    from .surgery import install_embedding, read_embedding
+
+    weights = read_embedding(model)
+    (vocab, width), r = weights.table.shape, layout["rank"]
+    head = None if weights.tied else (np.zeros((width, layout["head_rank"])), np.zeros((layout["head_rank"], vocab)))
+    install_embedding(model, (np.zeros((vocab, r)), np.zeros((r, width))), head, weights,
+                      next(model.parameters()).dtype)
 
 
 def load_compressed(path: Path) -> LoadedModel:

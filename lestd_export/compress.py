@@ -38,8 +38,9 @@ def check_ranks(config: CompressionConfig, hidden: int, head_dim: int) -> None:
 
 def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress: bool = True,
                    source: str | None = None) -> dict:
-    """Compress the ``config.modules`` of every decoder layer of ``model`` in place (attention with
-    ``config.method``, the MLP as low-rank factors); return the compression report.
+    """Compress the ``config.modules`` of ``model`` in place (every decoder layer's attention with
+    ``config.method``, its MLP as low-rank factors; the token table and lm_head as low-rank factors); return the
+    compression report.
 
     With ``config.calibration`` other than ``none``, calibration tokens are read (``tokenizer``
     needed for a text source), activation statistics collected from the dense model, Stage I/II run
@@ -48,7 +49,7 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
     architecture, NaN/Inf weights, impossible ranks or budget, unusable calibration source) before
     the model is modified.
     """
-    from .surgery import read_attention, read_mlp
+    from .surgery import read_attention, read_embedding, read_mlp
 
     started = time.perf_counter()
     spec = spec_for(model.config)
@@ -57,6 +58,7 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
     layers = decoder_layers(model, spec)
     weights = [read_attention(getattr(layer, spec.attention), spec, shape, i) for i, layer in enumerate(layers)]
     mlp_weights = [read_mlp(layer, spec, i) for i, layer in enumerate(layers)] if "mlp" in config.modules else None
+    embedding_weights = read_embedding(model) if "embedding" in config.modules else None
     calibration = _calibrate(model, config, tokenizer, spec, shape, progress)
     if "attention" in config.modules:
         entries, output_errors = _compress_attention(model, config, spec, shape, weights, calibration, progress)
@@ -65,18 +67,23 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
     mlp = None
     if mlp_weights is not None:
         mlp = compress_mlp(model, config, spec, mlp_weights, calibration.mlp_statistics, progress)
+    embedding = None
+    if embedding_weights is not None:
+        embedding = compress_embedding(model, config, embedding_weights, calibration.head_gram)
 
     healing = None
     if config.heal:
         from .healing import heal
 
         healing = heal(model, calibration.teacher, calibration.heal_data.sequences, config.heal_steps,
-                       progress=progress)
+                       learning_rate=config.heal_lr, device=config.heal_device, progress=progress)
         healing["tokens_sha256"] = calibration.heal_data.sha256
     report = build_report(config, entries, spec.model_type, source, time.perf_counter() - started, calibration.data,
                           output_errors)
     if mlp is not None:
         report["mlp"] = mlp
+    if embedding is not None:
+        report["embedding"] = embedding
     if healing is not None:
         report["healing"] = healing
     setattr(model.config, COMPRESSION_KEY, {
@@ -84,6 +91,8 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
         "index_dtype": "int32", "layers": [_layout(e) for e in entries],
         "size_fraction": report["size_fraction"],
         **({"mlp": {"ranks": mlp["ranks"]}} if mlp is not None else {}),
+        **({"embedding": {"rank": embedding["rank"], "head_rank": embedding["head_rank"]}}
+           if embedding is not None else {}),
     })
     return report
 
@@ -183,6 +192,50 @@ def compress_mlp(model, config: CompressionConfig, spec, weights: list, statisti
                                "norm": "output (whitened)" if statistics is not None else "Frobenius"}}
 
 
+EMBEDDING_RANK_STEP = 32  # the factored table's rank is a multiple of this: int4 blocks of 32 divide it
+
+
+def embedding_rank(vocab: int, width: int, fraction: float) -> int:
+    """The rank whose factors ``r (V + d)`` hold at most ``fraction`` of a ``[V, d]`` table, a multiple of
+    :data:`EMBEDDING_RANK_STEP` (at least one step; at most ``min(V, d)``)."""
+    rank = int(fraction * vocab * width / (vocab + width)) // EMBEDDING_RANK_STEP * EMBEDDING_RANK_STEP
+    return min(max(rank, EMBEDDING_RANK_STEP), vocab, width)
+
+
+def compress_embedding(model, config: CompressionConfig, weights, head_gram: np.ndarray | None) -> dict:
+    """Replace the token table (and the lm_head, tied or not) by low-rank factors at ``config.embedding_fraction``
+    of its entries (``weights``: the :class:`~.surgery.EmbeddingWeights`). The lm_head's factors are SVD-LLM
+    (whitened by ``head_gram``, its calibration input Gram, when given): a tied table is truncated in that norm,
+    an untied table by plain SVD. Returns the report's ``embedding`` section."""
+    from .numerics.lowrank import svd_layers
+    from .numerics.metric import cholesky_factor
+    from .surgery import install_embedding
+
+    vocab, width = weights.table.shape
+    rank = embedding_rank(vocab, width, config.embedding_fraction)
+    left = None if head_gram is None else [[cholesky_factor(head_gram, config.damping).T]]
+    head = svd_layers([[weights.table.T if weights.tied else weights.head]], 1.0, rank=rank, lefts=left)[0][0]
+    if weights.tied:  # E^T ~ a b: E ~ b^T a^T
+        table, factors = (head.b.T, head.a.T), [head]
+    else:
+        lookup = svd_layers([[weights.table]], 1.0, rank=rank)[0][0]
+        table, factors = (lookup.a, lookup.b), [lookup, head]
+    install_embedding(model, table, None if weights.tied else (head.a, head.b), weights,
+                      next(model.parameters()).dtype)
+    dense = vocab * width * len(factors)
+    stored = sum(f.entries for f in factors)
+
+    def error(f):
+        return float(np.sqrt(max(f.energy - f.kept_energy, 0.0) / f.energy))
+
+    return {"method": "svd-llm" if head_gram is not None else "svd", "tied": weights.tied, "rank": rank,
+            "head_rank": None if weights.tied else rank,
+            "fraction": {"requested": config.embedding_fraction, "stored": stored / dense},
+            "params": {"dense": int(dense), "stored": int(stored)},
+            "relative_error": {"head": error(head), **({} if weights.tied else {"table": error(lookup)}),
+                               "norm": "output (whitened)" if head_gram is not None else "Frobenius"}}
+
+
 @dataclass
 class Calibration:
     """What calibration gives ``compress``: the data, the attention and MLP statistics of the dense model and,
@@ -191,6 +244,7 @@ class Calibration:
     data: object = None  # CalibrationData
     statistics: list | None = None
     mlp_statistics: list | None = None
+    head_gram: np.ndarray | None = None  # the lm_head's input Gram [d, d]
     teacher: object = None
     heal_data: object = None
 
@@ -200,7 +254,7 @@ def _calibrate(model, config: CompressionConfig, tokenizer, spec, shape, progres
         return Calibration()
     import copy
 
-    from .calibration import collect_mlp_statistics, collect_statistics, load_calibration
+    from .calibration import collect_input_grams, collect_mlp_statistics, collect_statistics, load_calibration
 
     data = load_calibration(config.calibration, model, tokenizer, config.calibration_tokens)
     started = time.perf_counter()
@@ -210,6 +264,9 @@ def _calibrate(model, config: CompressionConfig, tokenizer, spec, shape, progres
                                                progress=progress)
     if "mlp" in config.modules:
         result.mlp_statistics = collect_mlp_statistics(model, spec, data, progress=progress)
+    if "embedding" in config.modules:
+        [result.head_gram] = collect_input_grams(model, [model.get_output_embeddings()], data,
+                                                 desc="lm_head statistics", progress=progress)
     data.seconds += time.perf_counter() - started
     if config.heal:
         result.heal_data = load_calibration(config.calibration, model, tokenizer, config.heal_tokens)

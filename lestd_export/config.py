@@ -20,8 +20,12 @@ INDEX_COST = {"fp32": 1, "int8": 4, "int4": 8}  # stored values an int32 row ind
 STORAGE_BITS = {"int8": 8, "int4": 4}  # MatMulNBits bits of a quantised storage
 # 2048 measured worse at 0.5: x2.57 / x2.75 against x2.38 / x2.67 (default text / prose, 4096 tokens each)
 DEFAULT_CALIBRATION_TOKENS = 4096
-MODULES = ("attention", "mlp")  # which weights ``compress`` brings into the compressed domain
+MODULES = ("attention", "mlp", "embedding")  # which weights ``compress`` brings into the compressed domain
 DEFAULT_MLP_FRACTION = 0.9  # the least destructive measured (README "Whole-model compression")
+DEFAULT_EMBEDDING_FRACTION = 0.9
+DEFAULT_HEAL_TOKENS = 65536  # the whole default text (64,636 tokens): 300 steps of 256 see most tokens once
+DEFAULT_HEAL_LR = 2e-4
+HEAL_DEVICES = ("auto", "cpu", "cuda")  # auto: a CUDA GPU when torch sees one, else the CPU
 
 
 def default_input_whitening(dense_output: bool, layout: str) -> float:
@@ -50,7 +54,8 @@ class CompressionConfig:
     but ``none`` makes Stage I/II minimise the layers' *output* error (whitening by the input Gram
     matrices, ``damping`` relative ridge), refits the kept values by least squares (``refit``) and,
     with ``heal``, distils the compressed model against the dense one for ``heal_steps`` steps on
-    ``heal_tokens`` calibration tokens. The library default is ``none`` (explicit data); the CLI
+    ``heal_tokens`` calibration tokens (Adam at ``heal_lr``, on ``heal_device``: a CUDA GPU where torch sees one
+    with ``auto``). The library default is ``none`` (explicit data); the CLI
     calibrates ``lestd`` on ``default`` unless told otherwise.
 
     ``storage``: the precision the export stores the attention weights in (``int8``/``int4``:
@@ -72,7 +77,11 @@ class CompressionConfig:
     weights that read one input (SwiGLU gate and up, or a fused gate_up_proj) sharing one input basis as
     Q/K/V do; ``mlp_fraction`` is the MLP's stored parameters as a fraction of its dense ones (default
     0.9), shared out over its matrices (per layer, or over all layers with ``budget="global"``) by
-    relative energy.
+    relative energy. ``embedding``: the token table ``E [V, d]`` as ``A [V, r] @ B [r, d]`` (a lookup reads a row
+    of ``A`` times ``B``; a tied lm_head computes ``(h B^T) A^T`` from the same factors, stored once; an untied
+    lm_head is factored on its own), SVD-LLM whitened by the lm_head's calibration input Gram;
+    ``embedding_fraction`` is the stored fraction of the table (and of an untied head), default 0.9, the rank a
+    multiple of 32 so that int4 blocks fit.
 
     ``objective``: the norm that Stage I and Stage II minimise (numerics/planner.py).
     ``balanced`` (the default for ``lestd``) weights each slice group (q, k, v, o of a layer) by
@@ -99,13 +108,16 @@ class CompressionConfig:
     refit_target: str = "layer"  # "layer": the dense layer on the compressed model's inputs; "model": the dense model's outputs
     input_whitening: float | None = None  # power p of the input Gram in U1's metric (None: whitening_power)
     heal: bool = False  # with calibration: distil the compressed model against the dense one
-    heal_tokens: int = 16384
+    heal_tokens: int = DEFAULT_HEAL_TOKENS
     heal_steps: int = 300
+    heal_lr: float = DEFAULT_HEAL_LR  # Adam's peak learning rate (cosine-decayed)
+    heal_device: str = "auto"
     storage: str = "fp32"
     layout: str = "shared"
     dense_output: bool = False  # keep the output projection dense (exact); the budget goes to Q/K/V
     modules: tuple[str, ...] = ("attention",)
     mlp_fraction: float | None = None  # with "mlp" in modules: its stored fraction (None: DEFAULT_MLP_FRACTION)
+    embedding_fraction: float | None = None  # with "embedding" in modules (None: DEFAULT_EMBEDDING_FRACTION)
 
     def __post_init__(self):
         def bad(message: str):
@@ -157,6 +169,10 @@ class CompressionConfig:
         if not (isinstance(self.heal_tokens, int) and self.heal_tokens >= 128 and isinstance(self.heal_steps, int)
                 and self.heal_steps >= 1):
             bad("heal tokens must be >= 128 and heal steps >= 1")
+        if not (isinstance(self.heal_lr, (int, float)) and math.isfinite(self.heal_lr) and self.heal_lr > 0):
+            bad(f"--heal-lr must be a positive number, got {self.heal_lr!r}")
+        if self.heal_device not in HEAL_DEVICES:
+            bad(f"unknown healing device {self.heal_device!r}; choose one of {', '.join(HEAL_DEVICES)}")
         if self.storage not in STORAGES:
             bad(f"unknown storage precision {self.storage!r}; choose one of {', '.join(STORAGES)}")
         if self.layout not in LAYOUTS:
@@ -177,14 +193,16 @@ class CompressionConfig:
         if not modules or any(m not in MODULES for m in modules) or len(set(modules)) != len(modules):
             bad(f"modules must be a non-empty choice of {', '.join(MODULES)}, got {self.modules!r}")
         object.__setattr__(self, "modules", tuple(m for m in MODULES if m in modules))
-        m = self.mlp_fraction
-        if "mlp" not in self.modules:
-            if m is not None:
-                bad("--mlp-fraction sizes the compressed MLP: add mlp to --modules")
-        elif m is None:
-            object.__setattr__(self, "mlp_fraction", DEFAULT_MLP_FRACTION)
-        elif not (isinstance(m, (int, float)) and math.isfinite(m) and 0 < m <= 1):
-            bad(f"MLP fraction must lie in (0, 1], got {m!r}")
+        for module, field, default in (("mlp", "mlp_fraction", DEFAULT_MLP_FRACTION),
+                                       ("embedding", "embedding_fraction", DEFAULT_EMBEDDING_FRACTION)):
+            m, flag = getattr(self, field), "--" + field.replace("_", "-")
+            if module not in self.modules:
+                if m is not None:
+                    bad(f"{flag} sizes the compressed {module}: add {module} to --modules")
+            elif m is None:
+                object.__setattr__(self, field, default)
+            elif not (isinstance(m, (int, float)) and math.isfinite(m) and 0 < m <= 1):
+                bad(f"{flag} must lie in (0, 1], got {m!r}")
         if "attention" not in self.modules and self.size_fraction is not None:
             bad("--size-fraction sizes the compressed attention: add attention to --modules or give --mlp-fraction")
         if self.needs_size_fraction and "attention" in self.modules:

@@ -74,17 +74,20 @@ def mlp_factors(model) -> list:
     return layers if layers and all(f is not None for f in layers) else []
 
 
-def compressed_layers(model) -> tuple[list, list]:
-    """A compressed model's per-layer attention (:func:`grafted_layers`) and MLP factors (:func:`mlp_factors`)."""
-    return grafted_layers(model), mlp_factors(model)
+def compressed_layers(model) -> tuple[list, list, object]:
+    """A compressed model's per-layer attention (:func:`grafted_layers`), MLP factors (:func:`mlp_factors`) and
+    token table factors (:class:`~.graft.EmbeddingFactors`, None when the table is dense)."""
+    from .graft import EmbeddingFactors
+
+    return grafted_layers(model), mlp_factors(model), EmbeddingFactors.from_model(model)
 
 
 def graft_compressed(model, loaded_model, layers: tuple[list, list], quantised_ok: bool = False) -> dict:
-    """Graft a compressed model's attention and MLP factors (``layers``, from :func:`compressed_layers`) into its
-    dense graph ``model`` (in place); returns the fp32 bytes each kind's weights had before and have after
-    (``{"attention": {...}, "mlp": {...}}``)."""
+    """Graft a compressed model's attention, MLP and token table factors (``layers``, from
+    :func:`compressed_layers`) into its dense graph ``model`` (in place); returns the fp32 bytes each kind's weights
+    had before and have after (``{"attention": {...}, "mlp": {...}, "embedding": {...}}``)."""
     from .export import initializer_sizes
-    from .graft import graft_attention, graft_mlp, mlp_nodes
+    from .graft import graft_attention, graft_embedding, graft_mlp, head_node, mlp_nodes, token_lookup
     from .onnx_sites import locate_by_name
     from .registry import spec_for
 
@@ -98,7 +101,7 @@ def graft_compressed(model, loaded_model, layers: tuple[list, list], quantised_o
         stored = dense + sum(initializer_sizes(model).values()) - before  # a weight left dense: kept
         bytes_by_kind[kind] = {"dense": dense, "compressed": stored, "fraction": stored / dense}
 
-    latents, mlps = layers
+    latents, mlps, embedding = layers
     if latents:
         _, sites = locate_by_name(model, quantised_ok=quantised_ok, spec=spec)
         grafted("attention", {n for s in sites for n in (*s.qkv_nodes, s.o_node)},
@@ -106,16 +109,21 @@ def graft_compressed(model, loaded_model, layers: tuple[list, list], quantised_o
         bytes_by_kind["attention"]["grafted_layers"] = len(sites)
     if mlps:
         grafted("mlp", {node.name for node in mlp_nodes(model, spec).values()}, lambda: graft_mlp(model, spec, mlps))
+    if embedding is not None:
+        lookup, transpose = token_lookup(model, embedding.product)
+        grafted("embedding", {lookup.name, head_node(model).name, *([transpose.name] if transpose else [])},
+                lambda: graft_embedding(model, embedding))
     return bytes_by_kind
 
 
 def dense_model(model):
     """``model`` with dense-shaped weights: a compressed model's attention projections are left at their random
-    initial values (a graft replaces them), a factored MLP weight holds the product of its factors (exact, and
-    replaced by the graft); everything else (embeddings, norms, q/k norms) is copied."""
+    initial values (a graft replaces them), a factored MLP weight, token table or lm_head holds the product of its
+    factors (exact, and replaced by the graft); everything else (position embeddings, norms, q/k norms) is
+    copied."""
     from transformers import AutoModelForCausalLM
 
-    from .modules import FactoredLinear
+    from .modules import FactoredEmbedding, FactoredLinear
     from .registry import spec_for
 
     if getattr(model.config, COMPRESSION_KEY, None):
@@ -125,10 +133,14 @@ def dense_model(model):
         spec = spec_for(model.config)
         wrapper = f".{spec.attention}."
         state = {key.replace(f"{wrapper}attention.", wrapper): value for key, value in model.state_dict().items()}
+        head = model.get_output_embeddings()
         for name, module in model.named_modules():
+            if isinstance(module, FactoredEmbedding):
+                state[f"{name}.weight"] = module.table.weight.detach() @ module.expand.weight.detach().T  # [V, d]
             if isinstance(module, FactoredLinear):
                 product = module.expand.weight.detach() @ module.basis.weight.detach()  # [out, in]
-                state[f"{name}.weight"] = product.T.contiguous() if spec.weight_in_out else product
+                in_out = spec.weight_in_out and module is not head  # a Conv1D's layout; an lm_head is nn.Linear
+                state[f"{name}.weight"] = product.T.contiguous() if in_out else product
                 if module.expand.bias is not None:
                     state[f"{name}.bias"] = module.expand.bias.detach()
         target = dense.state_dict()
@@ -220,8 +232,9 @@ def export_genai(loaded: LoadedModel, out_dir: Path, *, storage: str = "fp32", o
             if "attention" in grafted:
                 report["attention_bytes"] = grafted["attention"]  # fp32 bytes
                 report["grafted_layers"] = grafted["attention"].pop("grafted_layers")
-            if "mlp" in grafted:
-                report["mlp_bytes"] = grafted["mlp"]
+            for kind in ("mlp", "embedding"):
+                if kind in grafted:
+                    report[f"{kind}_bytes"] = grafted[kind]
             if ours:
                 if validate:  # the fp32 graph first: a broken graft never reaches the quantiser
                     _save(model, build, keep_in_memory=True)

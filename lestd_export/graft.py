@@ -29,6 +29,11 @@ A compressed MLP (:class:`MlpFactors`, ``compress --modules mlp``) is grafted we
 becomes ``(x @ A) @ B`` writing the same output (a ``Gemm``'s bias kept as an ``Add``), and the weights that
 read the MLP input share one ``x @ A``.
 
+A factored token table (:class:`EmbeddingFactors`, ``compress --modules embedding``) is grafted by
+:func:`graft_embedding`: the lookup becomes ``Gather(A, ids) @ B`` and a tied lm_head ``(h @ B^T) @ A^T``, with
+``A^T`` read by ``FusedMatMul(transB=1)`` so that ``A`` is stored once (the quantiser then shares its codes between
+the head's MatMulNBits and the lookup's GatherBlockQuantized); an untied lm_head becomes ``(h @ A') @ B'``.
+
 ``D`` is the second layout of ``U1`` that a quantised product needs (MatMulNBits blocks along the
 reduction axis, which differs between ``X U1`` and ``latent U1^T``); only the rows the output heads
 keep are stored. When ``R2 < d_h`` each head is mapped through ``U2^T`` (Q/K/V) or ``U2`` (O).
@@ -356,3 +361,91 @@ def graft_mlp(model, spec, layers: list[MlpFactors]) -> list[str]:
         replaced[node.name] = factored_product(node, f"{prefix}.out.basis", f"{prefix}.out.expand")
     replace_nodes(model.graph, replaced)
     return [n.name for nodes in replaced.values() for n in nodes if n.op_type == "MatMul"]
+
+
+@dataclass
+class EmbeddingFactors:
+    """A factored token table as stored (row-vector convention): ``table [V, r]`` and ``expand [r, d]`` with
+    ``E ~ table @ expand``; ``head``: an untied lm_head's pair (``[d, r']``, ``[r', V]``), None when tied."""
+
+    table: np.ndarray
+    expand: np.ndarray
+    head: tuple[np.ndarray, np.ndarray] | None
+
+    @property
+    def product(self) -> np.ndarray:
+        return self.table @ self.expand  # [V, d]
+
+    @classmethod
+    def from_model(cls, model) -> EmbeddingFactors | None:
+        """The factors of a model whose token table ``compress`` factored (else None)."""
+        from .modules import FactoredEmbedding, FactoredLinear
+
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if not isinstance(embedding, FactoredEmbedding):
+            return None
+        untied = (_numpy(head.basis.weight).T, _numpy(head.expand.weight).T) if isinstance(head, FactoredLinear) \
+            else None
+        return cls(_numpy(embedding.table.weight), _numpy(embedding.expand.weight).T, untied)
+
+
+def token_lookup(model, product: np.ndarray) -> tuple:
+    """``(Gather, Transpose or None)`` of the lookup in the token table whose values are ``product [V, d]``."""
+    from onnx import numpy_helper
+
+    from .quantize_graph import token_tables
+
+    initializers = {init.name: init for init in model.graph.initializer}
+    for gather, transpose, name in token_tables(model):
+        table = numpy_helper.to_array(initializers[name])
+        table = table.T if transpose is not None else table
+        if table.shape == product.shape and np.allclose(table, product, rtol=1e-5, atol=1e-6):
+            return gather, transpose
+    raise GraphMappingError(f"no lookup in a {product.shape[0]} x {product.shape[1]} token table in the graph")
+
+
+def head_node(model):
+    """The one weight node (:func:`~.quantize_graph.weight_matmuls`) that writes the logits: the lm_head."""
+    from .quantize_graph import head_weights, weight_matmuls
+
+    matmuls = weight_matmuls(model)
+    names = head_weights(model, matmuls)
+    heads = [m for m in matmuls if m.input[1] in names]
+    if len(heads) != 1:
+        raise GraphMappingError(f"expected one lm_head weight node writing the logits, found {len(heads)}")
+    return heads[0]
+
+
+def graft_embedding(model, factors: EmbeddingFactors) -> list[str]:
+    """Replace the token lookup and the lm_head of a dense graph (whose table holds ``factors.product``) by the
+    factors, in place. Returns the new weight nodes' names."""
+    from onnx import helper, numpy_helper
+
+    gather, transpose = token_lookup(model, factors.product)
+    head = head_node(model)
+    prefix = "lestd.embedding"
+    tensors = {f"{prefix}.table": factors.table, f"{prefix}.expand": factors.expand}
+    if factors.head is None:
+        tensors[f"{prefix}.head_basis"] = factors.expand.T  # [d, r]: h @ B^T as a plain MatMul
+    else:
+        tensors[f"{prefix}.head.basis"], tensors[f"{prefix}.head.expand"] = factors.head
+    model.graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(v, dtype=np.float32), k)
+                                   for k, v in tensors.items())
+    lookup = f"{gather.name}/factored_rows"
+    replaced = {gather.name: [
+        helper.make_node("Gather", [f"{prefix}.table", gather.input[1]], [lookup], name=f"{gather.name}/factored"),
+        helper.make_node("MatMul", [lookup, f"{prefix}.expand"], list(gather.output), name=f"{gather.name}/expand")]}
+    if transpose is not None and all(n is gather for n in model.graph.node if transpose.output[0] in n.input):
+        replaced[transpose.name] = []
+    if factors.head is not None:
+        replaced[head.name] = factored_product(head, f"{prefix}.head.basis", f"{prefix}.head.expand")
+    else:
+        latent = f"{head.name}/latent"
+        replaced[head.name] = [
+            helper.make_node("MatMul", [head.input[0], f"{prefix}.head_basis"], [latent], name=f"{head.name}/basis"),
+            helper.make_node("FusedMatMul", [latent, f"{prefix}.table"], list(head.output), name=f"{head.name}/table",
+                             domain="com.microsoft", transB=1)]
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    replace_nodes(model.graph, replaced)
+    return [n.name for nodes in replaced.values() for n in nodes if n.op_type in ("MatMul", "FusedMatMul")]

@@ -1,6 +1,7 @@
 """Healing (DESIGN.md 2.5): distil the compressed model against the dense one (logit KL), updating
-only the stored values of the compressed modules (attention: ``U1``, ``U2``, core blocks; MLP: both
-factors of every weight) with the sparsity structure (kept rows, ranks) fixed. Adam, cosine-decayed learning rate, fixed data order and seed:
+only the stored values of the compressed modules (attention: ``U1``, ``U2``, core blocks; MLP and a
+factored token table or lm_head: both factors of every weight) with the sparsity structure (kept rows,
+ranks) fixed. Adam, cosine-decayed learning rate, fixed data order and seed:
 the same inputs give the same healed model. When the KL on the first two healing sequences ends
 higher than it started, the starting values are restored (``kept: false`` in the record).
 """
@@ -11,13 +12,15 @@ import time
 
 import numpy as np
 
+from .config import DEFAULT_HEAL_LR
+from .errors import InvalidConfigError
+
 HEAL_SEQ_LEN = 256  # shorter sequences: more steps of fresh data per minute on a CPU
-LEARNING_RATE = 2e-4
 
 
 def stored_parameters(model) -> list:
     """The parameters of the compressed modules (factors and core blocks, not biases; a shared basis once)."""
-    from .modules import CoreOutput, FactoredLinear, LatentAttention, LatentQKV
+    from .modules import CoreOutput, FactoredEmbedding, FactoredLinear, LatentAttention, LatentQKV
 
     found = {}
     for module in model.modules():
@@ -27,6 +30,9 @@ def stored_parameters(model) -> list:
                     found[id(param)] = param
         elif isinstance(module, FactoredLinear):
             for param in (module.basis.weight, module.expand.weight):
+                found[id(param)] = param
+        elif isinstance(module, FactoredEmbedding):
+            for param in (module.table.weight, module.expand.weight):
                 found[id(param)] = param
     return list(found.values())
 
@@ -40,16 +46,35 @@ def _kl(student_logits, teacher_logits):
                     log_target=True, reduction="batchmean")
 
 
-def heal(model, teacher, sequences: np.ndarray, steps: int, *, progress: bool = True, seed: int = 0) -> dict:
-    """Distil ``model`` towards ``teacher`` on ``sequences [n, T]`` for ``steps`` Adam steps (one
-    sequence of :data:`HEAL_SEQ_LEN` tokens per step, cycling). Returns the healing record."""
+def healing_device(choice: str) -> str:
+    """``cuda`` or ``cpu`` for a ``heal_device`` setting (``auto``: a CUDA GPU when torch sees one); refuses ``cuda``
+    where there is none."""
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise InvalidConfigError("--heal-device cuda: torch sees no CUDA GPU here (a CPU-only torch, or no GPU): "
+                                 "use --heal-device cpu or auto")
+    return choice
+
+
+def heal(model, teacher, sequences: np.ndarray, steps: int, *, learning_rate: float = DEFAULT_HEAL_LR,
+         device: str = "auto", progress: bool = True, seed: int = 0) -> dict:
+    """Distil ``model`` towards ``teacher`` on ``sequences [n, T]`` for ``steps`` Adam steps (peak ``learning_rate``,
+    one sequence of :data:`HEAL_SEQ_LEN` tokens per step, cycling) on ``device`` (:func:`healing_device`; both
+    models are back on the CPU afterwards). Returns the healing record."""
     import torch
     from tqdm.auto import tqdm
 
+    device = healing_device(device)
     started = time.perf_counter()
     chunks = sequences[:, :sequences.shape[1] // HEAL_SEQ_LEN * HEAL_SEQ_LEN] if sequences.shape[1] >= HEAL_SEQ_LEN \
         else sequences
     chunks = torch.from_numpy(np.ascontiguousarray(chunks).reshape(-1, min(HEAL_SEQ_LEN, sequences.shape[1])))
+    chunks = chunks.to(device)
+    model.to(device)
+    teacher.to(device)
     held = chunks[: min(2, len(chunks))]  # loss_before / loss_after are measured on these (training data)
 
     params = stored_parameters(model)
@@ -65,7 +90,7 @@ def heal(model, teacher, sequences: np.ndarray, steps: int, *, progress: bool = 
                                       teacher(c[None], use_cache=False).logits).item() for c in held]))
 
     torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(params, lr=LEARNING_RATE)
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     was_training = model.training
     start = [p.detach().clone() for p in params]
@@ -93,6 +118,9 @@ def heal(model, teacher, sequences: np.ndarray, steps: int, *, progress: bool = 
             p.requires_grad_(flags[id(p)])
         model.train(was_training)
         model.eval()
+        model.to("cpu")
+        teacher.to("cpu")
     return {"tokens": int(chunks.numel()), "steps": steps, "seconds": round(time.perf_counter() - started, 1),
             "loss_before": before, "loss_after": after, "kept": kept, "loss": "KL(dense || compressed) per token on the first two healing sequences",
-            "learning_rate": LEARNING_RATE, "seq_len": int(chunks.shape[1])}
+            "learning_rate": learning_rate, "device": device, "seq_len": int(chunks.shape[1]),
+            "passes": round(steps / len(chunks), 2)}

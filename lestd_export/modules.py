@@ -367,3 +367,48 @@ class TiedOutputEmbedding(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., d] -> [..., V]
         return _LogitsMatMulT.apply(hidden, self._embedding[0].weight)
+
+
+class FactoredEmbedding(nn.Module):
+    """A compressed token table ``E [V, d] ~ A [V, r] @ B [r, d]``: a lookup is ``table(ids) @ B`` (``table`` an
+    ``nn.Embedding`` holding ``A``, ``expand`` an ``nn.Linear`` holding ``B``), so the graph gathers ``r`` values per
+    token and multiplies once; ``B`` is read through ``FusedMatMul(transB=1)`` from ``expand.weight [d, r]``, the
+    layout a tied head multiplies by, so an export stores it once. A scaled embedding (one whose lookup is multiplied by ``embed_scale``) keeps its
+    scale."""
+
+    def __init__(self, table: nn.Embedding, expand: nn.Linear, scale: float | None = None):
+        super().__init__()
+        self.table = table  # [V, r]
+        self.expand = expand  # [r] -> [d], no bias
+        self.scale = scale  # a scaled embedding's factor (Gemma 3's embed_scale), applied to every lookup
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [...] -> [..., d]
+        rows = _MatMulT.apply(self.table(ids), self.expand.weight)  # [..., r] @ B, B^T [d, r] read as stored
+        return rows if self.scale is None else rows * self.scale
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.table.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.expand.out_features
+
+    def extra_repr(self) -> str:
+        return f"vocab={self.table.num_embeddings}, rank={self.table.embedding_dim}, d={self.expand.out_features}"
+
+
+class FactoredOutputEmbedding(nn.Module):
+    """The lm_head tied to a :class:`FactoredEmbedding`: ``logits = (h @ B^T) @ A^T`` from the embedding's own
+    factors (not registered here: stored once). ``h @ B^T`` is a plain MatMul by ``expand.weight [d, r]``; ``A`` is
+    read through ``FusedMatMul(transB=1)`` as a tied table is (:class:`TiedOutputEmbedding`), so neither the graph
+    nor ONNX Runtime's constant folding makes a transposed copy of the ``[V, r]`` table."""
+
+    def __init__(self, embedding: FactoredEmbedding):
+        super().__init__()
+        self._embedding = (embedding,)  # a tuple: not registered as a submodule
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., d] -> [..., V]
+        embedding = self._embedding[0]
+        latent = torch.matmul(hidden, embedding.expand.weight)  # [..., r]
+        return _LogitsMatMulT.apply(latent, embedding.table.weight)

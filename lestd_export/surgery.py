@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import NonFiniteWeightsError
-from .modules import CoreOutput, FactoredLinear, LatentAttention, LatentQKV, LowRankProjection, ProjectionOutput
+from .errors import NonFiniteWeightsError, UnsupportedArchitectureError
+from .modules import (CoreOutput, FactoredEmbedding, FactoredLinear, FactoredOutputEmbedding, LatentAttention, LatentQKV,
+                      LowRankProjection, ProjectionOutput)
 from .numerics.pruning import LayerCore, SliceGroups
 from .registry import ArchSpec, AttentionShape
 
@@ -229,3 +230,57 @@ def install_mlp(layer_module: nn.Module, spec: ArchSpec, inputs: tuple[np.ndarra
     a, b = balanced_factors(*output)
     parent, name = _parent(layer_module, spec.mlp_out)
     setattr(parent, name, FactoredLinear(_linear(a, None, dtype), _linear(b, weights.biases[spec.mlp_out], dtype)))
+
+
+@dataclass
+class EmbeddingWeights:
+    """The token table ``table [V, d]`` and, when the lm_head is not tied to it, the head ``head [d, V]`` (row-vector
+    convention) and its bias (float64 arrays)."""
+
+    table: np.ndarray
+    head: np.ndarray | None
+    head_bias: torch.Tensor | None
+
+    @property
+    def tied(self) -> bool:
+        return self.head is None
+
+
+def read_embedding(model) -> EmbeddingWeights:
+    """The model's token table and lm_head (``get_input_embeddings``/``get_output_embeddings``); refuses NaN/Inf and
+    layouts the factored table cannot carry (a tied head with a bias)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(embedding, nn.Embedding) or not isinstance(head, nn.Linear):
+        raise UnsupportedArchitectureError(f"{type(model).__name__} has no nn.Embedding table and nn.Linear lm_head "
+                                           "to factor: leave embedding out of --modules")
+    tied = head.weight is embedding.weight
+    if tied and head.bias is not None:
+        raise UnsupportedArchitectureError("a tied lm_head with a bias is not supported: leave embedding out of "
+                                           "--modules")
+    table = embedding.weight.detach().double().numpy()
+    head_weight = None if tied else head.weight.detach().double().numpy().T
+    for name, w in (("token table", table), ("lm_head", head_weight)):
+        if w is not None and not np.isfinite(w).all():
+            raise NonFiniteWeightsError(f"the {name} has NaN/Inf weights; the model file is corrupt: fix the weights "
+                                        "before compressing")
+    return EmbeddingWeights(table, head_weight, None if tied else _bias(head))
+
+
+def install_embedding(model, table: tuple[np.ndarray, np.ndarray], head: tuple[np.ndarray, np.ndarray] | None,
+                      weights: EmbeddingWeights, dtype: torch.dtype) -> None:
+    """Replace the token table by :class:`~.modules.FactoredEmbedding` (``table``: ``A [V, r]``, ``B [r, d]``) and
+    the lm_head by :class:`~.modules.FactoredOutputEmbedding` on the same factors (tied) or by
+    :class:`~.modules.FactoredLinear` of ``head`` (``[d, r']``, ``[r', V]``, untied)."""
+    a, b = balanced_factors(*table)
+    lookup = nn.Embedding(*a.shape, dtype=dtype)
+    with torch.no_grad():
+        lookup.weight.copy_(_tensor(a, dtype))
+    lookup.requires_grad_(False)
+    scale = getattr(model.get_input_embeddings(), "embed_scale", None)
+    embedding = FactoredEmbedding(lookup, _linear(b, None, dtype), None if scale is None else float(scale))
+    model.set_input_embeddings(embedding)
+    if weights.tied:
+        model.set_output_embeddings(FactoredOutputEmbedding(embedding))
+        return
+    a, b = balanced_factors(*head)
+    model.set_output_embeddings(FactoredLinear(_linear(a, None, dtype), _linear(b, weights.head_bias, dtype)))

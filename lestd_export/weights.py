@@ -97,7 +97,7 @@ def torch_weight_map(model, format: str = "pytorch") -> WeightMap:
                                                           f"tied to {seen[key]}")
             continue
         seen[key] = kind
-        storage = (("low-rank factors" if kind.startswith("mlp.") else "lestd (compressed)") if compressed
+        storage = (("lestd (compressed)" if kind.startswith("attention") else "low-rank factors") if compressed
                    else _short_dtype(str(tensor.dtype).removeprefix("torch.")))
         entry = by_site.setdefault((kind, layer, site), WeightSite(kind, layer, site, [], [], 0, storage))
         entry.tensors.append(name)
@@ -111,12 +111,14 @@ def torch_weight_map(model, format: str = "pytorch") -> WeightMap:
 def classify_parameter(spec: ArchSpec, name: str) -> tuple[str, int | None, str, bool]:
     """``(kind, layer, module path, compressed)`` of a state-dict entry; compressed attention (``compress``'s
     modules under the attention module) counts as attention: ``attention.o`` where it names the output
-    projection; a factored MLP weight (``member.basis``/``member.expand``) as its member's kind."""
+    projection; a factored MLP weight (``member.basis``/``member.expand``), token table or lm_head as its member's
+    kind."""
     for group in spec.weight_groups():
         if not group.per_layer:
             for member in group.members:
-                if name.startswith(member + "."):
-                    return group.kind, None, member, False
+                if name.startswith(member + "."):  # a factored table or lm_head: member.table/.basis/.expand
+                    return group.kind, None, member, name.startswith(tuple(f"{member}.{part}." for part in
+                                                                           ("table", "basis", "expand")))
     match = re.match(re.escape(spec.layers_path) + r"\.(\d+)\.(.*)$", name)
     if match is None:
         return OTHER, None, name.rsplit(".", 1)[0], False

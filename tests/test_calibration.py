@@ -271,15 +271,28 @@ def test_default_calibration_text_is_not_the_default_evaluation_text():
     assert not any(span in evaluation for span in spans)
 
 
-def test_healing_that_raises_the_loss_restores_the_starting_values(monkeypatch):
-    import lestd_export.healing as healing
-
+def test_healing_that_raises_the_loss_restores_the_starting_values():
     ids = torch.arange(8)[None]
     plain = tiny_model("llama-gqa")
     compress_model(plain, CompressionConfig(size_fraction=0.5, **SELF), progress=False)
-    monkeypatch.setattr(healing, "LEARNING_RATE", 50.0)  # diverges
     healed = tiny_model("llama-gqa")
     report = compress_model(healed, CompressionConfig(size_fraction=0.5, heal=True, heal_tokens=256, heal_steps=3,
-                                                      **SELF), progress=False)
+                                                      heal_lr=50.0, **SELF), progress=False)  # diverges
     assert report["healing"]["kept"] is False and report["healing"]["loss_after"] >= report["healing"]["loss_before"]
     assert torch.allclose(healed(ids).logits, plain(ids).logits, atol=1e-6)
+    assert report["healing"]["learning_rate"] == 50.0 and report["healing"]["device"] == "cpu"
+
+
+def test_healing_device_is_chosen_or_refused():
+    from lestd_export.errors import InvalidConfigError
+    from lestd_export.healing import healing_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert healing_device("auto") == expected and healing_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidConfigError, match="heal-device cpu"):
+            healing_device("cuda")
+    with pytest.raises(InvalidConfigError, match="heal-lr"):
+        CompressionConfig(heal_lr=0.0)
+    with pytest.raises(InvalidConfigError, match="healing device"):
+        CompressionConfig(heal_device="tpu")

@@ -138,7 +138,7 @@ def test_mlp_settings_are_validated():
         CompressionConfig(mlp_fraction=0.5)
     with pytest.raises(InvalidConfigError, match="size-fraction"):
         CompressionConfig(modules=("mlp",), size_fraction=0.5)
-    with pytest.raises(InvalidConfigError, match="MLP fraction"):
+    with pytest.raises(InvalidConfigError, match="mlp-fraction"):
         CompressionConfig(modules=("mlp",), mlp_fraction=0.0)
     config = CompressionConfig(modules=("mlp", "attention"))
     assert config.modules == ("attention", "mlp") and config.mlp_fraction == 0.9

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import (BUDGETS, DEFAULT_CALIBRATION_TOKENS, GRANULARITIES, METHODS, MODULES, OBJECTIVES, REFIT_TARGETS,
-                      CompressionConfig, parse_choices, parse_ranks)
+from ..config import (BUDGETS, DEFAULT_CALIBRATION_TOKENS, DEFAULT_HEAL_LR, DEFAULT_HEAL_TOKENS, GRANULARITIES,
+                      HEAL_DEVICES, METHODS, MODULES, OBJECTIVES, REFIT_TARGETS, CompressionConfig, parse_choices,
+                      parse_ranks)
 
 INPUT_HELP = ("decoder .onnx file, or a directory holding one (the file genai_config.json names, else model.onnx): "
               "an onnxruntime-genai build (-p fp32) or an optimum export; its directory needs genai_config.json or "
@@ -20,13 +21,18 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
                        help="lestd (default): Tucker basis + pruned core; tensorllm: Tucker basis, dense core; "
                             "svd: per-matrix truncated SVD")
     group.add_argument("--modules", default="attention", metavar="LIST",
-                       help="what to compress, comma-separated: attention (default; --method) and/or mlp (every MLP "
-                            "weight as SVD-LLM low-rank factors, gate and up sharing one input basis). On SmolLM2-135M "
-                            "a factored MLP loses to quantising harder at every size measured (README, Below int4)")
+                       help="what to compress, comma-separated: attention (default; --method), mlp (every MLP "
+                            "weight as SVD-LLM low-rank factors, gate and up sharing one input basis) and/or embedding "
+                            "(the token table and lm_head as low-rank factors, a tied pair stored once). On SmolLM2-135M "
+                            "a factored MLP or table loses to quantising harder at every size measured (README, "
+                            "Below int4)")
     group.add_argument("--mlp-fraction", type=float, default=None, metavar="F",
                        help="with --modules mlp: stored MLP parameters as a fraction of the dense ones, in (0, 1] "
                             "(default 0.9), shared out over its matrices by relative output energy (--budget global: "
                             "over all layers)")
+    group.add_argument("--embedding-fraction", type=float, default=None, metavar="F",
+                       help="with --modules embedding: stored entries of the token table (and of an untied lm_head) "
+                            "as a fraction of the dense ones, in (0, 1] (default 0.9; the rank is a multiple of 32)")
     group.add_argument("--size-fraction", type=float, default=None, metavar="F",
                        help="stored attention parameters (factors + core values + int32 indices) as a fraction "
                             "of the dense ones, in (0, 1]; default 0.7 when the planner has something to choose")
@@ -64,9 +70,16 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--heal", action="store_true",
                        help="with calibration: distil the compressed model against the dense one (logit KL), "
                             "updating only stored values; about 10 minutes on 2 cores with the defaults")
-    group.add_argument("--heal-tokens", type=int, default=16384, metavar="N", help="healing tokens (default 16384)")
+    group.add_argument("--heal-tokens", type=int, default=DEFAULT_HEAL_TOKENS, metavar="N",
+                       help=f"distinct healing tokens read from the calibration source (default {DEFAULT_HEAL_TOKENS}: "
+                            "the whole default text; fewer cycle)")
     group.add_argument("--heal-steps", type=int, default=300, metavar="N",
                        help="healing steps of one 256-token sequence each (default 300)")
+    group.add_argument("--heal-lr", type=float, default=DEFAULT_HEAL_LR, metavar="LR",
+                       help=f"healing's peak Adam learning rate, cosine-decayed (default {DEFAULT_HEAL_LR:g})")
+    group.add_argument("--heal-device", choices=HEAL_DEVICES, default="auto",
+                       help="where healing runs: auto (default: a CUDA GPU when torch sees one, else the CPU), cpu, "
+                            "cuda")
     group.add_argument("--quantize", choices=tuple(QUANTIZE), default="none",
                        help="store the attention weights (and, on export, every MatMul weight) as int8 or int4 "
                             "(ONNX Runtime MatMulNBits, block 32, accuracy level 4, as the onnxruntime-genai builder "
@@ -121,10 +134,11 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
                              calibration=args.calibration or default_calibration(args.method),
                              calibration_tokens=args.calibration_tokens, refit=not args.no_refit,
                              refit_target=args.refit_target, input_whitening=args.input_whitening, heal=args.heal,
-                             heal_tokens=args.heal_tokens, heal_steps=args.heal_steps, damping=args.damping,
+                             heal_tokens=args.heal_tokens, heal_steps=args.heal_steps, heal_lr=args.heal_lr,
+                             heal_device=args.heal_device, damping=args.damping,
                              storage=QUANTIZE[args.quantize], dense_output=args.dense_output,
                              modules=tuple(parse_choices(args.modules, MODULES, "modules")),
-                             mlp_fraction=args.mlp_fraction,
+                             mlp_fraction=args.mlp_fraction, embedding_fraction=args.embedding_fraction,
                              layout="plain" if getattr(args, "format", "optimum") == "genai" else "shared")
 
 
@@ -134,6 +148,8 @@ def compression_flags_given(args: argparse.Namespace) -> bool:
     defaults = {"method": "lestd", "size_fraction": None, "ranks": None, "core_density": None,
                 "granularity": "row", "budget": "layer", "objective": None, "hooi_tol": 1e-6, "hooi_max_iter": 10,
                 "calibration": None, "calibration_tokens": DEFAULT_CALIBRATION_TOKENS, "no_refit": False, "heal": False,
-                "heal_tokens": 16384, "heal_steps": 300, "damping": 0.01, "refit_target": "layer",
-                "input_whitening": None, "dense_output": False, "modules": "attention", "mlp_fraction": None}
+                "heal_tokens": DEFAULT_HEAL_TOKENS, "heal_steps": 300,
+                "heal_lr": DEFAULT_HEAL_LR, "heal_device": "auto", "damping": 0.01, "refit_target": "layer",
+                "input_whitening": None, "dense_output": False, "modules": "attention", "mlp_fraction": None,
+                "embedding_fraction": None}
     return any(getattr(args, key) != value for key, value in defaults.items())

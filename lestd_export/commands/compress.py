@@ -11,9 +11,10 @@ from .common import MODEL_HELP, add_compression_flags, config_from_args
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "compress", help="compress a model's attention (and MLP) and save a checkpoint",
+        "compress", help="compress a model's attention (MLP, token table) and save a checkpoint",
         description="Compress every attention layer (Stage I HOOI + Stage II pruning) and, with --modules mlp, every "
-                    "MLP weight (SVD-LLM low-rank factors), and write model.safetensors, config.json, tokenizer "
+                    "MLP weight (SVD-LLM low-rank factors), with --modules embedding the token table and lm_head "
+                    "(low-rank factors), and write model.safetensors, config.json, tokenizer "
                     "files and compression_report.json.")
     parser.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     parser.add_argument("-o", "--output", required=True, type=Path, help="output directory (must not exist)")
@@ -55,6 +56,12 @@ def summary(report: dict, out: Path) -> str:
         lines.append(f"compressed with {mlp['method']}: MLP at {mlp['fraction']['stored']:.3f} of its dense size "
                      f"(requested {mlp['fraction']['requested']:g}), relative {mlp['relative_error']['norm']} error "
                      f"{mlp['relative_error']['overall']:.3f}")
+    if "embedding" in report:
+        table = report["embedding"]
+        lines.append(f"compressed with {table['method']}: token table{'' if table['tied'] else ' and lm_head'} at "
+                     f"rank {table['rank']}, {table['fraction']['stored']:.3f} of its dense size (requested "
+                     f"{table['fraction']['requested']:g}), relative {table['relative_error']['norm']} lm_head error "
+                     f"{table['relative_error']['head']:.3f}")
     return "\n".join([
         *lines,
         f"  {report['seconds']:.1f} s",
