@@ -32,13 +32,11 @@ from lestd_export.calibration import collect_mlp_statistics, load_calibration  #
 from lestd_export.evaluate import torch_perplexity  # noqa: E402
 from lestd_export.loading import load_model  # noqa: E402
 from lestd_export.numerics.metric import cholesky_factor  # noqa: E402
-from lestd_export.numerics.tt import (balanced_modes, sparse_residual, tt_dense, tt_entries, tt_matrix,  # noqa: E402
-                                      tt_rank_for)
+from lestd_export.numerics.tt import SATEN_SPARSE_SHARE, tt_weight  # noqa: E402
 from lestd_export.registry import decoder_layers, spec_for  # noqa: E402
 from lestd_export.text import tokenize  # noqa: E402
 
 METHODS = ("svd", "svd-llm", "tt2", "tt3", "saten")
-SATEN_SPARSE_SHARE = 0.25  # of the entries, to the sparse residual (each sparse entry costs 2)
 
 
 _SVDS: dict = {}  # (weight id, whitened) -> the SVD, shared by every fraction
@@ -54,28 +52,14 @@ def truncated_svd(weight: np.ndarray, rank: int, left: np.ndarray | None = None)
     return approximation if left is None else np.linalg.solve(left, approximation)
 
 
-def tt_approximation(weight: np.ndarray, pairs: int, entries: int) -> np.ndarray:
-    in_modes, out_modes = balanced_modes(weight.shape[0], pairs), balanced_modes(weight.shape[1], pairs)
-    rank = tt_rank_for(in_modes, out_modes, entries)
-    cores = tt_matrix(weight, in_modes, out_modes, [rank] * (pairs - 1))
-    assert sum(c.size for c in cores) <= max(entries, tt_entries(in_modes, out_modes, [1] * (pairs - 1)))
-    return tt_dense(cores)
-
-
 def approximate(method: str, weight: np.ndarray, fraction: float, left: np.ndarray) -> np.ndarray:
     """``weight [K, N]`` as ``method`` stores it in ``fraction`` of its entries."""
     k, n = weight.shape
-    entries = int(fraction * k * n)
     if method in ("svd", "svd-llm"):
-        return truncated_svd(weight, max(1, entries // (k + n)), left if method == "svd-llm" else None)
+        return truncated_svd(weight, max(1, int(fraction * k * n) // (k + n)), left if method == "svd-llm" else None)
     if method in ("tt2", "tt3"):
-        return tt_approximation(weight, int(method[2]), entries)
-    sparse = int(SATEN_SPARSE_SHARE * entries) // 2
-    dense = tt_approximation(weight, 2, entries - 2 * sparse)
-    indices, values = sparse_residual(weight - dense, sparse)
-    result = dense.ravel().copy()
-    result[indices] += values
-    return result.reshape(k, n)
+        return tt_weight(weight, fraction, int(method[2])).dense()
+    return tt_weight(weight, fraction, 2, SATEN_SPARSE_SHARE).dense()
 
 
 def relative_errors(weight: np.ndarray, approximation: np.ndarray, gram: np.ndarray) -> tuple[float, float]:

@@ -56,7 +56,7 @@ def apply_layout(model, compression: dict) -> None:
 
     spec = spec_for(model.config)
     if compression.get("mlp"):
-        _apply_mlp_layout(model, spec, compression["mlp"]["ranks"])
+        _apply_mlp_layout(model, spec, compression["mlp"])
     if compression.get("embedding"):
         _apply_embedding_layout(model, compression["embedding"])
     if "attention" not in compression["config"].get("modules", ["attention"]):
@@ -91,17 +91,28 @@ def apply_layout(model, compression: dict) -> None:
                                shared_rows=compression["config"].get("layout") == "plain")
 
 
-def _apply_mlp_layout(model, spec, ranks: list[list[int]]) -> None:
-    """Empty :class:`~.modules.FactoredLinear` MLPs of the recorded ranks (input basis, output weight) per layer."""
-    from .surgery import install_mlp, read_mlp
+def _apply_mlp_layout(model, spec, layout: dict) -> None:
+    """Empty compressed MLPs of the recorded ranks per layer: :class:`~.modules.FactoredLinear` (input basis, output
+    weight) or, for ``tt``/``saten``, a :class:`~.modules.TTLinear` per weight (and its sparse entries)."""
+    from .numerics.tt import TTWeight, balanced_modes
+    from .surgery import install_mlp, install_mlp_tt, mlp_members, read_mlp
 
     dtype = next(model.parameters()).dtype
     layers = decoder_layers(model, spec)
+    ranks = layout["ranks"]
     if len(layers) != len(ranks):
         raise CheckpointError(f"config records {len(ranks)} compressed MLPs, model has {len(layers)}")
-    for i, (layer, (r_in, r_out)) in enumerate(zip(layers, ranks)):
+    for i, (layer, layer_ranks) in enumerate(zip(layers, ranks)):
         weights = read_mlp(layer, spec, i)
-        (d, n), (f, _) = weights.inputs.shape, weights.output.shape
+        if layout.get("method") in ("tt", "saten"):
+            factors = {}
+            for (path, member), r, nnz in zip(mlp_members(weights, spec).items(), layer_ranks, layout["sparse"][i]):
+                (k1, k2), (n1, n2) = balanced_modes(member.shape[0], 2), balanced_modes(member.shape[1], 2)
+                factors[path] = TTWeight([np.zeros((1, k1, n1, r)), np.zeros((r, k2, n2, 1))], (k1, k2), (n1, n2),
+                                         np.zeros(nnz, dtype=np.int32), np.zeros(nnz), 0.0, 0.0)
+            install_mlp_tt(layer, spec, factors, weights, dtype)
+            continue
+        (d, n), (f, _), (r_in, r_out) = weights.inputs.shape, weights.output.shape, layer_ranks
         install_mlp(layer, spec, (np.zeros((d, r_in)), np.zeros((r_in, n))), (np.zeros((f, r_out)),
                                                                              np.zeros((r_out, d))), weights, dtype)
 

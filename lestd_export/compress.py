@@ -90,7 +90,8 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
         "format_version": FORMAT_VERSION, "method": config.method, "config": config.to_dict(),
         "index_dtype": "int32", "layers": [_layout(e) for e in entries],
         "size_fraction": report["size_fraction"],
-        **({"mlp": {"ranks": mlp["ranks"]}} if mlp is not None else {}),
+        **({"mlp": {"method": mlp["method"], "ranks": mlp["ranks"],
+                    **({"sparse": mlp["sparse"]} if "sparse" in mlp else {})}} if mlp is not None else {}),
         **({"embedding": {"rank": embedding["rank"], "head_rank": embedding["head_rank"]}}
            if embedding is not None else {}),
     })
@@ -168,6 +169,8 @@ def compress_mlp(model, config: CompressionConfig, spec, weights: list, statisti
     from .numerics.metric import cholesky_factor
     from .surgery import install_mlp
 
+    if config.mlp_method != "svd":
+        return _compress_mlp_tt(model, config, spec, weights, progress)
     lefts = None if statistics is None else [[cholesky_factor(g, config.damping).T for g in pair]
                                               for pair in statistics]
     try:
@@ -236,6 +239,37 @@ def compress_embedding(model, config: CompressionConfig, weights, head_gram: np.
                                "norm": "output (whitened)" if head_gram is not None else "Frobenius"}}
 
 
+def _compress_mlp_tt(model, config: CompressionConfig, spec, weights: list, progress: bool) -> dict:
+    """``compress_mlp`` for ``tt`` and ``saten``: every MLP weight a two-core TT-matrix (and sparse residual) at
+    ``config.mlp_fraction`` of its entries."""
+    from tqdm.auto import tqdm
+
+    from .numerics.tt import SATEN_SPARSE_SHARE, tt_weight
+    from .surgery import install_mlp_tt, mlp_members
+
+    share = SATEN_SPARSE_SHARE if config.mlp_method == "saten" else 0.0
+    dtype = next(model.parameters()).dtype
+    layers = []
+    for layer, w in tqdm(list(zip(decoder_layers(model, spec), weights)), desc=f"mlp: {config.mlp_method} cores",
+                         unit="layer", disable=not progress):
+        factors = {path: tt_weight(m, config.mlp_fraction, 2, share) for path, m in mlp_members(w, spec).items()}
+        install_mlp_tt(layer, spec, factors, w, dtype)
+        layers.append(list(factors.values()))
+    dense = sum(w.inputs.size + w.output.size for w in weights)
+    stored = sum(f.entries for layer in layers for f in layer)
+    energy = sum(f.energy for layer in layers for f in layer)
+    error = sum(f.energy - f.kept_energy for layer in layers for f in layer)
+    return {"method": config.mlp_method, "shared_input_basis": False,
+            "fraction": {"requested": config.mlp_fraction, "stored": stored / dense},
+            "params": {"dense": int(dense), "stored": int(stored)},
+            "ranks": [[f.rank for f in layer] for layer in layers],
+            "sparse": [[int(f.indices.size) for f in layer] for layer in layers],
+            "relative_error": {"overall": float(np.sqrt(max(error, 0.0) / energy)),
+                               "per_layer": [float(np.sqrt(max(sum(f.energy - f.kept_energy for f in layer), 0.0)
+                                                           / sum(f.energy for f in layer))) for layer in layers],
+                               "norm": "Frobenius"}}
+
+
 @dataclass
 class Calibration:
     """What calibration gives ``compress``: the data, the attention and MLP statistics of the dense model and,
@@ -262,7 +296,7 @@ def _calibrate(model, config: CompressionConfig, tokenizer, spec, shape, progres
     if "attention" in config.modules:
         result.statistics = collect_statistics(model, spec, shape, data, gradients=config.objective == "fisher",
                                                progress=progress)
-    if "mlp" in config.modules:
+    if "mlp" in config.modules and config.mlp_method == "svd":  # a TT has no whitened form
         result.mlp_statistics = collect_mlp_statistics(model, spec, data, progress=progress)
     if "embedding" in config.modules:
         [result.head_gram] = collect_input_grams(model, [model.get_output_embeddings()], data,

@@ -23,6 +23,7 @@ DEFAULT_CALIBRATION_TOKENS = 4096
 MODULES = ("attention", "mlp", "embedding")  # which weights ``compress`` brings into the compressed domain
 DEFAULT_MLP_FRACTION = 0.9  # the least destructive measured (README "Whole-model compression")
 DEFAULT_EMBEDDING_FRACTION = 0.9
+MLP_METHODS = ("svd", "tt", "saten")  # SVD-LLM factors with a shared input basis; TT-matrix; TT + sparse residual
 DEFAULT_HEAL_TOKENS = 65536  # the whole default text (64,636 tokens): 300 steps of 256 see most tokens once
 DEFAULT_HEAL_LR = 2e-4
 HEAL_DEVICES = ("auto", "cpu", "cuda")  # auto: a CUDA GPU when torch sees one, else the CPU
@@ -77,7 +78,9 @@ class CompressionConfig:
     weights that read one input (SwiGLU gate and up, or a fused gate_up_proj) sharing one input basis as
     Q/K/V do; ``mlp_fraction`` is the MLP's stored parameters as a fraction of its dense ones (default
     0.9), shared out over its matrices (per layer, or over all layers with ``budget="global"``) by
-    relative energy. ``embedding``: the token table ``E [V, d]`` as ``A [V, r] @ B [r, d]`` (a lookup reads a row
+    relative energy; ``mlp_method`` ``tt`` stores each MLP weight as a two-core TT-matrix (TT-LLM's FFN format) and
+    ``saten`` adds Saten's unstructured sparse residual (a quarter of the entries, each value with its int32 index),
+    both at ``mlp_fraction`` of every weight, in the Frobenius norm (a TT has no whitened form). ``embedding``: the token table ``E [V, d]`` as ``A [V, r] @ B [r, d]`` (a lookup reads a row
     of ``A`` times ``B``; a tied lm_head computes ``(h B^T) A^T`` from the same factors, stored once; an untied
     lm_head is factored on its own), SVD-LLM whitened by the lm_head's calibration input Gram;
     ``embedding_fraction`` is the stored fraction of the table (and of an untied head), default 0.9, the rank a
@@ -118,6 +121,7 @@ class CompressionConfig:
     modules: tuple[str, ...] = ("attention",)
     mlp_fraction: float | None = None  # with "mlp" in modules: its stored fraction (None: DEFAULT_MLP_FRACTION)
     embedding_fraction: float | None = None  # with "embedding" in modules (None: DEFAULT_EMBEDDING_FRACTION)
+    mlp_method: str = "svd"
 
     def __post_init__(self):
         def bad(message: str):
@@ -203,6 +207,10 @@ class CompressionConfig:
                 object.__setattr__(self, field, default)
             elif not (isinstance(m, (int, float)) and math.isfinite(m) and 0 < m <= 1):
                 bad(f"{flag} must lie in (0, 1], got {m!r}")
+        if self.mlp_method not in MLP_METHODS:
+            bad(f"unknown MLP method {self.mlp_method!r}; choose one of {', '.join(MLP_METHODS)}")
+        if self.mlp_method != "svd" and "mlp" not in self.modules:
+            bad("--mlp-method chooses how the MLP is compressed: add mlp to --modules")
         if "attention" not in self.modules and self.size_fraction is not None:
             bad("--size-fraction sizes the compressed attention: add attention to --modules or give --mlp-fraction")
         if self.needs_size_fraction and "attention" in self.modules:

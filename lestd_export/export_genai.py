@@ -65,12 +65,14 @@ def grafted_layers(model) -> list:
 
 
 def mlp_factors(model) -> list:
-    """One :class:`~.graft.MlpFactors` per decoder layer of a model whose MLP ``compress`` factored (else empty)."""
-    from .graft import MlpFactors
+    """One :class:`~.graft.MlpFactors` (or dict of :class:`~.graft.TTFactors`) per decoder layer of a model whose MLP
+    ``compress`` factored (else empty)."""
+    from .graft import MlpFactors, TTFactors
     from .registry import decoder_layers, spec_for
 
     spec = spec_for(model.config)
-    layers = [MlpFactors.from_layer(layer, spec) for layer in decoder_layers(model, spec)]
+    layers = [MlpFactors.from_layer(layer, spec) or TTFactors.from_layer(layer, spec)
+              for layer in decoder_layers(model, spec)]
     return layers if layers and all(f is not None for f in layers) else []
 
 
@@ -123,7 +125,7 @@ def dense_model(model):
     copied."""
     from transformers import AutoModelForCausalLM
 
-    from .modules import FactoredEmbedding, FactoredLinear
+    from .modules import FactoredEmbedding, FactoredLinear, TTLinear
     from .registry import spec_for
 
     if getattr(model.config, COMPRESSION_KEY, None):
@@ -137,12 +139,12 @@ def dense_model(model):
         for name, module in model.named_modules():
             if isinstance(module, FactoredEmbedding):
                 state[f"{name}.weight"] = module.table.weight.detach() @ module.expand.weight.detach().T  # [V, d]
-            if isinstance(module, FactoredLinear):
-                product = module.expand.weight.detach() @ module.basis.weight.detach()  # [out, in]
+            if isinstance(module, (FactoredLinear, TTLinear)):
+                product = module.dense_weight().T  # [out, in]
                 in_out = spec.weight_in_out and module is not head  # a Conv1D's layout; an lm_head is nn.Linear
                 state[f"{name}.weight"] = product.T.contiguous() if in_out else product
-                if module.expand.bias is not None:
-                    state[f"{name}.bias"] = module.expand.bias.detach()
+                if module.bias is not None:
+                    state[f"{name}.bias"] = module.bias.detach()
         target = dense.state_dict()
         dense.load_state_dict({k: v for k, v in state.items() if k in target and target[k].shape == v.shape},
                               strict=False)

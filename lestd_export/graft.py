@@ -27,7 +27,8 @@ baseline's pairs are written as they are (equalising them measured worse: README
 A compressed MLP (:class:`MlpFactors`, ``compress --modules mlp``) is grafted weight by weight
 (:func:`graft_mlp`): the node that multiplies by a dense MLP weight (found by the registry's module path)
 becomes ``(x @ A) @ B`` writing the same output (a ``Gemm``'s bias kept as an ``Add``), and the weights that
-read the MLP input share one ``x @ A``.
+read the MLP input share one ``x @ A``; a TT-matrix weight (:class:`TTFactors`, ``--mlp-method tt|saten``)
+becomes its two core MatMuls between reshapes, a sparse residual a Gather and a ScatterElements(add).
 
 A factored token table (:class:`EmbeddingFactors`, ``compress --modules embedding``) is grafted by
 :func:`graft_embedding`: the lookup becomes ``Gather(A, ids) @ B`` and a tied lm_head ``(h @ B^T) @ A^T``, with
@@ -288,6 +289,89 @@ class MlpFactors:
                    (_numpy(output.basis.weight).T, _numpy(output.expand.weight).T))
 
 
+@dataclass
+class TTFactors:
+    """One MLP weight stored as a two-core TT-matrix (``compress --mlp-method tt|saten``), as
+    :class:`~.modules.TTLinear` computes it: ``first [k2, r n2]``, ``second [k1 r, n1]``, ``modes (k1, k2, n1, n2)``
+    and the sparse residual's flat int32 ``index`` and ``values``."""
+
+    first: np.ndarray
+    second: np.ndarray
+    modes: tuple[int, int, int, int]
+    index: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def from_module(cls, module) -> TTFactors:
+        return cls(_numpy(module.first.weight).T, _numpy(module.second.weight).T, tuple(module.modes),
+                   module.sparse_index.numpy().astype(np.int32), _numpy(module.sparse_values))
+
+    @classmethod
+    def from_layer(cls, layer_module, spec) -> dict[str, TTFactors] | None:
+        """Each MLP weight's factors (by registry path) of a layer whose MLP is TT (else None)."""
+        from .modules import TTLinear
+
+        members = {path: layer_module.get_submodule(path) for path in (*spec.mlp_in, spec.mlp_out)}
+        if not all(isinstance(m, TTLinear) for m in members.values()):
+            return None
+        return {path: cls.from_module(m) for path, m in members.items()}
+
+
+def tt_product(node, prefix: str, factors: TTFactors) -> tuple[list, dict[str, np.ndarray]]:
+    """Nodes computing what the weight node ``node`` computes, with ``x @ W`` as :class:`~.modules.TTLinear` does
+    (two weight MatMuls between reshapes, the sparse residual by Gather and ScatterElements(add)), its output names
+    kept; and the initializers they read (named under ``prefix``)."""
+    from onnx import helper
+
+    from .quantize_graph import bias_of
+
+    k1, k2, n1, n2 = factors.modes
+    rank = factors.first.shape[1] // n2
+    name = node.name
+    x = node.input[0]
+    tensors = {f"{prefix}.first": factors.first.astype(np.float32), f"{prefix}.second": factors.second.astype(np.float32)}
+    shapes = {"rows_k2": [-1, k2], "split": [-1, k1, rank, n2], "rows_k1r": [-1, k1 * rank], "out": [-1, n2, n1],
+              "width": [n1 * n2]}
+    tensors.update({f"{prefix}.shape.{key}": np.array(value, dtype=np.int64) for key, value in shapes.items()})
+
+    def t(key: str) -> str:
+        return f"{name}/tt/{key}"
+
+    nodes = [helper.make_node("Reshape", [x, f"{prefix}.shape.rows_k2"], [t("x")], name=t("reshape_in")),
+             helper.make_node("MatMul", [t("x"), f"{prefix}.first"], [t("first")], name=t("first")),
+             helper.make_node("Reshape", [t("first"), f"{prefix}.shape.split"], [t("split")], name=t("split")),
+             helper.make_node("Transpose", [t("split")], [t("swapped")], name=t("swap"), perm=[0, 3, 1, 2]),
+             helper.make_node("Reshape", [t("swapped"), f"{prefix}.shape.rows_k1r"], [t("rows")], name=t("rows")),
+             helper.make_node("MatMul", [t("rows"), f"{prefix}.second"], [t("second")], name=t("second")),
+             helper.make_node("Reshape", [t("second"), f"{prefix}.shape.out"], [t("out")], name=t("out")),
+             helper.make_node("Transpose", [t("out")], [t("ordered")], name=t("order"), perm=[0, 2, 1]),
+             helper.make_node("Shape", [x], [t("lead")], name=t("lead"), end=-1),
+             helper.make_node("Concat", [t("lead"), f"{prefix}.shape.width"], [t("shape")], name=t("shape"), axis=0)]
+    bias = bias_of(node)
+    product = t("product") if bias or factors.index.size else node.output[0]
+    nodes.append(helper.make_node("Reshape", [t("ordered"), t("shape")], [product], name=t("reshape_out")))
+    if factors.index.size:  # y[..., col] += x[..., row] * v per entry; row, col from the flat index into [K, N]
+        tensors.update({f"{prefix}.sparse_index": factors.index.astype(np.int32),
+                        f"{prefix}.sparse_values": factors.values.astype(np.float32),
+                        f"{prefix}.width": np.array(n1 * n2, dtype=np.int32)})
+        summed = t("summed") if bias else node.output[0]
+        nodes += [helper.make_node("Div", [f"{prefix}.sparse_index", f"{prefix}.width"], [t("sparse_rows")],
+                                   name=t("sparse_rows")),
+                  helper.make_node("Mod", [f"{prefix}.sparse_index", f"{prefix}.width"], [t("sparse_cols")],
+                                   name=t("sparse_cols")),
+                  helper.make_node("Gather", [x, t("sparse_rows")], [t("picked")], name=t("pick"), axis=-1),
+                  helper.make_node("Mul", [t("picked"), f"{prefix}.sparse_values"], [t("updates")], name=t("scale")),
+                  helper.make_node("Shape", [t("updates")], [t("updates_shape")], name=t("updates_shape")),
+                  helper.make_node("Expand", [t("sparse_cols"), t("updates_shape")], [t("columns")],
+                                   name=t("columns")),
+                  helper.make_node("ScatterElements", [product, t("columns"), t("updates")], [summed],
+                                   name=t("scatter"), axis=-1, reduction="add")]
+        product = summed
+    if bias:
+        nodes.append(helper.make_node("Add", [product, bias], list(node.output), name=f"{name}/bias"))
+    return nodes, tensors
+
+
 def factored_product(node, a: str | None, b: str, x: str | None = None) -> list:
     """Nodes computing what the weight node ``node`` (a MatMul or Gemm of
     :func:`~.quantize_graph.weight_matmuls`) computes, with ``x @ W`` as ``(x @ A) @ B`` (initializers
@@ -330,9 +414,10 @@ def mlp_nodes(model, spec) -> dict[tuple[int, str], object]:
     return found
 
 
-def graft_mlp(model, spec, layers: list[MlpFactors]) -> list[str]:
-    """Replace every layer's MLP weight nodes by its factors, in place (initializers only the removed nodes
-    read are dropped). Returns the new weight MatMul nodes' names."""
+def graft_mlp(model, spec, layers: list) -> list[str]:
+    """Replace every layer's MLP weight nodes by its factors (:class:`MlpFactors`, or a dict of :class:`TTFactors` by
+    registry path), in place (initializers only the removed nodes read are dropped). Returns the new weight MatMul
+    nodes' names."""
     from onnx import numpy_helper
 
     found = mlp_nodes(model, spec)
@@ -343,6 +428,11 @@ def graft_mlp(model, spec, layers: list[MlpFactors]) -> list[str]:
         if missing:
             raise GraphMappingError(f"layer {i}: no weight node for {', '.join(missing)} in the graph")
         prefix = f"lestd.layers.{i}.mlp"
+        if isinstance(factors, dict):  # TT-matrix weights, each on its own
+            for path, member in factors.items():
+                replaced[found[(i, path)].name], tensors = tt_product(found[(i, path)], f"{prefix}.{path}", member)
+                model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in tensors.items())
+            continue
         tensors = {f"{prefix}.in.basis": factors.basis, f"{prefix}.out.basis": factors.output[0],
                    f"{prefix}.out.expand": factors.output[1],
                    **{f"{prefix}.{p}.expand": e for p, e in factors.expands.items()}}

@@ -1,6 +1,6 @@
 """Healing (DESIGN.md 2.5): distil the compressed model against the dense one (logit KL), updating
 only the stored values of the compressed modules (attention: ``U1``, ``U2``, core blocks; MLP and a
-factored token table or lm_head: both factors of every weight) with the sparsity structure (kept rows,
+factored token table or lm_head: both factors of every weight, or its TT cores and sparse values) with the sparsity structure (kept rows,
 ranks) fixed. Adam, cosine-decayed learning rate, fixed data order and seed:
 the same inputs give the same healed model. When the KL on the first two healing sequences ends
 higher than it started, the starting values are restored (``kept: false`` in the record).
@@ -20,7 +20,7 @@ HEAL_SEQ_LEN = 256  # shorter sequences: more steps of fresh data per minute on 
 
 def stored_parameters(model) -> list:
     """The parameters of the compressed modules (factors and core blocks, not biases; a shared basis once)."""
-    from .modules import CoreOutput, FactoredEmbedding, FactoredLinear, LatentAttention, LatentQKV
+    from .modules import CoreOutput, FactoredEmbedding, FactoredLinear, LatentAttention, LatentQKV, TTLinear
 
     found = {}
     for module in model.modules():
@@ -30,6 +30,9 @@ def stored_parameters(model) -> list:
                     found[id(param)] = param
         elif isinstance(module, FactoredLinear):
             for param in (module.basis.weight, module.expand.weight):
+                found[id(param)] = param
+        elif isinstance(module, TTLinear):
+            for param in (module.first.weight, module.second.weight, module.sparse_values):
                 found[id(param)] = param
         elif isinstance(module, FactoredEmbedding):
             for param in (module.table.weight, module.expand.weight):

@@ -336,6 +336,14 @@ class FactoredLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.expand(self.basis(x))
 
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.expand.bias
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``[in, out]`` weight the factors store (``A B``)."""
+        return (self.expand.weight @ self.basis.weight).detach().T
+
     def extra_repr(self) -> str:
         return f"rank={self.basis.out_features}"
 
@@ -412,3 +420,59 @@ class FactoredOutputEmbedding(nn.Module):
         embedding = self._embedding[0]
         latent = torch.matmul(hidden, embedding.expand.weight)  # [..., r]
         return _LogitsMatMulT.apply(latent, embedding.table.weight)
+
+
+class TTLinear(nn.Module):
+    """A compressed weight ``W [K, N]`` as a two-core TT-matrix (TT-LLM's FFN format), with Saten's sparse residual
+    when it has one: ``K = k1 k2``, ``N = n1 n2``, ``W[(i1 i2), (j1 j2)] = sum_r G1[i1, j1, r] G2[r, i2, j2]``.
+
+    Computed as two plain weight MatMuls, so exporters and quantisers see ordinary weights::
+
+        t = x.reshape(M k1, k2) @ F          F [k2, r n2]  (G2)     -> [M, k1, r, n2] -> [M n2, k1 r]
+        y = t @ S                            S [k1 r, n1]  (G1)     -> [M, n2, n1] -> [M, N]
+        y[..., col(i)] += x[..., row(i)] * v_i   per sparse entry (flat int32 index into W)
+    """
+
+    def __init__(self, first: nn.Linear, second: nn.Linear, modes: tuple[int, int, int, int], bias=None,
+                 sparse_index: torch.Tensor | None = None, sparse_values: torch.Tensor | None = None):
+        super().__init__()
+        self.first = first  # [k2] -> [r n2], no bias
+        self.second = second  # [k1 r] -> [n1], no bias
+        self.modes = modes  # (k1, k2, n1, n2)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.register_buffer("sparse_index", sparse_index if sparse_index is not None
+                             else torch.zeros(0, dtype=torch.int32))  # [nnz] flat into [K, N]
+        self.sparse_values = nn.Parameter(sparse_values if sparse_values is not None else torch.zeros(0),
+                                          requires_grad=False)  # [nnz]
+
+    @property
+    def in_features(self) -> int:
+        return self.modes[0] * self.modes[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.modes[2] * self.modes[3]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
+        k1, k2, n1, n2 = self.modes
+        lead = x.shape[:-1]
+        t = self.first(x.reshape(-1, k2))  # [M k1, r n2]
+        rank = t.shape[-1] // n2
+        t = t.reshape(-1, k1, rank, n2).permute(0, 3, 1, 2).reshape(-1, k1 * rank)  # [M n2, k1 r]
+        y = self.second(t).reshape(-1, n2, n1).permute(0, 2, 1).reshape(*lead, n1 * n2)  # [..., N]
+        if self.sparse_index.numel():
+            index = self.sparse_index.long()
+            rows, cols = torch.div(index, n1 * n2, rounding_mode="floor"), index % (n1 * n2)
+            updates = x.index_select(-1, rows) * self.sparse_values  # [..., nnz]
+            y = y.scatter_add(-1, cols.expand_as(updates), updates)
+        return y if self.bias is None else y + self.bias
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``[K, N]`` weight the cores and the sparse residual store."""
+        with torch.no_grad():
+            product = self.forward(torch.eye(self.in_features, dtype=self.first.weight.dtype))
+        return product if self.bias is None else product - self.bias
+
+    def extra_repr(self) -> str:
+        k1, k2, n1, n2 = self.modes
+        return f"modes=({k1}x{k2}, {n1}x{n2}), rank={self.first.out_features // n2}, sparse={self.sparse_index.numel()}"

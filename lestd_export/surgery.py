@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import NonFiniteWeightsError, UnsupportedArchitectureError
 from .modules import (CoreOutput, FactoredEmbedding, FactoredLinear, FactoredOutputEmbedding, LatentAttention, LatentQKV,
-                      LowRankProjection, ProjectionOutput)
+                      LowRankProjection, ProjectionOutput, TTLinear)
 from .numerics.pruning import LayerCore, SliceGroups
 from .registry import ArchSpec, AttentionShape
 
@@ -230,6 +230,32 @@ def install_mlp(layer_module: nn.Module, spec: ArchSpec, inputs: tuple[np.ndarra
     a, b = balanced_factors(*output)
     parent, name = _parent(layer_module, spec.mlp_out)
     setattr(parent, name, FactoredLinear(_linear(a, None, dtype), _linear(b, weights.biases[spec.mlp_out], dtype)))
+
+
+def mlp_members(weights: MlpWeights, spec: ArchSpec) -> dict[str, np.ndarray]:
+    """Each MLP weight of one layer on its own (row-vector convention), by registry path."""
+    bounds = np.cumsum([0, *weights.widths])
+    members = {path: weights.inputs[:, a:b] for path, a, b in zip(spec.mlp_in, bounds[:-1], bounds[1:])}
+    return {**members, spec.mlp_out: weights.output}
+
+
+def tt_module(factors, bias: torch.Tensor | None, dtype: torch.dtype) -> TTLinear:
+    """A :class:`~.modules.TTLinear` of a two-core :class:`~.numerics.tt.TTWeight`."""
+    g1, g2 = factors.cores[0][0], factors.cores[1][..., 0]  # [k1, n1, r], [r, k2, n2]
+    (k1, n1, r), (_, k2, n2) = g1.shape, g2.shape
+    first = _linear(g2.transpose(1, 0, 2).reshape(k2, r * n2), None, dtype)  # F [k2, r n2]
+    second = _linear(g1.transpose(0, 2, 1).reshape(k1 * r, n1), None, dtype)  # S [k1 r, n1]
+    return TTLinear(first, second, (k1, k2, n1, n2), None if bias is None else bias.to(dtype),
+                    torch.from_numpy(factors.indices.astype(np.int32)), _tensor(factors.values, dtype))
+
+
+def install_mlp_tt(layer_module: nn.Module, spec: ArchSpec, factors: dict, weights: MlpWeights,
+                   dtype: torch.dtype) -> None:
+    """Replace each MLP weight of one layer by the :class:`~.modules.TTLinear` of its
+    :class:`~.numerics.tt.TTWeight` (``factors`` by registry path)."""
+    for path, member in factors.items():
+        parent, name = _parent(layer_module, path)
+        setattr(parent, name, tt_module(member, weights.biases[path], dtype))
 
 
 @dataclass

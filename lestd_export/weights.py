@@ -111,8 +111,8 @@ def torch_weight_map(model, format: str = "pytorch") -> WeightMap:
 def classify_parameter(spec: ArchSpec, name: str) -> tuple[str, int | None, str, bool]:
     """``(kind, layer, module path, compressed)`` of a state-dict entry; compressed attention (``compress``'s
     modules under the attention module) counts as attention: ``attention.o`` where it names the output
-    projection; a factored MLP weight (``member.basis``/``member.expand``), token table or lm_head as its member's
-    kind."""
+    projection; a factored MLP weight (``member.basis``/``member.expand``, TT cores ``member.first``/``member.second``
+    and sparse residual), token table or lm_head as its member's kind."""
     for group in spec.weight_groups():
         if not group.per_layer:
             for member in group.members:
@@ -126,7 +126,8 @@ def classify_parameter(spec: ArchSpec, name: str) -> tuple[str, int | None, str,
     for group in spec.weight_groups():
         for member in group.members:
             if group.per_layer and rest.startswith(member + "."):  # factored MLP weights: member.basis/.expand
-                factored = rest.startswith((f"{member}.basis.", f"{member}.expand."))
+                factored = rest.startswith(tuple(f"{member}.{part}" for part in
+                                                 ("basis.", "expand.", "first.", "second.", "sparse_")))
                 return group.kind, layer, f"{spec.layers_path}.{layer}.{member}", factored
     if rest.startswith(spec.attention + "."):  # compressed modules replace the projections
         kind = "attention.o" if f".{spec.o}." in rest or rest.endswith(f".{spec.o}") else "attention.qkv"

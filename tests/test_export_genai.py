@@ -284,3 +284,29 @@ def test_quantised_optimum_export_quantises_the_mlp_factors(tmp_path):
     graph = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False).graph
     assert sum("/mlp/" in n.name and n.op_type == "MatMulNBits" for n in graph.node) == 2 * 5
     assert report["quantization"]["stored_values"]["max_relative_logit_difference"] < 1e-4
+
+
+@pytest.mark.parametrize("method", ["tt", "saten"])
+@pytest.mark.parametrize("storage", ["fp32", "int4"])
+def test_tt_mlp_grafts_into_genai(storage, method, tmp_path):
+    """``--mlp-method tt|saten``: each MLP weight node becomes the TT cores' two MatMuls between reshapes (and the
+    sparse residual's Gather/ScatterElements); equal to PyTorch in fp32, the counted entries stored (a sparse index
+    one int32); at int4 both cores of every weight in MatMulNBits, and the file computes with what it stores."""
+    model = tiny_llama()
+    config = CompressionConfig(modules=("mlp",), mlp_fraction=0.6, mlp_method=method, storage=storage)
+    report = compress_model(model, config, progress=False)["mlp"]
+    exported = export_genai(LoadedModel(model, tiny_tokenizer(), source="tiny"), tmp_path / "genai", storage=storage)
+    graph = onnx.load(str(tmp_path / "genai" / "model.onnx"), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    cores = [n for n in graph.node if "/tt/" in n.name and n.op_type in ("MatMul", "MatMulNBits")
+             and n.input[1] in initializers]
+    assert len(cores) == 2 * 3 * 2  # layers x weights x cores
+    assert sum(n.op_type == "ScatterElements" for n in graph.node) == (6 if method == "saten" else 0)
+    if storage == "fp32":
+        assert exported["parity"]["max_relative_error"] < 1e-5
+        shapes = 6 * (2 + 4 + 2 + 3 + 1) * 8 + (6 * 4 if method == "saten" else 0)  # reshape targets, widths
+        assert exported["mlp_bytes"]["compressed"] == 4 * report["params"]["stored"] + shapes
+    else:
+        assert {n.op_type for n in cores} == {"MatMulNBits"}
+        assert exported["parity_fp32"]["max_relative_error"] < 1e-3
+        assert exported["quantization"]["stored_values"]["max_relative_logit_difference"] < 1e-4

@@ -160,3 +160,85 @@ def test_onnx_input_refuses_the_mlp_module():
 
     with pytest.raises(InvalidConfigError, match="target-mb"):
         check_config(CompressionConfig(modules=("attention", "mlp")))
+
+
+TT_NAMES = ["llama-gqa", "phi3", "gpt2", "opt", "gptj"]  # SwiGLU, fused gate_up, Conv1D, fc1/fc2 on the layer, GPT-J
+
+
+@pytest.mark.parametrize("name", TT_NAMES)
+def test_full_rank_tt_cores_reproduce_the_model(name):
+    """Rung 1 for ``--mlp-method tt``: two-core TT-matrices at full rank (no sparse part) compute the dense MLP."""
+    from lestd_export.numerics.tt import TTWeight, balanced_modes, tt_matrix
+    from lestd_export.surgery import install_mlp_tt, mlp_members
+
+    model = tiny_model(name)
+    ids = tokens()
+    with torch.no_grad():
+        expected = model(ids).logits
+    spec = spec_for(model.config)
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        weights = read_mlp(layer, spec, i)
+        factors = {}
+        for path, w in mlp_members(weights, spec).items():
+            modes = balanced_modes(w.shape[0], 2), balanced_modes(w.shape[1], 2)
+            factors[path] = TTWeight(tt_matrix(w, *modes, [10**6]), *modes, np.zeros(0, dtype=np.int32),
+                                     np.zeros(0), 0.0, 0.0)
+        install_mlp_tt(layer, spec, factors, weights, torch.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(model(ids).logits.numpy(), expected.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def stored_factor_entries(graph, model) -> int:
+    """Entries of the initializers holding a compressed MLP module's parameters or sparse indices (either layout)."""
+    from onnx import numpy_helper
+
+    from lestd_export.modules import TTLinear
+
+    arrays = [t.detach().numpy() for m in model.modules() if isinstance(m, TTLinear)
+              for t in (m.first.weight, m.second.weight, m.sparse_values, m.sparse_index) if t.numel()]
+    found = 0
+    for init in graph.initializer:
+        value = numpy_helper.to_array(init)
+        if any(value.shape == a.shape and np.array_equal(value, a) or value.ndim == 2 and value.shape == a.T.shape
+               and np.array_equal(value, a.T) for a in arrays):
+            found += value.size
+    return found
+
+
+@pytest.mark.parametrize("method", ["tt", "saten"])
+@pytest.mark.parametrize("name", TT_NAMES)
+def test_ort_equals_pytorch_with_a_tt_mlp(tmp_path, name, method):
+    """Rung 4: the optimum export of a TT (or Saten) MLP equals PyTorch through prefill and cached decode, stores the
+    entries the report counts (a sparse entry as its value and one int32 index), within the requested fraction."""
+    model = tiny_model(name)
+    mlp = compress_model(model, CompressionConfig(modules=("mlp",), mlp_fraction=0.6, mlp_method=method),
+                         progress=False)["mlp"]
+    assert mlp["method"] == method and 0.5 <= mlp["fraction"]["stored"] <= 0.6
+    assert all(n > 0 for layer in mlp["sparse"] for n in layer) == (method == "saten")
+    export = export_model(LoadedModel(model, None, name), tmp_path / name)
+    assert export["parity"]["max_relative_error"] < 1e-4 and export["parity"]["greedy_tokens_equal"]
+    graph = onnx.load(str(tmp_path / name / "model.onnx")).graph
+    assert stored_factor_entries(graph, model) == mlp["params"]["stored"]
+
+
+def test_tt_checkpoint_reloads_exactly_and_heals_its_cores(tmp_path):
+    from lestd_export.modules import TTLinear
+
+    model = tiny_model("llama-gqa")
+    config = CompressionConfig(modules=("mlp",), mlp_fraction=0.6, mlp_method="saten")
+    report = compress_model(model, config, progress=False)
+    save_compressed(LoadedModel(model, None, "tiny"), report, tmp_path / "c")
+    reloaded = load_compressed(tmp_path / "c").model
+    reloaded.config._attn_implementation = model.config._attn_implementation
+    ids = tokens()
+    with torch.no_grad():
+        np.testing.assert_array_equal(reloaded(ids).logits.numpy(), model(ids).logits.numpy())
+    modules = [m for m in reloaded.modules() if isinstance(m, TTLinear)]
+    assert len(modules) == 2 * 3 and len(stored_parameters(reloaded)) == 3 * len(modules)  # two cores, the values
+
+
+def test_mlp_method_needs_the_mlp():
+    with pytest.raises(InvalidConfigError, match="add mlp"):
+        CompressionConfig(mlp_method="tt")
+    with pytest.raises(InvalidConfigError, match="MLP method"):
+        CompressionConfig(modules=("mlp",), mlp_method="cp")

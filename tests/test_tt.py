@@ -50,3 +50,19 @@ def test_sparse_residual_keeps_the_largest_entries():
     indices, values = sparse_residual(residual, 2)
     assert indices.dtype == np.int32 and list(indices) == [1, 3] and list(values) == [-3.0, 2.0]
     assert sparse_residual(residual, 0)[0].size == 0
+
+
+def test_tt_weight_holds_its_fraction_and_the_sparse_part_only_helps():
+    """Budget as requested: the stored entries (a sparse entry as value + index) stay within the fraction; Saten's
+    residual makes the error no larger than a TT of the entries left to it, and the error is what ``dense`` stores."""
+    from lestd_export.numerics.tt import SATEN_SPARSE_SHARE, tt_weight
+
+    weight = np.random.default_rng(3).normal(size=(48, 40))
+    tt, saten = tt_weight(weight, 0.5), tt_weight(weight, 0.5, sparse_share=SATEN_SPARSE_SHARE)
+    for stored in (tt, saten):
+        assert stored.entries <= 0.5 * weight.size
+        np.testing.assert_allclose(stored.energy - stored.kept_energy, np.sum((weight - stored.dense()) ** 2))
+    assert saten.indices.size > 0 and saten.rank < tt.rank
+    core_only = tt_weight(weight, (saten.entries - 2 * saten.indices.size) / weight.size)
+    assert saten.rank == core_only.rank
+    assert np.sum((weight - saten.dense()) ** 2) < np.sum((weight - core_only.dense()) ** 2)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..config import (BUDGETS, DEFAULT_CALIBRATION_TOKENS, DEFAULT_HEAL_LR, DEFAULT_HEAL_TOKENS, GRANULARITIES,
-                      HEAL_DEVICES, METHODS, MODULES, OBJECTIVES, REFIT_TARGETS, CompressionConfig, parse_choices,
-                      parse_ranks)
+                      HEAL_DEVICES, METHODS, MLP_METHODS, MODULES, OBJECTIVES, REFIT_TARGETS, CompressionConfig,
+                      parse_choices, parse_ranks)
 
 INPUT_HELP = ("decoder .onnx file, or a directory holding one (the file genai_config.json names, else model.onnx): "
               "an onnxruntime-genai build (-p fp32) or an optimum export; its directory needs genai_config.json or "
@@ -30,6 +30,10 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
                        help="with --modules mlp: stored MLP parameters as a fraction of the dense ones, in (0, 1] "
                             "(default 0.9), shared out over its matrices by relative output energy (--budget global: "
                             "over all layers)")
+    group.add_argument("--mlp-method", choices=MLP_METHODS, default="svd",
+                       help="with --modules mlp: svd (default; SVD-LLM factors, gate and up sharing one input basis), "
+                            "tt (each weight a two-core TT-matrix, TT-LLM's FFN format) or saten (TT plus an "
+                            "unstructured sparse residual holding a quarter of the entries, indices counted)")
     group.add_argument("--embedding-fraction", type=float, default=None, metavar="F",
                        help="with --modules embedding: stored entries of the token table (and of an untied lm_head) "
                             "as a fraction of the dense ones, in (0, 1] (default 0.9; the rank is a multiple of 32)")
@@ -138,7 +142,8 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
                              heal_device=args.heal_device, damping=args.damping,
                              storage=QUANTIZE[args.quantize], dense_output=args.dense_output,
                              modules=tuple(parse_choices(args.modules, MODULES, "modules")),
-                             mlp_fraction=args.mlp_fraction, embedding_fraction=args.embedding_fraction,
+                             mlp_fraction=args.mlp_fraction, mlp_method=args.mlp_method,
+                             embedding_fraction=args.embedding_fraction,
                              layout="plain" if getattr(args, "format", "optimum") == "genai" else "shared")
 
 
@@ -151,5 +156,5 @@ def compression_flags_given(args: argparse.Namespace) -> bool:
                 "heal_tokens": DEFAULT_HEAL_TOKENS, "heal_steps": 300,
                 "heal_lr": DEFAULT_HEAL_LR, "heal_device": "auto", "damping": 0.01, "refit_target": "layer",
                 "input_whitening": None, "dense_output": False, "modules": "attention", "mlp_fraction": None,
-                "embedding_fraction": None}
+                "mlp_method": "svd", "embedding_fraction": None}
     return any(getattr(args, key) != value for key, value in defaults.items())

@@ -12,6 +12,7 @@ largest entries of ``W - TT(W)``, each stored as a value and an int32 index.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -91,3 +92,53 @@ def sparse_residual(residual: np.ndarray, count: int) -> tuple[np.ndarray, np.nd
     count = max(0, min(int(count), flat.size))
     indices = np.sort(np.argpartition(-np.abs(flat), count - 1)[:count]) if count else np.zeros(0, dtype=np.int64)
     return indices.astype(np.int32), flat[indices]
+
+
+SATEN_SPARSE_SHARE = 0.25  # Saten: the share of a weight's stored entries its sparse residual gets (2 per entry)
+
+
+@dataclass
+class TTWeight:
+    """A weight ``W [K, N]`` stored as TT-matrix cores (modes ``in_modes`` x ``out_modes``) and, for Saten, a sparse
+    residual: flat int32 ``indices`` into ``W`` and their ``values``. ``energy``/``kept_energy`` as
+    :class:`~.lowrank.LowRankMatrix` (Frobenius)."""
+
+    cores: list[np.ndarray]
+    in_modes: tuple[int, ...]
+    out_modes: tuple[int, ...]
+    indices: np.ndarray
+    values: np.ndarray
+    energy: float
+    kept_energy: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.cores[0].shape[-1])
+
+    @property
+    def entries(self) -> int:
+        """Stored entries: the cores' values, and a value and an index per sparse entry."""
+        return int(sum(c.size for c in self.cores) + 2 * self.indices.size)
+
+    def dense(self) -> np.ndarray:
+        """The ``[K, N]`` matrix stored."""
+        result = tt_dense(self.cores).ravel()
+        result[self.indices] += self.values
+        return result.reshape(int(np.prod(self.in_modes)), int(np.prod(self.out_modes)))
+
+
+def tt_weight(weight: np.ndarray, fraction: float, pairs: int = 2, sparse_share: float = 0.0) -> TTWeight:
+    """``weight [K, N]`` in ``fraction`` of its entries: TT-SVD on ``pairs`` balanced mode pairs at the largest uniform
+    rank that fits, and (``sparse_share`` > 0, Saten) that share of the entries as the residual's largest entries."""
+    weight = np.asarray(weight, dtype=np.float64)
+    k, n = weight.shape
+    entries = int(fraction * k * n)
+    sparse = int(sparse_share * entries) // 2
+    in_modes, out_modes = balanced_modes(k, pairs), balanced_modes(n, pairs)
+    cores = tt_matrix(weight, in_modes, out_modes, [tt_rank_for(in_modes, out_modes, entries - 2 * sparse)]
+                      * (pairs - 1))
+    residual = weight - tt_dense(cores)
+    indices, values = sparse_residual(residual, sparse)
+    energy = float(np.sum(weight ** 2))
+    error = float(np.sum(residual ** 2) - np.sum(values ** 2))
+    return TTWeight(cores, in_modes, out_modes, indices, values, energy, energy - error)
