@@ -43,23 +43,22 @@ SETTINGS = {"dense_output": {"dense_output": True}, "factored_output": {},
             "embedding": {"modules": ("embedding",)}}
 
 
-def lestd_variant(root: Path, fraction: float, storage: str, settings: str) -> Path:
-    """Compress (calibrated; plain layout; ``fraction`` sizes the attention, or the MLP / table of the settings
-    without attention)
-    once per fraction and settings, export to genai at ``storage``;
-    cached under ``root`` (delete it after changing the code: cached builds are reused as they are). The plain
-    layout stores no index, so its plan is the same for int4 and int8."""
+def lestd_variant(root: Path, fraction: float, storage: str, settings: str, model: str | None = None) -> Path:
+    """Compress ``model`` (default: the default model; calibrated; plain layout; ``fraction`` sizes the attention,
+    or the MLP / table of the settings without attention) once per fraction and settings, export to genai at
+    ``storage``; cached under ``root`` (delete it after changing the code: cached builds are reused as they are). The
+    plain layout stores no index, so its plan is the same for int4 and int8."""
     out = root / f"lestd-{fraction}-{settings}-{storage}"
     if (out / "export_report.json").is_file():
         return out
     checkpoint = root / f"checkpoint-{fraction}-{settings}"
-    loaded = load_model(str(checkpoint) if (checkpoint / "config.json").is_file() else None)
+    loaded = load_model(str(checkpoint) if (checkpoint / "config.json").is_file() else model)
     if not loaded.compressed:
         settings_ = SETTINGS[settings]
         modules = settings_.get("modules", ("attention",))
         sizes = {"size_fraction" if "attention" in modules else f"{modules[0]}_fraction": fraction}
         config = CompressionConfig(calibration="default", storage="int4", layout="plain", **sizes, **settings_)
-        report = compress_model(loaded.model, config, tokenizer=loaded.tokenizer, source="smollm2-135m")
+        report = compress_model(loaded.model, config, tokenizer=loaded.tokenizer, source=loaded.source)
         save_compressed(loaded, report, checkpoint, overwrite=True)
     export_genai(loaded, out, storage=storage, overwrite=True)
     return out

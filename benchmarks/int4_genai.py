@@ -207,7 +207,7 @@ def main() -> None:
             names.append(name)
     for fraction in args.fraction.split(","):
         for settings in filter(None, args.compressed.split(",")):
-            lestd_variant(root, float(fraction), "int4", settings)
+            lestd_variant(root, float(fraction), "int4", settings, args.model)
             names.append(f"lestd-{float(fraction)}-{settings}-int4")
     results = {"machine": machine(), "model": source, "eval_tokens": args.eval_tokens, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -181,18 +181,25 @@ def compress_mlp(model, config: CompressionConfig, spec, weights: list, statisti
     for layer, w, (inputs, output) in tqdm(list(zip(decoder_layers(model, spec), weights, factors)),
                                            desc="mlp: installing factors", unit="layer", disable=not progress):
         install_mlp(layer, spec, (inputs.a, inputs.b), (output.a, output.b), w, dtype)
+    return _mlp_report("svd-llm" if statistics is not None else "svd", config, weights, factors,
+                       "output (whitened)" if statistics is not None else "Frobenius", shared_input_basis=True)
+
+
+def _mlp_report(method: str, config: CompressionConfig, weights: list, layers: list[list], norm: str,
+                **extra) -> dict:
+    """The report's ``mlp`` section from each layer's stored weights (``layers``: per layer, objects with ``rank``,
+    ``entries``, ``energy`` and ``kept_energy``) and the dense :class:`~.surgery.MlpWeights`."""
     dense = sum(w.inputs.size + w.output.size for w in weights)
-    stored = sum(f.entries for layer in factors for f in layer)
-    energy = sum(f.energy for layer in factors for f in layer)
-    error = sum(f.energy - f.kept_energy for layer in factors for f in layer)
-    return {"method": "svd-llm" if statistics is not None else "svd", "shared_input_basis": True,
-            "fraction": {"requested": config.mlp_fraction, "stored": stored / dense},
+    stored = sum(f.entries for layer in layers for f in layer)
+
+    def relative(group) -> float:
+        return float(np.sqrt(max(sum(f.energy - f.kept_energy for f in group), 0.0) / sum(f.energy for f in group)))
+
+    return {"method": method, **extra, "fraction": {"requested": config.mlp_fraction, "stored": stored / dense},
             "params": {"dense": int(dense), "stored": int(stored)},
-            "ranks": [[f.rank for f in layer] for layer in factors],
-            "relative_error": {"overall": float(np.sqrt(max(error, 0.0) / energy)),
-                               "per_layer": [float(np.sqrt(max(sum(f.energy - f.kept_energy for f in layer), 0.0)
-                                                           / sum(f.energy for f in layer))) for layer in factors],
-                               "norm": "output (whitened)" if statistics is not None else "Frobenius"}}
+            "ranks": [[f.rank for f in layer] for layer in layers],
+            "relative_error": {"overall": relative([f for layer in layers for f in layer]),
+                               "per_layer": [relative(layer) for layer in layers], "norm": norm}}
 
 
 EMBEDDING_RANK_STEP = 32  # the factored table's rank is a multiple of this: int4 blocks of 32 divide it
@@ -255,25 +262,14 @@ def _compress_mlp_tt(model, config: CompressionConfig, spec, weights: list, prog
         factors = {path: tt_weight(m, config.mlp_fraction, 2, share) for path, m in mlp_members(w, spec).items()}
         install_mlp_tt(layer, spec, factors, w, dtype)
         layers.append(list(factors.values()))
-    dense = sum(w.inputs.size + w.output.size for w in weights)
-    stored = sum(f.entries for layer in layers for f in layer)
-    energy = sum(f.energy for layer in layers for f in layer)
-    error = sum(f.energy - f.kept_energy for layer in layers for f in layer)
-    return {"method": config.mlp_method, "shared_input_basis": False,
-            "fraction": {"requested": config.mlp_fraction, "stored": stored / dense},
-            "params": {"dense": int(dense), "stored": int(stored)},
-            "ranks": [[f.rank for f in layer] for layer in layers],
-            "sparse": [[int(f.indices.size) for f in layer] for layer in layers],
-            "relative_error": {"overall": float(np.sqrt(max(error, 0.0) / energy)),
-                               "per_layer": [float(np.sqrt(max(sum(f.energy - f.kept_energy for f in layer), 0.0)
-                                                           / sum(f.energy for f in layer))) for layer in layers],
-                               "norm": "Frobenius"}}
+    return _mlp_report(config.mlp_method, config, weights, layers, "Frobenius", shared_input_basis=False,
+                       sparse=[[int(f.indices.size) for f in layer] for layer in layers])
 
 
 @dataclass
 class Calibration:
-    """What calibration gives ``compress``: the data, the attention and MLP statistics of the dense model and,
-    for healing, a frozen dense copy and its data (all None without calibration)."""
+    """What calibration gives ``compress``: the data, the attention, MLP and lm_head statistics of the dense model
+    and, for healing, a frozen dense copy and its data (all None without calibration)."""
 
     data: object = None  # CalibrationData
     statistics: list | None = None
