@@ -84,7 +84,7 @@ def compressed_layers(model) -> tuple[list, list, object]:
     return grafted_layers(model), mlp_factors(model), EmbeddingFactors.from_model(model)
 
 
-def graft_compressed(model, loaded_model, layers: tuple[list, list], quantised_ok: bool = False) -> dict:
+def graft_compressed(model, loaded_model, layers: tuple[list, list, object], quantised_ok: bool = False) -> dict:
     """Graft a compressed model's attention, MLP and token table factors (``layers``, from
     :func:`compressed_layers`) into its dense graph ``model`` (in place); returns the fp32 bytes each kind's weights
     had before and have after (``{"attention": {...}, "mlp": {...}, "embedding": {...}}``)."""

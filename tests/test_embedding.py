@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from lestd_export.compress import EMBEDDING_RANK_STEP, compress_model, embedding_rank, load_compressed, save_compressed
+from lestd_export.compress import EMBEDDING_RANK_STEP, compress_model, embedding_rank
 from lestd_export.config import CompressionConfig
 from lestd_export.errors import InvalidConfigError
 from lestd_export.export import export_model
@@ -20,8 +20,7 @@ from lestd_export.loading import LoadedModel
 from lestd_export.modules import FactoredEmbedding, FactoredLinear, FactoredOutputEmbedding
 from lestd_export.numerics.lowrank import svd_layers
 from lestd_export.surgery import install_embedding, read_embedding
-from test_architectures import tokens
-from tiny import TINY_CONFIGS, tiny_model
+from tiny import TINY_CONFIGS, assert_rewrite_keeps_logits, reloaded_exactly, tiny_model
 
 NAMES = sorted(TINY_CONFIGS)
 EMBEDDING = CompressionConfig(modules=("embedding",), embedding_fraction=0.9)
@@ -31,17 +30,17 @@ EMBEDDING = CompressionConfig(modules=("embedding",), embedding_fraction=0.9)
 def test_full_rank_factors_reproduce_the_model(name):
     """Rung 1: at full rank the factored table (and head, tied or not; Gemma 3's scaled lookup) is the dense model."""
     model = tiny_model(name)
-    ids = tokens()
-    with torch.no_grad():
-        expected = model(ids).logits
     weights = read_embedding(model)
-    [[table]] = svd_layers([[weights.table]], 1.0, rank=10**6)
-    head = None if weights.tied else svd_layers([[weights.head]], 1.0, rank=10**6)[0][0]
-    install_embedding(model, (table.a, table.b), None if head is None else (head.a, head.b), weights, torch.float32)
+
+    def factor(model):
+        [[table]] = svd_layers([[weights.table]], 1.0, rank=10**6)
+        head = None if weights.tied else svd_layers([[weights.head]], 1.0, rank=10**6)[0][0]
+        install_embedding(model, (table.a, table.b), None if head is None else (head.a, head.b), weights,
+                          torch.float32)
+
+    assert_rewrite_keeps_logits(model, factor, atol=5e-5)
     assert isinstance(model.get_input_embeddings(), FactoredEmbedding)
     assert isinstance(model.get_output_embeddings(), FactoredOutputEmbedding if weights.tied else FactoredLinear)
-    with torch.no_grad():
-        np.testing.assert_allclose(model(ids).logits.numpy(), expected.numpy(), atol=5e-5, rtol=1e-4)
 
 
 def test_rank_is_a_whole_block_and_holds_the_fraction():
@@ -87,15 +86,9 @@ def test_checkpoint_with_the_table_factored_reloads_exactly(tmp_path, name):
     config = CompressionConfig(modules=("attention", "mlp", "embedding"), size_fraction=0.6, mlp_fraction=0.5,
                                embedding_fraction=0.9)
     report = compress_model(model, config, progress=False)
-    save_compressed(LoadedModel(model, None, name), report, tmp_path / "c")
-    reloaded = load_compressed(tmp_path / "c").model
-    reloaded.config._attn_implementation = model.config._attn_implementation
-    ids = tokens()
-    with torch.no_grad():
-        np.testing.assert_array_equal(reloaded(ids).logits.numpy(), model(ids).logits.numpy())
-    head = reloaded.get_output_embeddings()
+    reloaded = reloaded_exactly(model, report, tmp_path)
     if report["embedding"]["tied"]:  # the head reads the table's own factors
-        assert head._embedding[0] is reloaded.get_input_embeddings()
+        assert reloaded.get_output_embeddings()._embedding[0] is reloaded.get_input_embeddings()
 
 
 def test_healing_trains_the_table_factors_once():

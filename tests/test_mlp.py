@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from lestd_export.compress import compress_model, load_compressed, save_compressed
+from lestd_export.compress import compress_model
 from lestd_export.config import CompressionConfig
 from lestd_export.errors import InvalidConfigError
 from lestd_export.export import export_model
@@ -19,8 +19,7 @@ from lestd_export.modules import FactoredLinear
 from lestd_export.numerics.lowrank import svd_layers
 from lestd_export.registry import decoder_layers, optimum_node_pattern, spec_for
 from lestd_export.surgery import balanced_factors, install_mlp, read_mlp
-from test_architectures import tokens
-from tiny import TINY_CONFIGS, tiny_model
+from tiny import TINY_CONFIGS, assert_rewrite_keeps_logits, reloaded_exactly, tiny_model
 
 NAMES = sorted(TINY_CONFIGS)
 MLP = CompressionConfig(modules=("mlp",), mlp_fraction=0.6)
@@ -30,18 +29,17 @@ MLP = CompressionConfig(modules=("mlp",), mlp_fraction=0.6)
 def test_full_rank_factors_reproduce_the_model(name):
     """Rung 1: at full rank the factored MLP (shared input basis, balanced factors) computes the dense one."""
     model = tiny_model(name)
-    ids = tokens()
-    with torch.no_grad():
-        expected = model(ids).logits
     spec = spec_for(model.config)
     layers = decoder_layers(model, spec)
-    weights = [read_mlp(layer, spec, i) for i, layer in enumerate(layers)]
-    factors = svd_layers([[w.inputs, w.output] for w in weights], 1.0, rank=10**6)
-    for layer, w, (inputs, output) in zip(layers, weights, factors):
-        install_mlp(layer, spec, (inputs.a, inputs.b), (output.a, output.b), w, torch.float32)
+
+    def factor(model):
+        weights = [read_mlp(layer, spec, i) for i, layer in enumerate(layers)]
+        factors = svd_layers([[w.inputs, w.output] for w in weights], 1.0, rank=10**6)
+        for layer, w, (inputs, output) in zip(layers, weights, factors):
+            install_mlp(layer, spec, (inputs.a, inputs.b), (output.a, output.b), w, torch.float32)
+
+    assert_rewrite_keeps_logits(model, factor)
     assert all(isinstance(layers[0].get_submodule(p), FactoredLinear) for p in (*spec.mlp_in, spec.mlp_out))
-    with torch.no_grad():
-        np.testing.assert_allclose(model(ids).logits.numpy(), expected.numpy(), atol=1e-5, rtol=1e-4)
 
 
 def test_balanced_factors_keep_the_product_and_equalise_the_norms():
@@ -82,13 +80,7 @@ def test_ort_equals_pytorch_with_the_mlp_compressed(tmp_path, name):
 def test_checkpoint_with_attention_and_mlp_reloads_exactly(tmp_path, name):
     model = tiny_model(name)
     config = CompressionConfig(modules=("attention", "mlp"), size_fraction=0.6, mlp_fraction=0.5)
-    report = compress_model(model, config, progress=False)
-    save_compressed(LoadedModel(model, None, name), report, tmp_path / "c")
-    reloaded = load_compressed(tmp_path / "c").model
-    reloaded.config._attn_implementation = model.config._attn_implementation
-    ids = tokens()
-    with torch.no_grad():
-        np.testing.assert_array_equal(reloaded(ids).logits.numpy(), model(ids).logits.numpy())
+    reloaded = reloaded_exactly(model, compress_model(model, config, progress=False), tmp_path)
     spec = spec_for(model.config)
     layer = decoder_layers(reloaded, spec)[0]
     members = [layer.get_submodule(p) for p in spec.mlp_in]
@@ -172,20 +164,19 @@ def test_full_rank_tt_cores_reproduce_the_model(name):
     from lestd_export.surgery import install_mlp_tt, mlp_members
 
     model = tiny_model(name)
-    ids = tokens()
-    with torch.no_grad():
-        expected = model(ids).logits
     spec = spec_for(model.config)
-    for i, layer in enumerate(decoder_layers(model, spec)):
-        weights = read_mlp(layer, spec, i)
-        factors = {}
-        for path, w in mlp_members(weights, spec).items():
-            modes = balanced_modes(w.shape[0], 2), balanced_modes(w.shape[1], 2)
-            factors[path] = TTWeight(tt_matrix(w, *modes, [10**6]), *modes, np.zeros(0, dtype=np.int32),
-                                     np.zeros(0), 0.0, 0.0)
-        install_mlp_tt(layer, spec, factors, weights, torch.float32)
-    with torch.no_grad():
-        np.testing.assert_allclose(model(ids).logits.numpy(), expected.numpy(), atol=1e-5, rtol=1e-4)
+
+    def cores(model):
+        for i, layer in enumerate(decoder_layers(model, spec)):
+            weights = read_mlp(layer, spec, i)
+            factors = {}
+            for path, w in mlp_members(weights, spec).items():
+                modes = balanced_modes(w.shape[0], 2), balanced_modes(w.shape[1], 2)
+                factors[path] = TTWeight(tt_matrix(w, *modes, [10**6]), *modes, np.zeros(0, dtype=np.int32),
+                                         np.zeros(0), 0.0, 0.0)
+            install_mlp_tt(layer, spec, factors, weights, torch.float32)
+
+    assert_rewrite_keeps_logits(model, cores)
 
 
 def stored_factor_entries(graph, model) -> int:
@@ -226,13 +217,7 @@ def test_tt_checkpoint_reloads_exactly_and_heals_its_cores(tmp_path):
 
     model = tiny_model("llama-gqa")
     config = CompressionConfig(modules=("mlp",), mlp_fraction=0.6, mlp_method="saten")
-    report = compress_model(model, config, progress=False)
-    save_compressed(LoadedModel(model, None, "tiny"), report, tmp_path / "c")
-    reloaded = load_compressed(tmp_path / "c").model
-    reloaded.config._attn_implementation = model.config._attn_implementation
-    ids = tokens()
-    with torch.no_grad():
-        np.testing.assert_array_equal(reloaded(ids).logits.numpy(), model(ids).logits.numpy())
+    reloaded = reloaded_exactly(model, compress_model(model, config, progress=False), tmp_path)
     modules = [m for m in reloaded.modules() if isinstance(m, TTLinear)]
     assert len(modules) == 2 * 3 and len(stored_parameters(reloaded)) == 3 * len(modules)  # two cores, the values
 

@@ -83,3 +83,31 @@ def assert_same_greedy(generated, expected, model, attention_mask=None, tie: flo
     rows = generated[:, step] != expected[:, step]
     gap = (top[:, 0] - top[:, 1]).numpy()[rows]
     assert (gap <= tie).all(), f"greedy tokens differ at step {step} where the reference's best logit leads by {gap}"
+
+
+def reloaded_exactly(model, report: dict, directory):
+    """Save a tiny model ``compress`` rewrote (``report``: its compression report) as a checkpoint under
+    ``directory``, reload it, check that it computes bit-identically, and return the reloaded model."""
+    import numpy as np
+
+    from lestd_export.compress import load_compressed, save_compressed
+    from lestd_export.loading import LoadedModel
+
+    save_compressed(LoadedModel(model, None, "tiny"), report, directory / "checkpoint")
+    reloaded = load_compressed(directory / "checkpoint").model
+    reloaded.config._attn_implementation = model.config._attn_implementation
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        np.testing.assert_array_equal(reloaded(ids).logits.numpy(), model(ids).logits.numpy())
+    return reloaded
+
+
+def assert_rewrite_keeps_logits(model, rewrite, atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    """Run ``rewrite(model)`` (an in-place surgery) and check the model's logits on fixed tokens are unchanged."""
+    import numpy as np
+
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits.numpy()
+        rewrite(model)
+        np.testing.assert_allclose(model(ids).logits.numpy(), expected, atol=atol, rtol=rtol)
