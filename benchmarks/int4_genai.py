@@ -159,6 +159,9 @@ def main() -> None:
                         help="--targets: lowrank (low-rank factors among the choices), quant (quantisation only)")
     parser.add_argument("--timed", default="ours-awq-32,ours-awq-64",
                         help="files whose decode speed is measured against the builder's int4 ('' for none)")
+    parser.add_argument("--keep-speed", action="store_true",
+                        help="keep the decode speeds --out already records for files not timed in this run (each "
+                             "recorded run's ratios are its own: interleaved, paired, against the builder's int4)")
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/int4_frontier.json"))
@@ -239,10 +242,12 @@ def main() -> None:
     results["beaten_by"] = beaten_by(results["runs"])
     results["plans"] = plan_verdicts(results["runs"])
     timed = [name for name in args.timed.split(",") if name]
+    if args.keep_speed and args.out.is_file():
+        results["speed"] = json.loads(args.out.read_text()).get("speed", {})
     if timed and args.repeats:
         speed = run_benchmark([root / v for v in timed], baseline=root / "builder-int4", repeats=args.repeats,
                               quality_tokens=0, progress=False)
-        results["speed"] = speed.get("ratios", speed)
+        results["speed"] = {**results.get("speed", {}), **speed.get("ratios", speed)}
     results["peak_rss_mb"] = {who: resource.getrusage(flag).ru_maxrss / 1024 for who, flag in
                               (("this process", resource.RUSAGE_SELF), ("children", resource.RUSAGE_CHILDREN))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
