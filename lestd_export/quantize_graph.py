@@ -139,6 +139,12 @@ def bias_of(node) -> str | None:
     return node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
 
 
+def reduction_size(node, initializers: dict) -> int:
+    """``K`` of the weight ``W [K, N]`` a node from :func:`weight_matmuls` multiplies by (its input's width)."""
+    dims = initializers[node.input[1]].dims
+    return int(dims[1] if transposed(node) else dims[0])
+
+
 def weight_of(node, initializers: dict) -> np.ndarray:
     """``W [K, N]`` (float64) of a node from :func:`weight_matmuls`."""
     from onnx import numpy_helper

@@ -310,3 +310,20 @@ def test_tt_mlp_grafts_into_genai(storage, method, tmp_path):
         assert {n.op_type for n in cores} == {"MatMulNBits"}
         assert exported["parity_fp32"]["max_relative_error"] < 1e-3
         assert exported["quantization"]["stored_values"]["max_relative_logit_difference"] < 1e-4
+
+
+def test_wide_weight_inputs_are_rounded_without_a_gram(monkeypatch, tmp_path):
+    """A weight whose input is wider than MAX_GRAM_WIDTH (a TT core's k r) gets no Gram: its capture would not fit in
+    memory. The others keep theirs, and the file still computes with what it stores."""
+    import lestd_export.onnx_input.quantized as quantized
+
+    captured = []
+    real = quantized.capture_grams
+    monkeypatch.setattr(quantized, "MAX_GRAM_WIDTH", 64)  # the tiny model's MLP down_proj reads 96 wide
+    monkeypatch.setattr(quantized, "capture_grams", lambda source, tensors, *a, **k: captured.append(tensors)
+                        or real(source, tensors, *a, **k))
+    loaded = compressed(SMALL, "int4")
+    report = export_genai(loaded, tmp_path / "genai", storage="int4")
+    [tensors] = captured  # gate/up read the norm's output (64 wide); down_proj reads the MLP's product (96)
+    assert any("post_attention_layernorm" in t for t in tensors) and not any("/mlp/" in t for t in tensors)
+    assert report["quantization"]["stored_values"]["max_relative_logit_difference"] < 1e-4

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExportValidationError, InvalidConfigError
-from ..quantize_graph import (QuantizeConfig, quantize_graph, stored_value_simulation, weight_matmuls,
+from ..quantize_graph import (QuantizeConfig, quantize_graph, reduction_size, stored_value_simulation, weight_matmuls,
                               with_accuracy_level)
 from .budget import BudgetRequest, WeighedOptions, apply_plan, choose_plan, weigh_options
 from .capture import capture_grams
@@ -19,6 +19,10 @@ from .sessions import compare_logits
 from .source import OnnxInput
 
 STORED_VALUE_TOLERANCE = 1e-3  # relative logit error against the stored values: fp32 arithmetic, as fp32 parity
+# without a whole-file plan, weights whose input is wider are rounded without its Gram (8 K^2 bytes each: 512 MB at
+# this width): a TT core's input (k r wide, 9,936 for the default model's gate at 0.9) needed tens of GB (the first
+# run was killed for memory)
+MAX_GRAM_WIDTH = 8192
 
 
 def quantize_calibrated(source: OnnxInput, config: QuantizeConfig, sequences: np.ndarray | None, *,
@@ -39,7 +43,9 @@ def quantize_calibrated(source: OnnxInput, config: QuantizeConfig, sequences: np
         raise InvalidConfigError("--target-mb chooses each weight's storage from calibration statistics: give a "
                                  "--calibration source")
     if (config.calibrated or budget is not None) and sequences is not None:
-        tensors = [node.input[0] for node in weight_matmuls(source.model)]
+        initializers = {init.name: init for init in source.model.graph.initializer}
+        tensors = [node.input[0] for node in weight_matmuls(source.model)  # a plan weighs every weight
+                   if budget is not None or reduction_size(node, initializers) <= MAX_GRAM_WIDTH]
         grams = capture_grams(source, tensors, sequences, progress=progress, what="input statistics")
     if budget is not None:
         plan = plan_budget(source, grams, sequences, budget, config, progress=progress)
