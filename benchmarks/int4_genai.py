@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--fraction", default="0.5", help="--compressed: size fractions, comma-separated (of the "
                         "attention; of the MLP or the token table for the mlp and embedding settings)")
     parser.add_argument("--targets", default="", help="whole-file plans (quantize --target-mb) at these fractions "
-                        "of the builder's int4 bytes, e.g. 0.95,0.9,0.8,0.7")
+                        "of the builder's int4 bytes, e.g. 0.95,0.9,0.8,0.7 (F:quant or F:lowrank: that plan alone)")
     parser.add_argument("--plans", default="lowrank,quant",
                         help="--targets: lowrank (low-rank factors among the choices), quant (quantisation only)")
     parser.add_argument("--timed", default="ours-awq-32,ours-awq-64",
@@ -198,8 +198,9 @@ def main() -> None:
         names.append(name)
     int4_bytes = model_files_bytes(resolve_input(root / "builder-int4")[1]) if (root / "builder-int4").exists() else 0
     factored = {}
-    for fraction in filter(None, args.targets.split(",")):
-        for kind in filter(None, args.plans.split(",")):
+    for target in filter(None, args.targets.split(",")):
+        fraction, _, only = target.partition(":")  # F:quant or F:lowrank: that plan alone at F
+        for kind in [only] if only else filter(None, args.plans.split(",")):
             name = f"plan-{fraction}" + ("-quant" if kind == "quant" else "")
             if not (root / name).exists():
                 quantize_onnx(root / "builder-fp32", root / name, QuantizeConfig(), budget=BudgetRequest(
