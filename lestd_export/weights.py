@@ -97,7 +97,9 @@ def torch_weight_map(model, format: str = "pytorch") -> WeightMap:
                                                           f"tied to {seen[key]}")
             continue
         seen[key] = kind
-        storage = (("lestd (compressed)" if kind.startswith("attention") else "low-rank factors") if compressed
+        storage = (("lestd (compressed)" if kind.startswith("attention") else
+                    "tt cores" if any(part in name for part in (".first.", ".second.", ".sparse_")) else
+                    "low-rank factors") if compressed
                    else _short_dtype(str(tensor.dtype).removeprefix("torch.")))
         entry = by_site.setdefault((kind, layer, site), WeightSite(kind, layer, site, [], [], 0, storage))
         entry.tensors.append(name)

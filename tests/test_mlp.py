@@ -220,6 +220,9 @@ def test_tt_checkpoint_reloads_exactly_and_heals_its_cores(tmp_path):
     reloaded = reloaded_exactly(model, compress_model(model, config, progress=False), tmp_path)
     modules = [m for m in reloaded.modules() if isinstance(m, TTLinear)]
     assert len(modules) == 2 * 3 and len(stored_parameters(reloaded)) == 3 * len(modules)  # two cores, the values
+    from lestd_export.weights import torch_weight_map
+
+    assert {s.storage for s in torch_weight_map(reloaded).sites if s.kind.startswith("mlp")} == {"tt cores"}
 
 
 def test_mlp_method_needs_the_mlp():
