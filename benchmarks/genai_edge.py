@@ -38,7 +38,8 @@ SETTINGS = {"dense_output": {"dense_output": True}, "factored_output": {},
             "mlp": {"modules": ("mlp",)}, "mlp_heal100": {"modules": ("mlp",), "heal": True, "heal_steps": 100},
             "mlp_heal100_lr2e-5": {"modules": ("mlp",), "heal": True, "heal_steps": 100, "heal_lr": 2e-5},
             # the MLP alone as two-core TT-matrices, and with Saten's sparse residual
-            "mlp_tt": {"modules": ("mlp",), "mlp_method": "tt"}, "mlp_saten": {"modules": ("mlp",), "mlp_method": "saten"},
+            "mlp_tt": {"modules": ("mlp",), "mlp_method": "tt"},
+            "mlp_saten": {"modules": ("mlp",), "mlp_method": "saten"},
             # the token table and tied lm_head alone as SVD-LLM factors at the fraction given
             "embedding": {"modules": ("embedding",)}}
 

@@ -80,9 +80,10 @@ class CompressionConfig:
     0.9), shared out over its matrices (per layer, or over all layers with ``budget="global"``) by
     relative energy; ``mlp_method`` ``tt`` stores each MLP weight as a two-core TT-matrix (TT-LLM's FFN format) and
     ``saten`` adds Saten's unstructured sparse residual (a quarter of the entries, each value with its int32 index),
-    both at ``mlp_fraction`` of every weight, in the Frobenius norm (a TT has no whitened form). ``embedding``: the token table ``E [V, d]`` as ``A [V, r] @ B [r, d]`` (a lookup reads a row
-    of ``A`` times ``B``; a tied lm_head computes ``(h B^T) A^T`` from the same factors, stored once; an untied
-    lm_head is factored on its own), SVD-LLM whitened by the lm_head's calibration input Gram;
+    both at ``mlp_fraction`` of every weight, in the Frobenius norm (a TT has no whitened form). ``embedding``: the
+    token table ``E [V, d]`` as ``A [V, r] @ B [r, d]`` (a lookup reads a row of ``A`` times ``B``; a tied lm_head
+    computes ``(h B^T) A^T`` from the same factors, stored once; an untied lm_head is factored on its own), SVD-LLM
+    whitened by the lm_head's calibration input Gram;
     ``embedding_fraction`` is the stored fraction of the table (and of an untied head), default 0.9, the rank a
     multiple of 32 so that int4 blocks fit.
 

@@ -329,7 +329,8 @@ def tt_product(node, prefix: str, factors: TTFactors) -> tuple[list, dict[str, n
     rank = factors.first.shape[1] // n2
     name = node.name
     x = node.input[0]
-    tensors = {f"{prefix}.first": factors.first.astype(np.float32), f"{prefix}.second": factors.second.astype(np.float32)}
+    tensors = {f"{prefix}.first": factors.first.astype(np.float32),
+               f"{prefix}.second": factors.second.astype(np.float32)}
     shapes = {"rows_k2": [-1, k2], "split": [-1, k1, rank, n2], "rows_k1r": [-1, k1 * rank], "out": [-1, n2, n1],
               "width": [n1 * n2]}
     tensors.update({f"{prefix}.shape.{key}": np.array(value, dtype=np.int64) for key, value in shapes.items()})

@@ -1,7 +1,7 @@
 """Healing (DESIGN.md 2.5): distil the compressed model against the dense one (logit KL), updating
 only the stored values of the compressed modules (attention: ``U1``, ``U2``, core blocks; MLP and a
-factored token table or lm_head: both factors of every weight, or its TT cores and sparse values) with the sparsity structure (kept rows,
-ranks) fixed. Adam, cosine-decayed learning rate, fixed data order and seed:
+factored token table or lm_head: both factors of every weight, or its TT cores and sparse values) with the
+sparsity structure (kept rows, ranks) fixed. Adam, cosine-decayed learning rate, fixed data order and seed:
 the same inputs give the same healed model. When the KL on the first two healing sequences ends
 higher than it started, the starting values are restored (``kept: false`` in the record).
 """

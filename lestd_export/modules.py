@@ -381,8 +381,8 @@ class FactoredEmbedding(nn.Module):
     """A compressed token table ``E [V, d] ~ A [V, r] @ B [r, d]``: a lookup is ``table(ids) @ B`` (``table`` an
     ``nn.Embedding`` holding ``A``, ``expand`` an ``nn.Linear`` holding ``B``), so the graph gathers ``r`` values per
     token and multiplies once; ``B`` is read through ``FusedMatMul(transB=1)`` from ``expand.weight [d, r]``, the
-    layout a tied head multiplies by, so an export stores it once. A scaled embedding (one whose lookup is multiplied by ``embed_scale``) keeps its
-    scale."""
+    layout a tied head multiplies by, so an export stores it once. A scaled embedding (one whose lookup is multiplied
+    by ``embed_scale``) keeps its scale."""
 
     def __init__(self, table: nn.Embedding, expand: nn.Linear, scale: float | None = None):
         super().__init__()

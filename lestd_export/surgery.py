@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from .errors import NonFiniteWeightsError, UnsupportedArchitectureError
-from .modules import (CoreOutput, FactoredEmbedding, FactoredLinear, FactoredOutputEmbedding, LatentAttention, LatentQKV,
-                      LowRankProjection, ProjectionOutput, TTLinear)
+from .modules import (CoreOutput, FactoredEmbedding, FactoredLinear, FactoredOutputEmbedding, LatentAttention,
+                      LatentQKV, LowRankProjection, ProjectionOutput, TTLinear)
 from .numerics.pruning import LayerCore, SliceGroups
 from .registry import ArchSpec, AttentionShape
 

@@ -23,9 +23,9 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--modules", default="attention", metavar="LIST",
                        help="what to compress, comma-separated: attention (default; --method), mlp (every MLP "
                             "weight as SVD-LLM low-rank factors, gate and up sharing one input basis) and/or embedding "
-                            "(the token table and lm_head as low-rank factors, a tied pair stored once). On SmolLM2-135M "
-                            "a factored MLP or table loses to quantising harder at every size measured (README, "
-                            "Below int4)")
+                            "(the token table and lm_head as low-rank factors, a tied pair stored once). On "
+                            "SmolLM2-135M a factored MLP or table loses to quantising harder at every size measured "
+                            "(README, Below int4)")
     group.add_argument("--mlp-fraction", type=float, default=None, metavar="F",
                        help="with --modules mlp: stored MLP parameters as a fraction of the dense ones, in (0, 1] "
                             "(default 0.9), shared out over its matrices by relative output energy (--budget global: "
