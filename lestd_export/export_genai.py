@@ -89,7 +89,7 @@ def graft_compressed(model, loaded_model, layers: tuple[list, list, object], qua
     :func:`compressed_layers`) into its dense graph ``model`` (in place); returns the fp32 bytes each kind's weights
     had before and have after (``{"attention": {...}, "mlp": {...}, "embedding": {...}}``)."""
     from .export import initializer_sizes
-    from .graft import graft_attention, graft_embedding, graft_mlp, head_node, mlp_nodes, token_lookup
+    from .graft import EmbeddingSites, graft_attention, graft_embedding, graft_mlp, mlp_nodes
     from .onnx_sites import locate_by_name
     from .registry import spec_for
 
@@ -112,9 +112,8 @@ def graft_compressed(model, loaded_model, layers: tuple[list, list, object], qua
     if mlps:
         grafted("mlp", {node.name for node in mlp_nodes(model, spec).values()}, lambda: graft_mlp(model, spec, mlps))
     if embedding is not None:
-        lookup, transpose = token_lookup(model, embedding.product)
-        grafted("embedding", {lookup.name, head_node(model).name, *([transpose.name] if transpose else [])},
-                lambda: graft_embedding(model, embedding))
+        sites = EmbeddingSites.locate(model, embedding.product)
+        grafted("embedding", sites.node_names, lambda: graft_embedding(model, sites, embedding))
     return bytes_by_kind
 
 

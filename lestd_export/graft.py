@@ -507,13 +507,31 @@ def head_node(model):
     return heads[0]
 
 
-def graft_embedding(model, factors: EmbeddingFactors) -> list[str]:
-    """Replace the token lookup and the lm_head of a dense graph (whose table holds ``factors.product``) by the
-    factors, in place. Returns the new weight nodes' names."""
+@dataclass
+class EmbeddingSites:
+    """Where a dense graph reads its token table: the lookup ``Gather`` (through the ``Transpose`` of the builder's
+    tied ``[d, V]`` weight, else None) and the lm_head's weight node."""
+
+    gather: object
+    transpose: object
+    head: object
+
+    @classmethod
+    def locate(cls, model, table: np.ndarray) -> EmbeddingSites:
+        """The sites of the table whose values are ``table [V, d]``."""
+        return cls(*token_lookup(model, table), head_node(model))
+
+    @property
+    def node_names(self) -> set[str]:
+        return {self.gather.name, self.head.name, *([self.transpose.name] if self.transpose is not None else [])}
+
+
+def graft_embedding(model, sites: EmbeddingSites, factors: EmbeddingFactors) -> list[str]:
+    """Replace the token lookup and the lm_head of a dense graph (``sites``, of the table holding
+    ``factors.product``) by the factors, in place. Returns the new weight nodes' names."""
     from onnx import helper, numpy_helper
 
-    gather, transpose = token_lookup(model, factors.product)
-    head = head_node(model)
+    gather, transpose, head = sites.gather, sites.transpose, sites.head
     prefix = "lestd.embedding"
     tensors = {f"{prefix}.table": factors.table, f"{prefix}.expand": factors.expand}
     if factors.head is None:

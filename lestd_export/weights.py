@@ -67,6 +67,10 @@ class WeightMap:
 
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "int2", "uint8")
+# what a compressed MLP weight, token table or lm_head module keeps under its path (modules.FactoredLinear,
+# FactoredEmbedding, TTLinear)
+TT_PARTS = (".first.", ".second.", ".sparse_")
+FACTORED_PARTS = (".table.", ".basis.", ".expand.", *TT_PARTS)
 
 
 def _precision(storages: list[str]) -> str:
@@ -98,7 +102,7 @@ def torch_weight_map(model, format: str = "pytorch") -> WeightMap:
             continue
         seen[key] = kind
         storage = (("lestd (compressed)" if kind.startswith("attention") else
-                    "tt cores" if any(part in name for part in (".first.", ".second.", ".sparse_")) else
+                    "tt cores" if any(part in name for part in TT_PARTS) else
                     "low-rank factors") if compressed
                    else _short_dtype(str(tensor.dtype).removeprefix("torch.")))
         entry = by_site.setdefault((kind, layer, site), WeightSite(kind, layer, site, [], [], 0, storage))
@@ -119,8 +123,7 @@ def classify_parameter(spec: ArchSpec, name: str) -> tuple[str, int | None, str,
         if not group.per_layer:
             for member in group.members:
                 if name.startswith(member + "."):  # a factored table or lm_head: member.table/.basis/.expand
-                    return group.kind, None, member, name.startswith(tuple(f"{member}.{part}." for part in
-                                                                           ("table", "basis", "expand")))
+                    return group.kind, None, member, name.startswith(tuple(member + p for p in FACTORED_PARTS))
     match = re.match(re.escape(spec.layers_path) + r"\.(\d+)\.(.*)$", name)
     if match is None:
         return OTHER, None, name.rsplit(".", 1)[0], False
@@ -128,8 +131,7 @@ def classify_parameter(spec: ArchSpec, name: str) -> tuple[str, int | None, str,
     for group in spec.weight_groups():
         for member in group.members:
             if group.per_layer and rest.startswith(member + "."):  # factored MLP weights: member.basis/.expand
-                factored = rest.startswith(tuple(f"{member}.{part}" for part in
-                                                 ("basis.", "expand.", "first.", "second.", "sparse_")))
+                factored = rest.startswith(tuple(member + p for p in FACTORED_PARTS))
                 return group.kind, layer, f"{spec.layers_path}.{layer}.{member}", factored
     if rest.startswith(spec.attention + "."):  # compressed modules replace the projections
         kind = "attention.o" if f".{spec.o}." in rest or rest.endswith(f".{spec.o}") else "attention.qkv"
