@@ -24,7 +24,9 @@ MODULES = ("attention", "mlp", "embedding")  # which weights ``compress`` brings
 DEFAULT_MLP_FRACTION = 0.9  # the least destructive measured (README "Whole-model compression")
 DEFAULT_EMBEDDING_FRACTION = 0.9
 MLP_METHODS = ("svd", "tt", "saten")  # SVD-LLM factors with a shared input basis; TT-matrix; TT + sparse residual
-DEFAULT_HEAL_TOKENS = 65536  # the whole default text (64,636 tokens): 300 steps of 256 see most tokens once
+DEFAULT_HEAL_TOKENS = 65536  # the whole default text (64,636 tokens)
+DEFAULT_HEAL_STEPS = 100
+DEFAULT_HEAL_BATCH = 4  # sequences per step: batch 1 diverged on the factored MLP (README "Healing")
 DEFAULT_HEAL_LR = 2e-4
 HEAL_DEVICES = ("auto", "cpu", "cuda")  # auto: a CUDA GPU when torch sees one, else the CPU
 
@@ -54,8 +56,8 @@ class CompressionConfig:
     ``calibration``: where activation statistics come from (``lestd_export.calibration``); anything
     but ``none`` makes Stage I/II minimise the layers' *output* error (whitening by the input Gram
     matrices, ``damping`` relative ridge), refits the kept values by least squares (``refit``) and,
-    with ``heal``, distils the compressed model against the dense one for ``heal_steps`` steps on
-    ``heal_tokens`` calibration tokens (Adam at ``heal_lr``, on ``heal_device``: a CUDA GPU where torch sees one
+    with ``heal``, distils the compressed model against the dense one for ``heal_steps`` steps of ``heal_batch``
+    sequences on ``heal_tokens`` calibration tokens (Adam at ``heal_lr``, on ``heal_device``: a CUDA GPU where torch sees one
     with ``auto``). The library default is ``none`` (explicit data); the CLI
     calibrates ``lestd`` on ``default`` unless told otherwise.
 
@@ -113,7 +115,8 @@ class CompressionConfig:
     input_whitening: float | None = None  # power p of the input Gram in U1's metric (None: whitening_power)
     heal: bool = False  # with calibration: distil the compressed model against the dense one
     heal_tokens: int = DEFAULT_HEAL_TOKENS
-    heal_steps: int = 300
+    heal_steps: int = DEFAULT_HEAL_STEPS
+    heal_batch: int = DEFAULT_HEAL_BATCH  # sequences of 256 tokens per step (their mean gradient)
     heal_lr: float = DEFAULT_HEAL_LR  # Adam's peak learning rate (cosine-decayed)
     heal_device: str = "auto"
     storage: str = "fp32"
@@ -174,6 +177,8 @@ class CompressionConfig:
         if not (isinstance(self.heal_tokens, int) and self.heal_tokens >= 128 and isinstance(self.heal_steps, int)
                 and self.heal_steps >= 1):
             bad("heal tokens must be >= 128 and heal steps >= 1")
+        if not (isinstance(self.heal_batch, int) and self.heal_batch >= 1):
+            bad(f"--heal-batch must be a whole number of sequences >= 1, got {self.heal_batch!r}")
         if not (isinstance(self.heal_lr, (int, float)) and math.isfinite(self.heal_lr) and self.heal_lr > 0):
             bad(f"--heal-lr must be a positive number, got {self.heal_lr!r}")
         if self.heal_device not in HEAL_DEVICES:

@@ -1,9 +1,10 @@
 """Healing (DESIGN.md 2.5): distil the compressed model against the dense one (logit KL), updating
 only the stored values of the compressed modules (attention: ``U1``, ``U2``, core blocks; MLP and a
 factored token table or lm_head: both factors of every weight, or its TT cores and sparse values) with the
-sparsity structure (kept rows, ranks) fixed. Adam, cosine-decayed learning rate, fixed data order and seed:
-the same inputs give the same healed model. When the KL on the first two healing sequences ends
-higher than it started, the starting values are restored (``kept: false`` in the record).
+sparsity structure (kept rows, ranks) fixed. Adam, cosine-decayed learning rate, the gradient of ``batch``
+sequences per step, sequences in a shuffled order fixed by the seed: the same inputs give the same healed model.
+A few calibration sequences are held out of training; when the KL on them ends higher than it started, the
+starting values are restored (``kept: false`` in the record).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import time
 
 import numpy as np
 
-from .config import DEFAULT_HEAL_LR
+from .config import DEFAULT_HEAL_BATCH, DEFAULT_HEAL_LR
 from .errors import InvalidConfigError
 
 HEAL_SEQ_LEN = 256  # shorter sequences: more steps of fresh data per minute on a CPU
+HELD_OUT_SEQUENCES = 4  # never trained on: the keep-or-restore check reads them (when there are enough sequences)
 
 
 def stored_parameters(model) -> list:
@@ -63,10 +65,11 @@ def healing_device(choice: str) -> str:
 
 
 def heal(model, teacher, sequences: np.ndarray, steps: int, *, learning_rate: float = DEFAULT_HEAL_LR,
-         device: str = "auto", progress: bool = True, seed: int = 0) -> dict:
+         batch: int = DEFAULT_HEAL_BATCH, device: str = "auto", progress: bool = True, seed: int = 0) -> dict:
     """Distil ``model`` towards ``teacher`` on ``sequences [n, T]`` for ``steps`` Adam steps (peak ``learning_rate``,
-    one sequence of :data:`HEAL_SEQ_LEN` tokens per step, cycling) on ``device`` (:func:`healing_device`; both
-    models are back on the CPU afterwards). Returns the healing record."""
+    each step the mean gradient of ``batch`` sequences of :data:`HEAL_SEQ_LEN` tokens, cycling through a shuffled
+    order) on ``device`` (:func:`healing_device`; both models are back on the CPU afterwards). Returns the healing
+    record."""
     import torch
     from tqdm.auto import tqdm
 
@@ -75,10 +78,11 @@ def heal(model, teacher, sequences: np.ndarray, steps: int, *, learning_rate: fl
     chunks = sequences[:, :sequences.shape[1] // HEAL_SEQ_LEN * HEAL_SEQ_LEN] if sequences.shape[1] >= HEAL_SEQ_LEN \
         else sequences
     chunks = torch.from_numpy(np.ascontiguousarray(chunks).reshape(-1, min(HEAL_SEQ_LEN, sequences.shape[1])))
-    chunks = chunks.to(device)
+    chunks = chunks[torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))].to(device)
+    held_out = len(chunks) >= 4 * HELD_OUT_SEQUENCES  # else the check reads the first two training sequences
+    held, train = (chunks[-HELD_OUT_SEQUENCES:], chunks[:-HELD_OUT_SEQUENCES]) if held_out else (chunks[:2], chunks)
     model.to(device)
     teacher.to(device)
-    held = chunks[: min(2, len(chunks))]  # loss_before / loss_after are measured on these (training data)
 
     params = stored_parameters(model)
     flags = {id(p): p.requires_grad for p in model.parameters()}
@@ -95,35 +99,38 @@ def heal(model, teacher, sequences: np.ndarray, steps: int, *, learning_rate: fl
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(params, lr=learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    was_training = model.training
     start = [p.detach().clone() for p in params]
     try:
         before = held_loss()
         with tqdm(range(steps), desc="healing (KL to the dense model)", unit="step", disable=not progress) as bar:
             for step in bar:
-                batch = chunks[step % len(chunks)][None]
-                with torch.no_grad():
-                    target = teacher(batch, use_cache=False).logits
-                loss = _kl(model(batch, use_cache=False).logits, target)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                total = 0.0
+                for index in range(step * batch, (step + 1) * batch):
+                    sequence = train[index % len(train)][None]  # [1, T]
+                    with torch.no_grad():
+                        target = teacher(sequence, use_cache=False).logits
+                    loss = _kl(model(sequence, use_cache=False).logits, target) / batch
+                    loss.backward()
+                    total += loss.item()
                 optimizer.step()
                 schedule.step()
-                bar.set_postfix(kl=f"{loss.item():.4f}")
+                bar.set_postfix(kl=f"{total:.4f}")
         after = held_loss()
         kept = after < before
-        if not kept:  # healing overshot (measured at 0.8 with these defaults): keep the values it started from
+        if not kept:  # healing overshot: keep the values it started from
             with torch.no_grad():
                 for param, value in zip(params, start):
                     param.copy_(value)
     finally:
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
-        model.train(was_training)
         model.eval()
         model.to("cpu")
         teacher.to("cpu")
-    return {"tokens": int(chunks.numel()), "steps": steps, "seconds": round(time.perf_counter() - started, 1),
-            "loss_before": before, "loss_after": after, "kept": kept, "loss": "KL(dense || compressed) per token on the first two healing sequences",
+    measured_on = f"{len(held)} held-out calibration sequences" if held_out else "the first two healing sequences"
+    return {"tokens": int(train.numel()), "steps": steps, "batch": batch,
+            "seconds": round(time.perf_counter() - started, 1), "loss_before": before, "loss_after": after,
+            "kept": kept, "loss": f"KL(dense || compressed) per token on {measured_on}",
             "learning_rate": learning_rate, "device": device, "seq_len": int(chunks.shape[1]),
-            "passes": round(steps / len(chunks), 2)}
+            "passes": round(steps * batch / len(train), 2)}

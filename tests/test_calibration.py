@@ -296,3 +296,22 @@ def test_healing_device_is_chosen_or_refused():
         CompressionConfig(heal_lr=0.0)
     with pytest.raises(InvalidConfigError, match="healing device"):
         CompressionConfig(heal_device="tpu")
+
+
+def test_healing_batches_sequences_and_checks_on_held_out_ones():
+    import copy
+
+    from lestd_export.healing import HELD_OUT_SEQUENCES, heal
+
+    model = tiny_model("llama-gqa")
+    teacher = copy.deepcopy(model).eval()
+    compress_model(model, CompressionConfig(size_fraction=0.5, **SELF), progress=False)
+    sequences = np.random.default_rng(0).integers(0, VOCAB, size=(32, 16))  # [n, T]: 32 sequences of 16 tokens
+    record = heal(model, teacher, sequences, 3, batch=2, progress=False)
+    assert record["batch"] == 2 and record["steps"] == 3
+    assert record["tokens"] == (32 - HELD_OUT_SEQUENCES) * 16 and "held-out" in record["loss"]
+    assert record["passes"] == round(3 * 2 / (32 - HELD_OUT_SEQUENCES), 2)
+    few = heal(model, teacher, sequences[:8], 1, batch=3, progress=False)  # too few to hold any out
+    assert few["tokens"] == 8 * 16 and "first two healing sequences" in few["loss"]
+    with pytest.raises(InvalidConfigError, match="heal-batch"):
+        CompressionConfig(heal_batch=0)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import (BUDGETS, DEFAULT_CALIBRATION_TOKENS, DEFAULT_HEAL_LR, DEFAULT_HEAL_TOKENS, GRANULARITIES,
-                      HEAL_DEVICES, METHODS, MLP_METHODS, MODULES, OBJECTIVES, REFIT_TARGETS, CompressionConfig,
-                      parse_choices, parse_ranks)
+from ..config import (BUDGETS, DEFAULT_CALIBRATION_TOKENS, DEFAULT_HEAL_BATCH, DEFAULT_HEAL_LR, DEFAULT_HEAL_STEPS,
+                      DEFAULT_HEAL_TOKENS, GRANULARITIES, HEAL_DEVICES, METHODS, MLP_METHODS, MODULES, OBJECTIVES,
+                      REFIT_TARGETS, CompressionConfig, parse_choices, parse_ranks)
 
 INPUT_HELP = ("decoder .onnx file, or a directory holding one (the file genai_config.json names, else model.onnx): "
               "an onnxruntime-genai build (-p fp32) or an optimum export; its directory needs genai_config.json or "
@@ -79,8 +79,11 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--heal-tokens", type=int, default=DEFAULT_HEAL_TOKENS, metavar="N",
                        help=f"distinct healing tokens read from the calibration source (default {DEFAULT_HEAL_TOKENS}: "
                             "the whole default text; fewer cycle)")
-    group.add_argument("--heal-steps", type=int, default=300, metavar="N",
-                       help="healing steps of one 256-token sequence each (default 300)")
+    group.add_argument("--heal-steps", type=int, default=DEFAULT_HEAL_STEPS, metavar="N",
+                       help=f"healing steps (default {DEFAULT_HEAL_STEPS})")
+    group.add_argument("--heal-batch", type=int, default=DEFAULT_HEAL_BATCH, metavar="N",
+                       help=f"256-token sequences per healing step, their gradients averaged (default "
+                            f"{DEFAULT_HEAL_BATCH})")
     group.add_argument("--heal-lr", type=float, default=DEFAULT_HEAL_LR, metavar="LR",
                        help=f"healing's peak Adam learning rate, cosine-decayed (default {DEFAULT_HEAL_LR:g})")
     group.add_argument("--heal-device", choices=HEAL_DEVICES, default="auto",
@@ -140,7 +143,7 @@ def config_from_args(args: argparse.Namespace) -> CompressionConfig:
                              calibration=args.calibration or default_calibration(args.method),
                              calibration_tokens=args.calibration_tokens, refit=not args.no_refit,
                              refit_target=args.refit_target, input_whitening=args.input_whitening, heal=args.heal,
-                             heal_tokens=args.heal_tokens, heal_steps=args.heal_steps, heal_lr=args.heal_lr,
+                             heal_tokens=args.heal_tokens, heal_steps=args.heal_steps, heal_batch=args.heal_batch, heal_lr=args.heal_lr,
                              heal_device=args.heal_device, damping=args.damping,
                              storage=QUANTIZE[args.quantize], dense_output=args.dense_output,
                              modules=tuple(parse_choices(args.modules, MODULES, "modules")),
@@ -155,7 +158,7 @@ def compression_flags_given(args: argparse.Namespace) -> bool:
     defaults = {"method": "lestd", "size_fraction": None, "ranks": None, "core_density": None,
                 "granularity": "row", "budget": "layer", "objective": None, "hooi_tol": 1e-6, "hooi_max_iter": 10,
                 "calibration": None, "calibration_tokens": DEFAULT_CALIBRATION_TOKENS, "no_refit": False, "heal": False,
-                "heal_tokens": DEFAULT_HEAL_TOKENS, "heal_steps": 300,
+                "heal_tokens": DEFAULT_HEAL_TOKENS, "heal_steps": DEFAULT_HEAL_STEPS, "heal_batch": DEFAULT_HEAL_BATCH,
                 "heal_lr": DEFAULT_HEAL_LR, "heal_device": "auto", "damping": 0.01, "refit_target": "layer",
                 "input_whitening": None, "dense_output": False, "modules": "attention", "mlp_fraction": None,
                 "mlp_method": "svd", "embedding_fraction": None}
