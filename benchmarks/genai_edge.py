@@ -32,11 +32,10 @@ from lestd_export.loading import load_model
 
 PRECISIONS = ("int4", "int8")
 SETTINGS = {"dense_output": {"dense_output": True}, "factored_output": {},
-            "dense_output_heal": {"dense_output": True, "heal": True},  # + logit-KL healing, 300 steps
+            "dense_output_heal": {"dense_output": True, "heal": True},  # + logit-KL healing (the defaults)
             "svd_llm": {"method": "svd"},  # the per-matrix baseline, calibrated (SVD-LLM), grafted the same way
             # the MLP alone as SVD-LLM factors (gate/up sharing a basis) at the fraction given, attention dense
-            "mlp": {"modules": ("mlp",)}, "mlp_heal100": {"modules": ("mlp",), "heal": True, "heal_steps": 100},
-            "mlp_heal100_lr2e-5": {"modules": ("mlp",), "heal": True, "heal_steps": 100, "heal_lr": 2e-5},
+            "mlp": {"modules": ("mlp",)}, "mlp_heal": {"modules": ("mlp",), "heal": True},  # healing's defaults
             # the MLP alone as two-core TT-matrices, and with Saten's sparse residual
             "mlp_tt": {"modules": ("mlp",), "mlp_method": "tt"},
             "mlp_saten": {"modules": ("mlp",), "mlp_method": "saten"},
