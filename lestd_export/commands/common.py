@@ -75,7 +75,8 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
                             "heads' budget to outlier dimensions)")
     group.add_argument("--heal", action="store_true",
                        help="with calibration: distil the compressed model against the dense one (logit KL), "
-                            "updating only stored values; about 10 minutes on 2 cores with the defaults")
+                            "updating only stored values; about 15 minutes for the default model on 2 cores with the "
+                            "defaults")
     group.add_argument("--heal-tokens", type=int, default=DEFAULT_HEAL_TOKENS, metavar="N",
                        help=f"distinct healing tokens read from the calibration source (default {DEFAULT_HEAL_TOKENS}: "
                             "the whole default text; fewer cycle)")
