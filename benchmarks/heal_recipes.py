@@ -23,7 +23,7 @@ import torch
 
 from int4_rounding import TEXTS
 from lestd_export.calibration import load_calibration
-from lestd_export.healing import HEAL_SEQ_LEN, HELD_OUT_SEQUENCES, _kl, stored_parameters
+from lestd_export.healing import HEAL_SEQ_LEN, HELD_OUT_SEQUENCES, logit_kl, stored_parameters
 from lestd_export.loading import load_model
 from lestd_export.text import tokenize
 
@@ -54,7 +54,7 @@ def main() -> None:
 
     def kl_on(batch) -> float:
         with torch.no_grad():
-            return float(np.mean([_kl(model(s[None], use_cache=False).logits,
+            return float(np.mean([logit_kl(model(s[None], use_cache=False).logits,
                                       dense(s[None], use_cache=False).logits).item() for s in batch]))
 
     params = stored_parameters(model)
@@ -72,7 +72,7 @@ def main() -> None:
             sequence = train[index % len(train)][None]  # [1, 256]
             with torch.no_grad():
                 target = dense(sequence, use_cache=False).logits
-            (_kl(model(sequence, use_cache=False).logits, target) / args.batch).backward()
+            (logit_kl(model(sequence, use_cache=False).logits, target) / args.batch).backward()
         optimizer.step()
         schedule.step()
         if step % max(1, args.steps // 4) == 0:

@@ -57,8 +57,8 @@ class CompressionConfig:
     but ``none`` makes Stage I/II minimise the layers' *output* error (whitening by the input Gram
     matrices, ``damping`` relative ridge), refits the kept values by least squares (``refit``) and,
     with ``heal``, distils the compressed model against the dense one for ``heal_steps`` steps of ``heal_batch``
-    sequences on ``heal_tokens`` calibration tokens (Adam at ``heal_lr``, on ``heal_device``: a CUDA GPU where torch sees one
-    with ``auto``). The library default is ``none`` (explicit data); the CLI
+    sequences on ``heal_tokens`` calibration tokens (Adam at ``heal_lr``, on ``heal_device``: a CUDA GPU where torch
+    sees one with ``auto``). The library default is ``none`` (explicit data); the CLI
     calibrates ``lestd`` on ``default`` unless told otherwise.
 
     ``storage``: the precision the export stores the attention weights in (``int8``/``int4``:

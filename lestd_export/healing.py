@@ -42,7 +42,8 @@ def stored_parameters(model) -> list:
     return list(found.values())
 
 
-def _kl(student_logits, teacher_logits):
+def logit_kl(student_logits, teacher_logits):
+    """KL(teacher || student) of the next-token distributions, per token (logits ``[..., V]``)."""
     import torch.nn.functional as F
 
     vocab = student_logits.shape[-1]
@@ -93,7 +94,7 @@ def heal(model, teacher, sequences: np.ndarray, steps: int, *, learning_rate: fl
 
     def held_loss() -> float:
         with torch.no_grad():
-            return float(np.mean([_kl(model(c[None], use_cache=False).logits,
+            return float(np.mean([logit_kl(model(c[None], use_cache=False).logits,
                                       teacher(c[None], use_cache=False).logits).item() for c in held]))
 
     torch.manual_seed(seed)
@@ -110,7 +111,7 @@ def heal(model, teacher, sequences: np.ndarray, steps: int, *, learning_rate: fl
                     sequence = train[index % len(train)][None]  # [1, T]
                     with torch.no_grad():
                         target = teacher(sequence, use_cache=False).logits
-                    loss = _kl(model(sequence, use_cache=False).logits, target) / batch
+                    loss = logit_kl(model(sequence, use_cache=False).logits, target) / batch
                     loss.backward()
                     total += loss.item()
                 optimizer.step()
