@@ -55,7 +55,7 @@ def main() -> None:
     def kl_on(batch) -> float:
         with torch.no_grad():
             return float(np.mean([logit_kl(model(s[None], use_cache=False).logits,
-                                      dense(s[None], use_cache=False).logits).item() for s in batch]))
+                                           dense(s[None], use_cache=False).logits).item() for s in batch]))
 
     params = stored_parameters(model)
     for p in model.parameters():

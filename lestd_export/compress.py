@@ -76,7 +76,8 @@ def compress_model(model, config: CompressionConfig, *, tokenizer=None, progress
         from .healing import heal
 
         healing = heal(model, calibration.teacher, calibration.heal_data.sequences, config.heal_steps,
-                       learning_rate=config.heal_lr, batch=config.heal_batch, device=config.heal_device, progress=progress)
+                       learning_rate=config.heal_lr, batch=config.heal_batch, device=config.heal_device,
+                       progress=progress)
         healing["tokens_sha256"] = calibration.heal_data.sha256
     report = build_report(config, entries, spec.model_type, source, time.perf_counter() - started, calibration.data,
                           output_errors)

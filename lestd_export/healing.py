@@ -95,7 +95,7 @@ def heal(model, teacher, sequences: np.ndarray, steps: int, *, learning_rate: fl
     def held_loss() -> float:
         with torch.no_grad():
             return float(np.mean([logit_kl(model(c[None], use_cache=False).logits,
-                                      teacher(c[None], use_cache=False).logits).item() for c in held]))
+                                           teacher(c[None], use_cache=False).logits).item() for c in held]))
 
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(params, lr=learning_rate)
