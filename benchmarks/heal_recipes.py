@@ -18,12 +18,11 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from int4_rounding import TEXTS
 from lestd_export.calibration import load_calibration
-from lestd_export.healing import HEAL_SEQ_LEN, HELD_OUT_SEQUENCES, logit_kl, stored_parameters
+from lestd_export.healing import accumulate_kl_gradient, healing_split, mean_kl, stored_parameters
 from lestd_export.loading import load_model
 from lestd_export.text import tokenize
 
@@ -45,17 +44,10 @@ def main() -> None:
     teacher = load_model(args.model)
     model, dense = student.model.eval(), teacher.model.eval()
     sequences = load_calibration("default", dense, teacher.tokenizer, 65536).sequences
-    chunks = torch.from_numpy(sequences.reshape(-1, HEAL_SEQ_LEN))
-    chunks = chunks[torch.randperm(len(chunks), generator=torch.Generator().manual_seed(0))]
-    train, calibration_held = chunks[:-HELD_OUT_SEQUENCES], chunks[-HELD_OUT_SEQUENCES:]
+    train, calibration_held, _ = healing_split(sequences)  # what `heal` trains on and checks on
     held = {name: torch.tensor(tokenize(teacher.tokenizer, TEXTS[name](), max_tokens=1024)[:1024]).reshape(4, 256)
             for name in ("narrative", "legal")}
     held["calibration"] = calibration_held
-
-    def kl_on(batch) -> float:
-        with torch.no_grad():
-            return float(np.mean([logit_kl(model(s[None], use_cache=False).logits,
-                                           dense(s[None], use_cache=False).logits).item() for s in batch]))
 
     params = stored_parameters(model)
     for p in model.parameters():
@@ -64,19 +56,15 @@ def main() -> None:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=args.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
-    curve = [{"step": 0, **{name: kl_on(batch) for name, batch in held.items()}}]
+    curve = [{"step": 0, **{name: mean_kl(model, dense, batch) for name, batch in held.items()}}]
     started = time.perf_counter()
     for step in range(1, args.steps + 1):
         optimizer.zero_grad()
-        for index in range((step - 1) * args.batch, step * args.batch):
-            sequence = train[index % len(train)][None]  # [1, 256]
-            with torch.no_grad():
-                target = dense(sequence, use_cache=False).logits
-            (logit_kl(model(sequence, use_cache=False).logits, target) / args.batch).backward()
+        accumulate_kl_gradient(model, dense, train, (step - 1) * args.batch, args.batch)
         optimizer.step()
         schedule.step()
         if step % max(1, args.steps // 4) == 0:
-            curve.append({"step": step, **{name: kl_on(batch) for name, batch in held.items()},
+            curve.append({"step": step, **{name: mean_kl(model, dense, batch) for name, batch in held.items()},
                           "seconds": round(time.perf_counter() - started)})
             print(curve[-1], flush=True)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"machine": machine(), "recipes": {}}

@@ -65,6 +65,46 @@ def healing_device(choice: str) -> str:
     return choice
 
 
+def healing_split(sequences: np.ndarray, seed: int = 0):
+    """``(train [m, T'], held [h, T'], held_out)``: ``sequences [n, T]`` cut into :data:`HEAL_SEQ_LEN`-token pieces in
+    an order shuffled by ``seed``; the last :data:`HELD_OUT_SEQUENCES` pieces are held out of training when there
+    are at least four times as many (``held_out``), else the check reads the first two training pieces."""
+    import torch
+
+    width = sequences.shape[1]
+    pieces = sequences[:, :width // HEAL_SEQ_LEN * HEAL_SEQ_LEN] if width >= HEAL_SEQ_LEN else sequences
+    pieces = torch.from_numpy(np.ascontiguousarray(pieces).reshape(-1, min(HEAL_SEQ_LEN, width)))
+    pieces = pieces[torch.randperm(len(pieces), generator=torch.Generator().manual_seed(seed))]
+    if len(pieces) >= 4 * HELD_OUT_SEQUENCES:
+        return pieces[:-HELD_OUT_SEQUENCES], pieces[-HELD_OUT_SEQUENCES:], True
+    return pieces, pieces[:2], False
+
+
+def mean_kl(model, teacher, sequences) -> float:
+    """The mean :func:`logit_kl` of ``model`` against ``teacher`` over ``sequences [n, T]``, one at a time."""
+    import torch
+
+    with torch.no_grad():
+        return float(np.mean([logit_kl(model(s[None], use_cache=False).logits,
+                                       teacher(s[None], use_cache=False).logits).item() for s in sequences]))
+
+
+def accumulate_kl_gradient(model, teacher, train, first: int, count: int) -> float:
+    """Add to the gradients the mean :func:`logit_kl` gradient of ``count`` training sequences from index ``first``
+    (cycling through ``train [m, T]``), one at a time; returns that mean KL."""
+    import torch
+
+    total = 0.0
+    for index in range(first, first + count):
+        sequence = train[index % len(train)][None]  # [1, T]
+        with torch.no_grad():
+            target = teacher(sequence, use_cache=False).logits
+        loss = logit_kl(model(sequence, use_cache=False).logits, target) / count
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 def heal(model, teacher, sequences: np.ndarray, steps: int, *, learning_rate: float = DEFAULT_HEAL_LR,
          batch: int = DEFAULT_HEAL_BATCH, device: str = "auto", progress: bool = True, seed: int = 0) -> dict:
     """Distil ``model`` towards ``teacher`` on ``sequences [n, T]`` for ``steps`` Adam steps (peak ``learning_rate``,
@@ -76,12 +116,8 @@ def heal(model, teacher, sequences: np.ndarray, steps: int, *, learning_rate: fl
 
     device = healing_device(device)
     started = time.perf_counter()
-    chunks = sequences[:, :sequences.shape[1] // HEAL_SEQ_LEN * HEAL_SEQ_LEN] if sequences.shape[1] >= HEAL_SEQ_LEN \
-        else sequences
-    chunks = torch.from_numpy(np.ascontiguousarray(chunks).reshape(-1, min(HEAL_SEQ_LEN, sequences.shape[1])))
-    chunks = chunks[torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))].to(device)
-    held_out = len(chunks) >= 4 * HELD_OUT_SEQUENCES  # else the check reads the first two training sequences
-    held, train = (chunks[-HELD_OUT_SEQUENCES:], chunks[:-HELD_OUT_SEQUENCES]) if held_out else (chunks[:2], chunks)
+    train, held, held_out = healing_split(sequences, seed)
+    train, held = train.to(device), held.to(device)
     model.to(device)
     teacher.to(device)
 
@@ -92,32 +128,20 @@ def heal(model, teacher, sequences: np.ndarray, steps: int, *, learning_rate: fl
     for p in params:
         p.requires_grad_(True)
 
-    def held_loss() -> float:
-        with torch.no_grad():
-            return float(np.mean([logit_kl(model(c[None], use_cache=False).logits,
-                                           teacher(c[None], use_cache=False).logits).item() for c in held]))
-
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(params, lr=learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     start = [p.detach().clone() for p in params]
     try:
-        before = held_loss()
+        before = mean_kl(model, teacher, held)
         with tqdm(range(steps), desc="healing (KL to the dense model)", unit="step", disable=not progress) as bar:
             for step in bar:
                 optimizer.zero_grad(set_to_none=True)
-                total = 0.0
-                for index in range(step * batch, (step + 1) * batch):
-                    sequence = train[index % len(train)][None]  # [1, T]
-                    with torch.no_grad():
-                        target = teacher(sequence, use_cache=False).logits
-                    loss = logit_kl(model(sequence, use_cache=False).logits, target) / batch
-                    loss.backward()
-                    total += loss.item()
+                total = accumulate_kl_gradient(model, teacher, train, step * batch, batch)
                 optimizer.step()
                 schedule.step()
                 bar.set_postfix(kl=f"{total:.4f}")
-        after = held_loss()
+        after = mean_kl(model, teacher, held)
         kept = after < before
         if not kept:  # healing overshot: keep the values it started from
             with torch.no_grad():
@@ -133,5 +157,5 @@ def heal(model, teacher, sequences: np.ndarray, steps: int, *, learning_rate: fl
     return {"tokens": int(train.numel()), "steps": steps, "batch": batch,
             "seconds": round(time.perf_counter() - started, 1), "loss_before": before, "loss_after": after,
             "kept": kept, "loss": f"KL(dense || compressed) per token on {measured_on}",
-            "learning_rate": learning_rate, "device": device, "seq_len": int(chunks.shape[1]),
+            "learning_rate": learning_rate, "device": device, "seq_len": int(train.shape[1]),
             "passes": round(steps * batch / len(train), 2)}
